@@ -1,0 +1,249 @@
+"""
+Datasets for train.py: image folders, zip files, .npz arrays and a built-in procedural set.
+
+Every dataset yields (image, label) with image a uint8 tensor (3, H, W), already centre-cropped
+and resized like ADM/DiT (`center_crop_arr`), and label an int64 class index (0 for every image of
+an unconditional set). Random flips and the scaling to [-1, 1] happen on the device in train.py
+(`to_model_input`), so the same code path serves a DataLoader and a dataset held on the GPU.
+"""
+
+import io
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+class DataError(ValueError):
+    """Bad data given by the user: the message says which file and what to do."""
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's centre crop: halve with a box filter while the short side is >= 2x the target, resize
+    the short side to image_size (bicubic), then crop the centre. Returns (H, W, 3) uint8."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
+def to_rgb(img):
+    """Grey, palette, CMYK and RGBA images to RGB (transparency composited on black, as PIL does)."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def to_model_input(images, flip=True, generator=None):
+    """uint8 (N, 3, H, W) on any device -> float32 in [-1, 1], each image flipped left-right with
+    probability 1/2 when `flip`. Runs on the images' device without a host sync."""
+    x = images.float().div_(127.5).sub_(1.0)  # (N, 3, H, W)
+    if flip:
+        coin = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator) < 0.5  # (N, 1, 1, 1)
+        x = torch.where(coin, x.flip(-1), x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Built-in procedural data
+# ----------------------------------------------------------------------------------------------
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Coloured shapes on dark backgrounds, one class per shape (circle, square, triangle, cross).
+
+    Image i is a pure function of (seed, i), so every rank and every run sees the same data and the
+    quickstart needs no download. Drawn at 4x and downsampled for smooth edges."""
+
+    num_classes = len(SHAPES)
+
+    def __init__(self, image_size=32, num_images=10000, seed=0):
+        self.image_size, self.num_images, self.seed = image_size, num_images, seed
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        label = i % len(SHAPES)
+        S = 4 * self.image_size
+        background = tuple(int(v) for v in rng.integers(0, 70, 3))
+        colour = tuple(int(v) for v in rng.integers(120, 256, 3))
+        img = Image.new("RGB", (S, S), background)
+        draw = ImageDraw.Draw(img)
+        r = S * rng.uniform(0.18, 0.32)
+        cx, cy = (S * rng.uniform(0.35, 0.65) for _ in range(2))
+        if SHAPES[label] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        elif SHAPES[label] == "square":
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        elif SHAPES[label] == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=colour)
+        else:
+            w = r / 3
+            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
+            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+        img = img.resize((self.image_size, self.image_size), resample=Image.LANCZOS)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Files: folders and zips
+# ----------------------------------------------------------------------------------------------
+
+def _labels_from_paths(paths):
+    """Class labels from the first folder level under the common root, if there is one per image.
+
+    Single top-level folders are descended (a zip of "train/<class>/x.jpg" has classes). If any
+    image sits directly in the root, or there is only one folder, the set is unconditional."""
+    parts = [p.replace("\\", "/").split("/") for p in paths]
+    while all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
+        parts = [p[1:] for p in parts]
+    if any(len(p) == 1 for p in parts):
+        return [0] * len(paths), []
+    classes = sorted({p[0] for p in parts})
+    if len(classes) < 2:
+        return [0] * len(paths), []
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[p[0]] for p in parts], classes
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images from a folder (recursively) or a .zip; labels from class sub-folders if present."""
+
+    def __init__(self, path, image_size, skip_bad=False, num_threads=16):
+        self.path, self.image_size = str(path), image_size
+        self.is_zip = self.path.endswith(".zip")
+        if self.is_zip:
+            try:
+                with zipfile.ZipFile(self.path) as zf:
+                    names = [n for n in zf.namelist() if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("__MACOSX")]
+            except zipfile.BadZipFile as e:
+                raise DataError(f"{self.path} is not a readable zip file ({e})") from None
+        else:
+            names = [os.path.relpath(os.path.join(root, f), self.path)
+                     for root, _, files in os.walk(self.path, followlinks=True) for f in files
+                     if f.lower().endswith(IMAGE_EXTENSIONS)]
+        names.sort()
+        if not names:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.path}")
+        self._zip = None
+        # One pass over the headers (or, with skip_bad, a full decode) before training starts.
+        with ThreadPoolExecutor(num_threads) as pool:
+            checks = list(pool.map(lambda n: self._check(n, full=skip_bad), names))
+        bad = [(n, err) for n, (err, _) in zip(names, checks) if err]
+        if bad and not skip_bad:
+            name, err = bad[0]
+            raise DataError(f"cannot read image {self._where(name)}: {err}. Remove it, or pass --skip-bad-images")
+        self.skipped = [self._where(n) for n, _ in bad]
+        good = [(n, small) for n, (err, small) in zip(names, checks) if not err]
+        if not good:
+            raise DataError(f"none of the {len(names)} images in {self.path} could be read")
+        self.names = [n for n, _ in good]
+        self.num_upsized = sum(small for _, small in good)
+        self.labels, self.classes = _labels_from_paths(self.names)
+        self.num_classes = max(1, len(self.classes))
+        self._zip = None  # opened lazily in each DataLoader worker
+
+    def _where(self, name):
+        return f"{self.path}:{name}" if self.is_zip else os.path.join(self.path, name)
+
+    def _open(self, name):
+        if self.is_zip:
+            if self._zip is None:
+                self._zip = zipfile.ZipFile(self.path)
+            return Image.open(io.BytesIO(self._zip.read(name)))
+        return Image.open(os.path.join(self.path, name))
+
+    def _check(self, name, full):
+        """(error message or None, whether the image is smaller than the target size)."""
+        try:
+            with self._open(name) as img:
+                if full:
+                    img.load()
+                return None, min(img.size) < self.image_size
+        except Exception as e:  # noqa: BLE001 - any decoder error means "bad file"
+            return f"{type(e).__name__}: {e}", False
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        name = self.names[i]
+        try:
+            with self._open(name) as img:
+                arr = center_crop_arr(to_rgb(img), self.image_size)  # (H, W, 3)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"cannot read image {self._where(name)}: {type(e).__name__}: {e}. "
+                            f"Remove it, or pass --skip-bad-images") from None
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), self.labels[i]
+
+    def __getstate__(self):  # zip handles do not cross process boundaries
+        state = self.__dict__.copy()
+        state["_zip"] = None
+        return state
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """An .npz with arr_0 (N, H, W, C) uint8 images and optional arr_1 (N,) integer labels."""
+
+    def __init__(self, path, image_size):
+        try:
+            data = np.load(path)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"cannot read {path}: {e}") from None
+        if "arr_0" not in data:
+            raise DataError(f"{path} has no 'arr_0' array (expected N x H x W x C uint8 images); it has {list(data.keys())}")
+        images = data["arr_0"]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.dtype != np.uint8:
+            raise DataError(f"{path}: arr_0 must be N x H x W x C uint8 with C in 1, 3, 4; got {images.shape} {images.dtype}")
+        if len(images) == 0:
+            raise DataError(f"{path}: arr_0 holds no images")
+        self.images, self.image_size = images, image_size
+        self.labels = data["arr_1"].astype(np.int64) if "arr_1" in data else np.zeros(len(images), dtype=np.int64)
+        if self.labels.shape != (len(images),) or self.labels.min() < 0:
+            raise DataError(f"{path}: arr_1 must hold {len(images)} non-negative labels, got shape {self.labels.shape}")
+        self.num_classes = int(self.labels.max()) + 1
+        self.num_upsized = int(min(images.shape[1:3]) < image_size) * len(images)
+        self.skipped = []
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        if img.size != (self.image_size, self.image_size):
+            arr = center_crop_arr(to_rgb(img), self.image_size)
+        else:
+            arr = np.asarray(to_rgb(img))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), int(self.labels[i])
+
+
+def load_dataset(path, image_size, skip_bad=False, shapes_size=10000, seed=0):
+    """The dataset behind --data: None or "shapes" (built-in), a folder, a .zip or an .npz."""
+    if path in (None, "shapes"):
+        return ShapesDataset(image_size, shapes_size, seed)
+    path = str(path)
+    if not os.path.exists(path):
+        raise DataError(f"data path {path} does not exist; give a folder, .zip or .npz, or omit --data for the built-in shapes")
+    if path.endswith(".npz"):
+        return ArrayDataset(path, image_size)
+    if os.path.isdir(path) or path.endswith(".zip"):
+        return ImageFiles(path, image_size, skip_bad=skip_bad)
+    raise DataError(f"cannot use {path} as data: expected a folder, a .zip or an .npz")
+
+
+def dataset_to_tensor(dataset, num_workers=0):
+    """Decode a whole dataset once: (uint8 (N, 3, H, W), int64 (N,)). For small sets held on the GPU."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers)
+    images, labels = zip(*loader)
+    return torch.cat(images), torch.cat([torch.as_tensor(y) for y in labels])

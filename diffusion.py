@@ -1,0 +1,319 @@
+"""
+Gaussian diffusion for DiT: noise schedules, SNR, training losses and samplers.
+
+Follows Ho et al. 2020 (DDPM), Nichol & Dhariwal 2021 (improved DDPM: learned-range variance,
+hybrid loss, cosine schedule, respacing) and Song et al. 2021 (DDIM), with the conventions of the
+official DiT code (which uses openai/guided-diffusion). Every schedule quantity is computed in
+float64 numpy and cast to float32 only when it meets a tensor.
+
+Loss weightings (applied per sample to the epsilon-MSE term only; the VLB term trains the variance):
+- "constant": w = 1 (DiT).
+- "min-snr":  w = min(SNR(t), gamma) / SNR(t)  (Hang et al. 2023, epsilon prediction; gamma = 5).
+- "p2":       w = 1 / (k + SNR(t))**gamma      (Choi et al. 2022; k = 1, gamma = 1).
+"""
+
+import math
+
+import numpy as np
+import torch
+
+WEIGHTINGS = ("constant", "min-snr", "p2")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Schedules
+# ----------------------------------------------------------------------------------------------
+
+def get_beta_schedule(name, num_timesteps):
+    """float64 betas (T,). "linear": DDPM's 1e-4..0.02, scaled by 1000/T (DiT, ADM);
+    "cosine": Nichol & Dhariwal 2021 eq. 17, betas clipped at 0.999."""
+    if name == "linear":
+        scale = 1000 / num_timesteps
+        return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+    if name == "cosine":
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.array([min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), 0.999) for i in range(num_timesteps)],
+                        dtype=np.float64)
+    raise ValueError(f"unknown noise schedule {name!r}; use 'linear' or 'cosine'")
+
+
+def space_timesteps(num_timesteps, section_counts):
+    """The original timesteps kept by respacing (improved DDPM, Sec. 4).
+
+    section_counts: "250" (or "10,15,20": steps per equal section), or "ddim50" for DDIM's
+    evenly strided steps. Returns a sorted list of original timesteps.
+    """
+    if isinstance(section_counts, str) and section_counts.startswith("ddim"):
+        desired = int(section_counts[4:])
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == desired:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"cannot make exactly {desired} evenly strided steps out of {num_timesteps}")
+    counts = [int(x) for x in str(section_counts).split(",")]
+    size_per, extra = divmod(num_timesteps, len(counts))
+    start, steps = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if not 1 <= count <= size:
+            raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        steps += [start + round(stride * j) for j in range(count)]
+        start += size
+    return sorted(set(steps))
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Gaussian diffusion
+# ----------------------------------------------------------------------------------------------
+
+class Diffusion:
+    """A discrete Gaussian diffusion q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), t = 0..T-1.
+
+    The model predicts epsilon; with learn_sigma it also outputs v in [-1, 1] that interpolates the
+    log variance between the posterior variance and beta_t ("learned range", improved DDPM eq. 15),
+    and is trained with the hybrid loss MSE + VLB. Without it the variance is fixed to beta_t
+    (DiT's "fixed large"). `timestep_map` holds the original timestep of each step; it is the
+    identity except for respaced diffusions made by `respace`.
+    """
+
+    def __init__(self, num_timesteps=1000, schedule="linear", learn_sigma=True, weighting="constant",
+                 min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0, betas=None, timestep_map=None):
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        self.schedule, self.learn_sigma, self.weighting = schedule, learn_sigma, weighting
+        self.min_snr_gamma, self.p2_gamma, self.p2_k = min_snr_gamma, p2_gamma, p2_k
+        betas = get_beta_schedule(schedule, num_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
+            raise ValueError("betas must be a 1-D array in (0, 1]")
+        self.betas = betas  # (T,) float64, and so is every array below
+        self.num_timesteps = len(betas)
+        self.timestep_map = np.arange(self.num_timesteps, dtype=np.int64) if timestep_map is None else np.asarray(timestep_map, dtype=np.int64)
+
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # log(0) at t = 0 is replaced by the t = 1 value, as in improved DDPM.
+        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(betas)
+        self.fixed_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
+        self.loss_weight = self._loss_weight()
+        self._cache = {}
+
+    def _loss_weight(self):
+        """Per-timestep weight of the epsilon-MSE term, float64 (T,)."""
+        if self.weighting == "min-snr":
+            return np.minimum(self.snr, self.min_snr_gamma) / self.snr
+        if self.weighting == "p2":
+            return 1.0 / (self.p2_k + self.snr) ** self.p2_gamma
+        return np.ones(self.num_timesteps)
+
+    def respace(self, section_counts):
+        """A diffusion over a subset of the timesteps with the same marginals (improved DDPM, Sec. 4).
+
+        betas are re-derived from the kept alphas_cumprod; `timestep_map` sends step i back to its
+        original timestep, which is what the model (and a DTR router) sees.
+        """
+        keep = space_timesteps(self.num_timesteps, section_counts)
+        new_betas, last = [], 1.0
+        for t in keep:
+            new_betas.append(1.0 - self.alphas_cumprod[t] / last)
+            last = self.alphas_cumprod[t]
+        return Diffusion(schedule=self.schedule, learn_sigma=self.learn_sigma, weighting=self.weighting,
+                         min_snr_gamma=self.min_snr_gamma, p2_gamma=self.p2_gamma, p2_k=self.p2_k,
+                         betas=np.array(new_betas), timestep_map=self.timestep_map[keep])
+
+    def _table(self, name, device):
+        """A schedule array as a tensor on `device`, made once (float64, or int64 for timestep_map)."""
+        key = (name, device)
+        if key not in self._cache:
+            self._cache[key] = torch.from_numpy(np.asarray(getattr(self, name))).to(device)
+        return self._cache[key]
+
+    def _extract(self, name, t, ndim):
+        """Gather a float64 schedule array at integer steps t (N,) as float32 shaped (N, 1, ..., 1)."""
+        return self._table(name, t.device)[t].float().view(-1, *([1] * (ndim - 1)))
+
+    def original_timesteps(self, t):
+        """Map (N,) step indices of this (possibly respaced) diffusion to original timesteps (N,)."""
+        return self._table("timestep_map", t.device)[t]
+
+    # -------------------------------------------------------------------- forward process
+
+    def q_sample(self, x_start, t, noise):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4)."""
+        return (self._extract("sqrt_alphas_cumprod", t, x_start.ndim) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * noise)
+
+    def q_posterior(self, x_start, x_t, t):
+        """Mean and clipped log variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7)."""
+        mean = (self._extract("posterior_mean_coef1", t, x_t.ndim) * x_start
+                + self._extract("posterior_mean_coef2", t, x_t.ndim) * x_t)
+        return mean, self._extract("posterior_log_variance_clipped", t, x_t.ndim)
+
+    def predict_xstart(self, x_t, t, eps):
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim) * eps)
+
+    def predict_eps(self, x_t, t, x_start):
+        """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1)."""
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - x_start)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim))
+
+    # -------------------------------------------------------------------- reverse process
+
+    def p_mean_variance(self, model_output, x_t, t, clip_denoised=False):
+        """Mean, log variance and predicted x_0 of p(x_{t-1} | x_t) from a raw model output.
+
+        With learn_sigma the output is [eps, v]; v in [-1, 1] interpolates between the clipped
+        posterior log variance and log beta_t (improved DDPM eq. 15)."""
+        C = x_t.shape[1]
+        if self.learn_sigma:
+            if model_output.shape[1] != 2 * C:
+                raise ValueError(f"a learn_sigma model must output {2 * C} channels, got {model_output.shape[1]}")
+            eps, v = model_output[:, :C], model_output[:, C:]
+            min_log = self._extract("posterior_log_variance_clipped", t, x_t.ndim)
+            max_log = self._extract("log_betas", t, x_t.ndim)
+            frac = (v + 1) / 2
+            log_variance = frac * max_log + (1 - frac) * min_log
+        else:
+            eps = model_output
+            log_variance = self._extract("fixed_log_variance", t, x_t.ndim).expand_as(x_t)
+        pred_xstart = self.predict_xstart(x_t, t, eps)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean, _ = self.q_posterior(pred_xstart, x_t, t)
+        return mean, log_variance, pred_xstart
+
+    # -------------------------------------------------------------------- training
+
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+        """Per-sample losses for (N,) timesteps t of this diffusion.
+
+        Returns a dict of (N,) float32 tensors: "mse" (epsilon MSE, mean over pixels), "vb" (the
+        VLB term in bits per dim, zero without learn_sigma), "weight" (the loss weighting) and
+        "loss" = weight * mse + vb, the DiT hybrid objective. The VLB term sees a detached mean, so
+        it trains only the variance (improved DDPM, Sec. 3.1). The model is called with the
+        ORIGINAL timesteps.
+        """
+        if t.shape != (x_start.shape[0],):
+            raise ValueError(f"t must have shape ({x_start.shape[0]},), got {tuple(t.shape)}")
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_t = self.q_sample(x_start, t, noise)  # (N, C, H, W)
+        out = model(x_t, self.original_timesteps(t), **(model_kwargs or {})).float()  # (N, C_out, H, W)
+        C = x_start.shape[1]
+        eps = out[:, :C]
+        mse = (noise - eps).pow(2).mean(dim=(1, 2, 3))  # (N,)
+        if self.learn_sigma:
+            frozen = torch.cat([eps.detach(), out[:, C:]], dim=1)
+            vb = self._vb_bits_per_dim(frozen, x_start, x_t, t)  # (N,)
+        else:
+            vb = torch.zeros_like(mse)
+        weight = self._extract("loss_weight", t, 1).view(-1)  # (N,)
+        return {"loss": weight * mse + vb, "mse": mse, "vb": vb, "weight": weight}
+
+    def _vb_bits_per_dim(self, model_output, x_start, x_t, t):
+        """KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per dim for t > 0, and the
+        discretised Gaussian decoder NLL at t = 0 (DDPM eq. 5, improved DDPM Sec. 3.1). (N,)"""
+        true_mean, true_log_var = self.q_posterior(x_start, x_t, t)
+        mean, log_var, _ = self.p_mean_variance(model_output, x_t, t)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3)) / math.log(2.0)  # (N,)
+        nll = -discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    # -------------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def ddpm_sample(self, model_fn, noise, clip_denoised=True, progress=False):
+        """Ancestral sampling x_{t-1} ~ p(x_{t-1} | x_t) over this diffusion's steps (DDPM alg. 2).
+
+        model_fn(x, t_original) -> raw model output; noise: (N, C, H, W) x_T."""
+        x = noise
+        for i in _steps(self.num_timesteps, progress):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            out = model_fn(x, self.original_timesteps(t)).float()
+            mean, log_var, _ = self.p_mean_variance(out, x, t, clip_denoised)
+            x = mean + (i > 0) * torch.exp(0.5 * log_var) * torch.randn_like(x)
+        return x
+
+    @torch.no_grad()
+    def ddim_sample(self, model_fn, noise, clip_denoised=True, eta=0.0, progress=False):
+        """DDIM sampling (Song et al. 2021, eq. 12); eta = 0 is deterministic."""
+        x = noise
+        for i in _steps(self.num_timesteps, progress):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            out = model_fn(x, self.original_timesteps(t)).float()
+            _, _, x0 = self.p_mean_variance(out, x, t, clip_denoised)
+            eps = self.predict_eps(x, t, x0)
+            abar = self._extract("alphas_cumprod", t, x.ndim)
+            abar_prev = self._extract("alphas_cumprod_prev", t, x.ndim)
+            sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+            x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+            if i > 0 and eta > 0:
+                x = x + sigma * torch.randn_like(x)
+        return x
+
+    def sample(self, model_fn, noise, steps="250", clip_denoised=True, progress=False):
+        """Sample with respaced steps: "250" (or any section counts) for DDPM, "ddim50" for DDIM."""
+        sampler = self.respace(steps)
+        if str(steps).startswith("ddim"):
+            return sampler.ddim_sample(model_fn, noise, clip_denoised, progress=progress)
+        return sampler.ddpm_sample(model_fn, noise, clip_denoised, progress=progress)
+
+
+def _steps(n, progress):
+    steps = range(n - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, leave=False, desc="sampling")
+    return steps
+
+
+def guided_model_fn(model, y, cfg_scale, null_class, guided_channels=None):
+    """model_fn(x, t) for the samplers: plain conditional model for cfg_scale == 1, else
+    classifier-free guidance through model.forward_with_cfg on the doubled batch."""
+    if cfg_scale == 1.0:
+        return lambda x, t: model(x, t, y)
+    y_null = torch.full_like(y, null_class)
+
+    def fn(x, t):
+        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), cfg_scale,
+                                     guided_channels=guided_channels)  # (2N, C_out, H, W)
+        return out[: len(x)]
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Gaussian helpers
+# ----------------------------------------------------------------------------------------------
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    """Fast tanh approximation of the standard normal CDF (as in DDPM's reference code)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Log-likelihood of data in [-1, 1] discretised to 256 bins under N(means, e^(2 log_scales)),
+    with the edge bins extended to infinity (DDPM Sec. 3.3). Elementwise, in nats."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))

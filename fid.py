@@ -1,0 +1,809 @@
+"""
+FID, sFID, Inception Score and improved precision/recall of image samples, in plain PyTorch.
+
+The network is the FID Inception-v3 of pytorch-fid (mseitzer/pytorch-fid): the 2015-12-05
+TensorFlow Inception graph that Heusel et al. used, ported to torchvision's module layout, so its
+`state_dict` is exactly pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (566 tensors). The
+metrics follow the ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py), which DiT,
+DTR, ANT and the curriculum paper all report with.
+
+Metrics and the function implementing each:
+- FID (Heusel et al. 2017):
+      d^2 = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})       -> frechet_distance
+  with mu, S the mean and covariance of the 2048-d pool features      -> feature_statistics
+- sFID (Nash et al. 2021): the same distance on "spatial" features, the first 7 channels of the
+  17x17 map `mixed_6/conv` of the TF graph (= Mixed_6d.branch1x1 here, after its ReLU),
+  flattened in TF's (H, W, C) order: 7 * 17 * 17 = 2023 dims        -> FIDInceptionV3.forward
+- Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), p(y|x) = softmax of
+  pool @ W (the 1008-way weights, no bias, as ADM does), averaged over consecutive splits of
+  5000 samples                                                        -> inception_score
+- Improved precision/recall (Kynkaanniemi et al. 2019): a point is "on" a manifold
+  when it lies inside the k-NN ball (k = 3) of some point of the other set; precision = share
+  of samples on the reference manifold, recall = share of references on the sample manifold
+                                                                      -> precision_recall
+
+Where we depart from the ADM evaluator, and why:
+- ADM runs the TF graph, which resizes with TF's legacy bilinear mapping (no half-pixel centres)
+  and normalises uint8 x as (x - 128) / 128. pytorch-fid (and we) resize with PyTorch's bilinear
+  (align_corners=False) and map x / 255 to [-1, 1]. Features therefore differ slightly from
+  ADM's, so statistics from ADM's reference batches and ours are close but not identical.
+- Statistics are computed in float64 (ADM takes the mean in float32); k-NN distances for
+  precision/recall in float64 (ADM: float16, float32 if that overflows). Differences are at the
+  level of ties.
+- Bad inputs (shape mismatches, missing keys) raise ValueError with a message, not assert.
+
+CLI:  python fid.py SAMPLES REFERENCE [--metrics fid,sfid,is,pr] [--json]
+      python fid.py SAMPLES --save-stats stats.npz
+SAMPLES / REFERENCE: an image folder (recursive), a .zip of images, an .npz sample batch
+(`arr_0`: N x H x W x 3 uint8) or a statistics .npz (`mu`, `sigma`, optional `mu_s`, `sigma_s`,
+`pool`; ADM reference batches hold both `arr_0` and the statistics).
+"""
+
+import argparse
+import json
+import os
+import struct
+import warnings
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's
+IS_SPLIT_SIZE = 5000  # ADM evaluator: Inception Score averaged over consecutive splits of 5000
+METRICS = ("fid", "sfid", "is", "pr")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                 The FID Inception-v3 network
+# ----------------------------------------------------------------------------------------------
+
+class ConvBN(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, TF's) -> ReLU: torchvision's BasicConv2d."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_3x3(x):
+    """TF's 3x3 stride-1 'SAME' average pool: padded zeros are not counted in the mean."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """Mixed_5b-5d (35x35): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1, concatenated in that order."""
+
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = ConvBN(in_channels, 64, 1)
+        self.branch5x5_1 = ConvBN(in_channels, 48, 1)
+        self.branch5x5_2 = ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = ConvBN(in_channels, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = ConvBN(in_channels, pool_features, 1)
+
+    def forward(self, x):
+        a = self.branch1x1(x)  # (N, 64, H, W)
+        b = self.branch5x5_2(self.branch5x5_1(x))  # (N, 64, H, W)
+        c = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))  # (N, 96, H, W)
+        d = self.branch_pool(_avg_pool_3x3(x))  # (N, pool_features, H, W)
+        return torch.cat([a, b, c, d], 1)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a (35x35 -> 17x17): 3x3/2 | 1x1-3x3-3x3/2 | maxpool 3x3/2."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = ConvBN(in_channels, 384, 3, stride=2)
+        self.branch3x3dbl_1 = ConvBN(in_channels, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        a = self.branch3x3(x)  # (N, 384, 17, 17)
+        b = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))  # (N, 96, 17, 17)
+        c = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, C_in, 17, 17)
+        return torch.cat([a, b, c], 1)
+
+
+class InceptionC(nn.Module):
+    """Mixed_6b-6e (17x17): 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avgpool-1x1, 4 x 192 channels."""
+
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = ConvBN(in_channels, 192, 1)
+        self.branch7x7_1 = ConvBN(in_channels, c7, 1)
+        self.branch7x7_2 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = ConvBN(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = ConvBN(in_channels, c7, 1)
+        self.branch7x7dbl_2 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = ConvBN(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = ConvBN(in_channels, 192, 1)
+
+    def forward(self, x):
+        a = self.branch1x1(x)  # (N, 192, 17, 17); Mixed_6d's is TF's mixed_6/conv (sFID)
+        b = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))  # (N, 192, 17, 17)
+        c = x
+        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                      self.branch7x7dbl_4, self.branch7x7dbl_5):
+            c = layer(c)  # (N, 192, 17, 17) at the end
+        d = self.branch_pool(_avg_pool_3x3(x))  # (N, 192, 17, 17)
+        return torch.cat([a, b, c, d], 1)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a (17x17 -> 8x8): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool 3x3/2."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = ConvBN(in_channels, 192, 1)
+        self.branch3x3_2 = ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = ConvBN(in_channels, 192, 1)
+        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        a = self.branch3x3_2(self.branch3x3_1(x))  # (N, 320, 8, 8)
+        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))  # (N, 192, 8, 8)
+        c = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, C_in, 8, 8)
+        return torch.cat([a, b, c], 1)
+
+
+class InceptionE(nn.Module):
+    """Mixed_7b/7c (8x8): 1x1 | 1x1-(1x3, 3x1) | 1x1-3x3-(1x3, 3x1) | pool-1x1 -> 2048 channels.
+    The pool is TF's average pool in Mixed_7b and a 3x3 max pool in Mixed_7c: a quirk of the 2015
+    graph that pytorch-fid keeps (its FIDInceptionE_1 / FIDInceptionE_2)."""
+
+    def __init__(self, in_channels, pool):
+        super().__init__()
+        if pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        self.pool = pool
+        self.branch1x1 = ConvBN(in_channels, 320, 1)
+        self.branch3x3_1 = ConvBN(in_channels, 384, 1)
+        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = ConvBN(in_channels, 448, 1)
+        self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = ConvBN(in_channels, 192, 1)
+
+    def forward(self, x):
+        a = self.branch1x1(x)  # (N, 320, 8, 8)
+        b = self.branch3x3_1(x)  # (N, 384, 8, 8)
+        b = torch.cat([self.branch3x3_2a(b), self.branch3x3_2b(b)], 1)  # (N, 768, 8, 8)
+        c = self.branch3x3dbl_2(self.branch3x3dbl_1(x))  # (N, 384, 8, 8)
+        c = torch.cat([self.branch3x3dbl_3a(c), self.branch3x3dbl_3b(c)], 1)  # (N, 768, 8, 8)
+        pooled = _avg_pool_3x3(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        d = self.branch_pool(pooled)  # (N, 192, 8, 8)
+        return torch.cat([a, b, c, d], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """The FID Inception-v3 (pytorch-fid's `fid_inception_v3`, 1008 classes, no aux head).
+
+    forward(x) takes float images (N, 3, H, W) in [0, 1], resizes them to 299x299 (bilinear,
+    align_corners=False, no antialias, as pytorch-fid), maps them to [-1, 1] and returns
+      pool    (N, 2048) global average pool after Mixed_7c: the FID / precision-recall features;
+      spatial (N, 2023) first 7 channels of Mixed_6d.branch1x1 (TF `mixed_6/conv`), (H, W, C)
+              flattened as ADM does: the sFID features;
+      logits  (N, 1008) pool @ fc.weight^T without the bias: ADM's Inception Score logits.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)  # TF's softmax/logits; only its weight is used (IS)
+
+    def forward(self, x):
+        n = x.shape[0]
+        if x.shape[-2:] != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=False)
+        x = 2 * x - 1  # (N, 3, 299, 299) in [-1, 1]
+        if self.fc.weight.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)  # faster oneDNN convolutions
+        x = self.Conv2d_1a_3x3(x)  # (N, 32, 149, 149)
+        x = self.Conv2d_2a_3x3(x)  # (N, 32, 147, 147)
+        x = self.Conv2d_2b_3x3(x)  # (N, 64, 147, 147)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 64, 73, 73)
+        x = self.Conv2d_3b_1x1(x)  # (N, 80, 73, 73)
+        x = self.Conv2d_4a_3x3(x)  # (N, 192, 71, 71)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 192, 35, 35)
+        x = self.Mixed_5b(x)  # (N, 256, 35, 35)
+        x = self.Mixed_5c(x)  # (N, 288, 35, 35)
+        x = self.Mixed_5d(x)  # (N, 288, 35, 35)
+        x = self.Mixed_6a(x)  # (N, 768, 17, 17)
+        x = self.Mixed_6b(x)  # (N, 768, 17, 17)
+        x = self.Mixed_6c(x)  # (N, 768, 17, 17)
+        x = self.Mixed_6d(x)  # (N, 768, 17, 17); channels 0..191 are its branch1x1 (concat order)
+        spatial = x[:, :7].permute(0, 2, 3, 1).reshape(n, 7 * 17 * 17)  # (N, 2023) TF (H, W, C) order
+        x = self.Mixed_6e(x)  # (N, 768, 17, 17)
+        x = self.Mixed_7a(x)  # (N, 1280, 8, 8)
+        x = self.Mixed_7b(x)  # (N, 2048, 8, 8)
+        x = self.Mixed_7c(x)  # (N, 2048, 8, 8)
+        pool = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
+        logits = F.linear(pool, self.fc.weight)  # (N, 1008), no bias (ADM's softmax graph)
+        return {"pool": pool, "spatial": spatial, "logits": logits}
+
+
+def load_inception(path=None, device="cpu"):
+    """The FID Inception-v3 with pytorch-fid's weights, in eval mode on `device`.
+
+    path: a `pt_inception-2015-12-05-6726825d.pth` file (or a copy with the same 566 keys, loaded
+    with strict=True). Without a path the file is downloaded once from pytorch-fid's GitHub
+    release into the torch hub cache (sha256-prefix checked) and read from there afterwards.
+    """
+    if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(f"Inception weights not found: {path} (expected {FID_WEIGHTS_FILE})")
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        try:
+            state_dict = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu",
+                                                            progress=True, check_hash=True)
+        except OSError as e:  # URLError, HTTPError, socket errors are all OSErrors
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
+            raise RuntimeError(
+                f"could not download the FID Inception weights ({e}). Fetch {FID_WEIGHTS_FILE} from "
+                f"{FID_WEIGHTS_URL} on a machine with internet access and either pass it with "
+                f"--inception PATH (load_inception(path=...)) or place it at {cache}.") from e
+    net = FIDInceptionV3()
+    net.load_state_dict(state_dict, strict=True)
+    net.requires_grad_(False).eval()
+    net = net.to(device)
+    if net.fc.weight.device.type == "cpu":
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def has_classifier(net):
+    """False when the 1008-way fc weight is all zeros (the shared `fid_inception_v3_nofc.pth`):
+    pool/spatial features are exact but the Inception Score is meaningless."""
+    return bool(net.fc.weight.detach().abs().sum() > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+#                               Reading images in batches
+# ----------------------------------------------------------------------------------------------
+
+def _to_rgb(img):
+    """Any PIL mode (grey, palette, RGBA, CMYK, ...) -> RGB; alpha is dropped as pytorch-fid does."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _is_image_name(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS) and "__MACOSX" not in name
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images of a folder (recursive) or a .zip, in sorted path order, as uint8 (H, W, 3) tensors."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            self.names = sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*")
+                                if p.is_file() and _is_image_name(p.name))
+        elif zipfile.is_zipfile(self.path):
+            with zipfile.ZipFile(self.path) as zf:
+                self.names = sorted(n for n in zf.namelist() if not n.endswith("/") and _is_image_name(n))
+        else:
+            raise ValueError(f"{path} is neither a folder nor a .zip file")
+        if not self.names:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}")
+        self._zip, self._zip_pid = None, None
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        if self.path.is_dir():
+            file = open(self.path / self.names[i], "rb")
+        else:
+            if self._zip is None or self._zip_pid != os.getpid():  # one handle per worker process
+                self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+            file = self._zip.open(self.names[i])
+        with file, Image.open(file) as img:
+            return torch.from_numpy(np.array(_to_rgb(img), dtype=np.uint8))  # (H, W, 3)
+
+    def __getstate__(self):  # zip handles do not cross process boundaries
+        return {**self.__dict__, "_zip": None, "_zip_pid": None}
+
+
+def _npz_images(path):
+    """arr_0 of an .npz as an array, memory-mapped when stored uncompressed (np.savez) so that
+    50k 256x256 samples are not read into memory at once."""
+    with zipfile.ZipFile(path) as zf:
+        if "arr_0.npy" not in zf.namelist():
+            raise ValueError(f"{path} has no arr_0 (N x H x W x 3 uint8 images) to read; it holds "
+                             f"{[n[:-4] for n in zf.namelist()]} (a statistics file needs mu and sigma)")
+        info = zf.getinfo("arr_0.npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local_header = f.read(30)  # zip local file header: fixed part
+            name_len, extra_len = struct.unpack("<HH", local_header[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            if version in ((1, 0), (2, 0)):
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}[version]
+                shape, fortran, dtype = read_header(f)
+                if not fortran and not dtype.hasobject:
+                    return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape)
+    with np.load(path) as data:
+        return data["arr_0"]
+
+
+def _subset(n, limit):
+    """Indices of `limit` images spread evenly over n (all of them when limit is None or >= n)."""
+    if limit is None or limit >= n:
+        return None
+    if limit < 1:
+        raise ValueError(f"limit must be a positive number of images, got {limit}")
+    return np.arange(limit) * n // limit
+
+
+def _as_image(item):
+    """One dataset item -> uint8 (H, W, 3) / (3, H, W) or float (3, H, W) tensor. (x, y) tuples
+    (e.g. data.py's datasets) give their first element; PIL images are converted to RGB."""
+    if isinstance(item, (tuple, list)):
+        item = item[0]
+    if isinstance(item, Image.Image):
+        item = np.array(_to_rgb(item), dtype=np.uint8)
+    return torch.as_tensor(item)
+
+
+def _collate(items):
+    """Stack images of one size; images of different sizes are resized to 299x299 one by one
+    (exactly what the network would do to each) so that they can share a batch."""
+    xs = [_as_image(it) for it in items]
+    if all(x.shape == xs[0].shape and x.dtype == xs[0].dtype for x in xs):
+        return torch.stack(xs)
+    resized = [F.interpolate(_to_float(x[None]), size=(299, 299), mode="bilinear", align_corners=False,
+                             antialias=False) for x in xs]  # each (1, 3, 299, 299)
+    return torch.cat(resized)
+
+
+def _to_float(batch):
+    """A batch of images -> float32 (N, 3, H, W) in [0, 1], on the batch's device.
+    uint8 batches are (N, H, W, 3) (numpy/ADM order; any batch whose last axis is 3) or
+    (N, 3, H, W) (torch order), scaled by 1/255 as torchvision's ToTensor does; float batches
+    must be (N, 3, H, W) in [0, 1]."""
+    x = torch.as_tensor(batch)
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch of images (N, H, W, 3) or (N, 3, H, W), got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        if x.shape[-1] == 3:
+            x = x.permute(0, 3, 1, 2)  # (N, 3, H, W)
+        elif x.shape[1] != 3:
+            raise ValueError(f"uint8 images must be RGB, (N, H, W, 3) or (N, 3, H, W); got {tuple(x.shape)}")
+        return x.float().div(255)
+    if not x.is_floating_point():
+        raise ValueError(f"images must be uint8 in [0, 255] or float in [0, 1], got dtype {x.dtype}")
+    if x.shape[1] != 3:
+        raise ValueError(f"float images must be (N, 3, H, W), got {tuple(x.shape)}")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"float images must lie in [0, 1] (got [{lo:.3g}, {hi:.3g}]); map [-1, 1] "
+                         f"samples with (x + 1) / 2, or better pass the uint8 images you would save")
+    return x.float()
+
+
+def _batches(images, batch_size, num_workers, limit):
+    """(iterable of image batches, number of batches or None, number of images or None)."""
+    if isinstance(images, (str, Path)):
+        path = Path(images)
+        if not path.exists():
+            raise ValueError(f"no such file or folder: {path}")
+        images = _npz_images(path) if path.suffix == ".npz" else ImageFiles(path)
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        if images.ndim != 4:
+            raise ValueError(f"an image array must be (N, H, W, 3) or (N, 3, H, W), got shape {tuple(images.shape)}")
+        idx = _subset(len(images), limit)
+        n = len(images) if idx is None else len(idx)
+        if idx is None:
+            gen = (images[i: i + batch_size] for i in range(0, n, batch_size))
+        else:
+            gen = (images[idx[i: i + batch_size]] for i in range(0, n, batch_size))
+        return gen, -(-n // batch_size), n
+    if isinstance(images, torch.utils.data.Dataset) and hasattr(images, "__len__"):
+        idx = _subset(len(images), limit)
+        dataset = images if idx is None else torch.utils.data.Subset(images, idx.tolist())
+        if len(dataset) == 0:
+            raise ValueError("the image dataset is empty")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
+                                             num_workers=num_workers, collate_fn=_collate)
+        return loader, len(loader), len(dataset)
+    if limit is not None:
+        raise ValueError("limit needs a path, an array or a sized Dataset, not a stream of batches")
+    return images, None, None  # any iterable of batches, e.g. a generator of sampled images
+
+
+@contextmanager
+def _full_precision():
+    """No TF32 inside: train.py may enable it globally, but FID features should be plain fp32."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def extract_features(images, net, keys=("pool", "spatial", "logits"), batch_size=50, num_workers=0,
+                     limit=None, progress=True):
+    """Run the network over `images` batch by batch on the net's device; returns {key: float32
+    array (N, D)} for the requested keys of FIDInceptionV3.forward (pool, spatial, logits).
+
+    images: a path (image folder, .zip, .npz with arr_0), an array or tensor of images
+    (uint8 (N, H, W, 3) or (N, 3, H, W); float (N, 3, H, W) in [0, 1]; on any device), a sized
+    torch Dataset of such images (or of (image, label) pairs as data.py yields; PIL images
+    allowed), or any iterable of image batches (e.g. a generator sampling from a model).
+    limit: use only this many images, spread evenly over the input (sorted path order).
+    """
+    keys = tuple(dict.fromkeys(keys))  # drop repeats, keep order
+    unknown = set(keys) - {"pool", "spatial", "logits"}
+    if unknown or not keys:
+        raise ValueError(f"unknown feature keys {sorted(unknown)}; choose from pool, spatial, logits")
+    device = net.fc.weight.device
+    batches, num_batches, _ = _batches(images, batch_size, num_workers, limit)
+    out = {k: [] for k in keys}
+    with torch.inference_mode(), _full_precision():
+        for batch in tqdm(batches, total=num_batches, desc="inception", unit="batch", disable=not progress):
+            if isinstance(batch, np.ndarray):
+                batch = np.array(batch)  # a writable copy (memory-mapped arrays are read-only)
+            x = _to_float(torch.as_tensor(batch).to(device, non_blocking=True))  # (B, 3, H, W)
+            feats = net(x)
+            for k in keys:
+                out[k].append(feats[k].float().cpu().numpy())
+    if not out[keys[0]]:
+        raise ValueError("no images were given")
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          Metrics
+# ----------------------------------------------------------------------------------------------
+
+def feature_statistics(feats):
+    """Mean (D,) and covariance (D, D) of features (N, D), both float64 (FID's mu and Sigma)."""
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"need features of shape (N, D) with N >= 2 for a covariance, got {feats.shape}")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017):
+    ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), in float64.
+
+    As in pytorch-fid / ADM: if sqrtm is not finite, retry with eps added to both diagonals (with
+    a warning); a complex result whose diagonal has an imaginary part above 1e-3 is an error,
+    otherwise the real part is used.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != mu2.shape or mu1.ndim != 1:
+        raise ValueError(f"mean vectors differ in shape: {mu1.shape} vs {mu2.shape} "
+                         f"(statistics of different feature layers?)")
+    if sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"covariances must both be ({d}, {d}) to match the means, "
+                         f"got {sigma1.shape} and {sigma2.shape}")
+    diff = mu1 - mu2  # (D,)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # (D, D), maybe complex
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"frechet_distance: sqrtm(sigma1 sigma2) is not finite (singular product); "
+                      f"adding {eps} to both covariance diagonals")
+        offset = eps * np.eye(d)
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.abs(np.diagonal(covmean).imag).max()
+        if imag > 1e-3:
+            raise ValueError(f"sqrtm(sigma1 sigma2) has a diagonal imaginary component of {imag:.3g}; "
+                             f"the covariances are too ill-conditioned (too few samples?)")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, split_size=IS_SPLIT_SIZE):
+    """Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016) as the ADM evaluator
+    computes it: p(y|x) = softmax(logits) with ADM's bias-free logits, p(y) the mean over a split,
+    splits of `split_size` consecutive samples (ceil(N / 5000) splits, the last may be shorter),
+    and the mean of the per-split scores. float64 with log-softmax, so no log(0)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[0] < 1:
+        raise ValueError(f"logits must be (N, classes) with N >= 1, got shape {logits.shape}")
+    log_p = scipy.special.log_softmax(logits, axis=1)  # (N, C) log p(y|x)
+    scores = []
+    for i in range(0, len(log_p), split_size):
+        part = log_p[i: i + split_size]  # (n, C)
+        log_marginal = scipy.special.logsumexp(part, axis=0) - np.log(len(part))  # (C,) log p(y)
+        kl = (np.exp(part) * (part - log_marginal)).sum(axis=1)  # (n,)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
+
+
+def _sq_dists(a, b):
+    """Squared Euclidean distances (n, m) between rows of a (n, D) and b (m, D), clamped at 0."""
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]).clamp_min_(0)
+
+
+def _knn_radii(feats, k, batch_size):
+    """Squared distance of each row of feats (N, D) to its k-th nearest other row (N,): the
+    k+1-th smallest distance counting the point itself, as ADM's ManifoldEstimator. The running
+    top-(k+1) keeps memory at batch_size^2."""
+    radii = torch.empty(len(feats), dtype=feats.dtype, device=feats.device)
+    for i in range(0, len(feats), batch_size):
+        rows, best = feats[i: i + batch_size], None
+        for j in range(0, len(feats), batch_size):
+            d = _sq_dists(rows, feats[j: j + batch_size])  # (b1, b2)
+            d = d if best is None else torch.cat([best, d], 1)
+            best = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values  # (b1, <= k+1), ascending
+        radii[i: i + batch_size] = best[:, k]
+    return radii
+
+
+def precision_recall(real, fake, k=3, batch_size=5000, device="cpu"):
+    """Improved precision and recall (Kynkaanniemi et al. 2019, Sec. 3) on features
+    real (N, D) and fake (M, D), as the ADM evaluator: each set's manifold is the union of balls
+    around its points with radius = distance to the k-th nearest neighbour within the set;
+    precision = share of fake points inside the real manifold, recall = share of real points
+    inside the fake manifold. float64 distances in blocks of batch_size x batch_size."""
+    real = torch.as_tensor(np.asarray(real), dtype=torch.float64, device=device)
+    fake = torch.as_tensor(np.asarray(fake), dtype=torch.float64, device=device)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be (N, D) and (M, D) with the same D, "
+                         f"got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"need more than k={k} points in each set, got {len(real)} real and {len(fake)} fake")
+    r_real, r_fake = _knn_radii(real, k, batch_size), _knn_radii(fake, k, batch_size)  # (N,), (M,)
+    real_in = torch.zeros(len(real), dtype=torch.bool, device=device)  # real on the fake manifold
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=device)  # fake on the real manifold
+    for i in range(0, len(real), batch_size):
+        for j in range(0, len(fake), batch_size):
+            d = _sq_dists(real[i: i + batch_size], fake[j: j + batch_size])  # (b1, b2)
+            fake_in[j: j + batch_size] |= (d <= r_real[i: i + batch_size, None]).any(0)
+            real_in[i: i + batch_size] |= (d <= r_fake[None, j: j + batch_size]).any(1)
+    return fake_in.double().mean().item(), real_in.double().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+#                         Statistics files, caching, and evaluation
+# ----------------------------------------------------------------------------------------------
+
+def compute_statistics(images, net, keep=(), batch_size=50, num_workers=0, limit=None, progress=True):
+    """FID and sFID statistics of `images` (anything extract_features takes): a dict with
+    mu (2048,), sigma (2048, 2048), mu_s (2023,), sigma_s (2023, 2023) in float64, n, and the raw
+    float32 features named in `keep` ("pool" for precision/recall, "logits" for the IS)."""
+    feats = extract_features(images, net, keys=("pool", "spatial", *keep), batch_size=batch_size,
+                             num_workers=num_workers, limit=limit, progress=progress)
+    mu, sigma = feature_statistics(feats["pool"])
+    mu_s, sigma_s = feature_statistics(feats["spatial"])
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "n": len(feats["pool"]),
+            **{k: feats[k] for k in keep}}
+
+
+def is_statistics_file(path):
+    """True for an .npz holding `mu` and `sigma` (ours, pytorch-fid's or an ADM reference batch)."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    with np.load(path) as data:
+        return "mu" in data.files and "sigma" in data.files
+
+
+def read_statistics(path):
+    """A statistics .npz -> dict (mu, sigma and whichever of mu_s, sigma_s, pool, logits, n, source
+    it holds). Image arrays (arr_0 of ADM reference batches) are not read."""
+    with np.load(path) as data:
+        if "mu" not in data.files or "sigma" not in data.files:
+            raise ValueError(f"{path} is not a statistics file: it has no mu/sigma (keys: {data.files})")
+        stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool", "logits") if k in data.files}
+        if "n" in data.files:
+            stats["n"] = int(data["n"])
+        if "source" in data.files:
+            stats["source"] = str(data["source"])
+    return stats
+
+
+def save_statistics(path, stats):
+    """Write a statistics dict (see compute_statistics) to an .npz readable by read_statistics,
+    pytorch-fid (mu, sigma) and the ADM evaluator (mu, sigma, mu_s, sigma_s)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"statistics files end in .npz, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = ("mu", "sigma", "mu_s", "sigma_s", "pool", "logits", "n", "source")
+    np.savez(path, **{k: stats[k] for k in keys if k in stats})
+
+
+def load_or_compute_stats(source, net, cache_path=None, keep=(), **kwargs):
+    """Statistics of `source` for evaluate(): read from a statistics .npz, or computed from images
+    (a folder, .zip, .npz sample batch, or an array/Dataset) and, when `cache_path` is given,
+    saved there and reused on the next call (e.g. train.py's reference statistics, once per run).
+
+    keep: raw features needed besides the statistics, ("pool",) for precision/recall. A
+    statistics file without them is read for the statistics and its arr_0 images (ADM reference
+    batches) are run through the network for the features; without images it is an error.
+    kwargs: batch_size, num_workers, limit, progress, passed to compute_statistics.
+    The cache records the source path and limit and is recomputed (with a warning) when they or
+    the wanted features differ; for an array or Dataset source the cache is trusted as it is.
+    """
+    tag = None
+    if isinstance(source, (str, Path)):
+        tag = f"{Path(source).resolve()}|limit={kwargs.get('limit')}"
+    if cache_path is not None and Path(cache_path).is_file():
+        cached = read_statistics(cache_path)
+        if cached.get("source") == tag and all(k in cached for k in keep):
+            return cached
+        warnings.warn(f"{cache_path} was made from {cached.get('source')!r} (features {sorted(cached)}), "
+                      f"not {tag!r} with {list(keep)}; recomputing it")
+    if isinstance(source, (str, Path)) and is_statistics_file(source):
+        stats = read_statistics(source)
+        missing = [k for k in keep if k not in stats]
+        if missing:
+            with np.load(source) as data:
+                has_images = "arr_0" in data.files
+            if not has_images:
+                raise ValueError(f"{source} holds statistics only, but {missing} features are needed "
+                                 f"(precision/recall, Inception Score); pass the images instead")
+            stats.update(extract_features(source, net, keys=missing, **kwargs))
+    else:
+        stats = compute_statistics(source, net, keep=keep, **kwargs)
+    if tag is not None:
+        stats["source"] = tag
+    if cache_path is not None:
+        save_statistics(cache_path, stats)
+    return stats
+
+
+def evaluate(samples, reference, net, metrics=("fid",), batch_size=50, num_workers=0, limit=None,
+             progress=True, pr_batch_size=5000):
+    """Score `samples` against `reference` with the ADM evaluator's metrics; returns a dict with
+    fid, sfid, is, precision, recall (those asked for) and n_samples, n_reference.
+
+    samples, reference: a statistics dict (compute_statistics / load_or_compute_stats), a path
+    (image folder, .zip, .npz sample batch, statistics .npz) or images as extract_features takes.
+    metrics: any of "fid", "sfid", "is" (samples' Inception Score), "pr" (precision, recall).
+    """
+    metrics = tuple(metrics)
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    if "is" in metrics and not has_classifier(net):
+        warnings.warn("the Inception fc weight is all zeros (fid_inception_v3_nofc.pth?): the Inception "
+                      "Score is meaningless (always 1); use pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    kwargs = dict(batch_size=batch_size, num_workers=num_workers, limit=limit, progress=progress)
+    keep_samples = (("pool",) if "pr" in metrics else ()) + (("logits",) if "is" in metrics else ())
+    keep_reference = ("pool",) if "pr" in metrics else ()
+    s, r = (x if isinstance(x, dict) else load_or_compute_stats(x, net, keep=keep, **kwargs)
+            for x, keep in ((samples, keep_samples), (reference, keep_reference)))
+    for name, stats, keep in (("samples", s, keep_samples), ("reference", r, keep_reference)):
+        needed = list(keep) + (["mu_s", "sigma_s"] if "sfid" in metrics else [])
+        missing = [k for k in needed if k not in stats]
+        if missing:
+            raise ValueError(f"the {name} lack {missing}: sFID needs mu_s/sigma_s, precision/recall the raw "
+                             f"pool features and IS the logits, which a statistics file may not hold; "
+                             f"pass images, or drop those metrics")
+    result = {}
+    if "fid" in metrics:
+        result["fid"] = frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"])
+    if "sfid" in metrics:
+        result["sfid"] = frechet_distance(s["mu_s"], s["sigma_s"], r["mu_s"], r["sigma_s"])
+    if "is" in metrics:
+        result["is"] = inception_score(s["logits"])
+    if "pr" in metrics:
+        device = net.fc.weight.device
+        result["precision"], result["recall"] = precision_recall(r["pool"], s["pool"], batch_size=pr_batch_size,
+                                                                 device=device)
+    result["n_samples"], result["n_reference"] = s.get("n"), r.get("n")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+#                                            CLI
+# ----------------------------------------------------------------------------------------------
+
+LABELS = {"fid": "FID", "sfid": "sFID", "is": "Inception Score", "precision": "Precision", "recall": "Recall"}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="FID / sFID / Inception Score / precision-recall of image samples (pytorch-fid "
+                    "network, ADM evaluator metrics). Inputs: image folder, .zip, .npz sample batch "
+                    "(arr_0), or statistics .npz (mu, sigma[, mu_s, sigma_s, pool]).")
+    parser.add_argument("samples", help="the images to score (or to take statistics of with --save-stats)")
+    parser.add_argument("reference", nargs="?", help="reference images or statistics .npz")
+    parser.add_argument("--metrics", default="fid", help="comma-separated: fid,sfid,is,pr (ADM reports all four)")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per Inception forward pass")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda when available); k-NN distances run there too")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="image-decoding processes for folders/zips (default: 0 on CPU, up to 8 on CUDA)")
+    parser.add_argument("--inception", default=None,
+                        help=f"path to {FID_WEIGHTS_FILE} (default: download once into the torch hub cache)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use N images of each image input, spread evenly over its sorted order "
+                             "(quick checks, e.g. FID-10K of a 50K batch); statistics files are used whole")
+    parser.add_argument("--save-stats", default=None, metavar="OUT.npz",
+                        help="write the statistics of SAMPLES (with pool features when pr is among --metrics)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of one line per metric")
+    args = parser.parse_args(argv)
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    if args.reference is None and args.save_stats is None:
+        parser.error("give a REFERENCE to compare with, or --save-stats OUT.npz to store the statistics of SAMPLES")
+    num_workers = args.num_workers
+    if num_workers is None:  # decoding only pays off when the GPU is the fast part
+        num_workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
+    try:
+        unknown = set(metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+        net = load_inception(args.inception, device=args.device)
+        kwargs = dict(batch_size=args.batch_size, num_workers=num_workers, limit=args.limit)
+        if args.reference is None:
+            samples = load_or_compute_stats(args.samples, net, keep=("pool",) if "pr" in metrics else (), **kwargs)
+            save_statistics(args.save_stats, samples)
+            result = {"saved": str(args.save_stats), "n_samples": samples.get("n")}
+        else:
+            keep = (("pool",) if "pr" in metrics else ()) + (("logits",) if "is" in metrics else ())
+            samples = load_or_compute_stats(args.samples, net, keep=keep, **kwargs)
+            if args.save_stats:
+                save_statistics(args.save_stats, samples)
+            result = evaluate(samples, args.reference, net, metrics, **kwargs)
+    except (ValueError, RuntimeError) as e:
+        parser.exit(2, f"fid.py: error: {e}\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            if key in LABELS:
+                print(f"{LABELS[key]}: {value:.4f}")
+        if "saved" in result:
+            print(f"saved statistics of {result['n_samples']} images to {result['saved']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,915 @@
+"""
+ANT: diffusion training as multi-task learning over clusters of timesteps.
+
+Go et al., "Addressing Negative Transfer in Diffusion Models", NeurIPS 2023
+(https://arxiv.org/abs/2306.00354, official code: https://github.com/gohyojun15/ANT_diffusion).
+
+Each timestep t in {0..T-1} is a denoising task. ANT groups the T tasks into K contiguous
+intervals (interval clustering) and treats each interval as one task for a multi-task method:
+Uncertainty Weighting (UW), PCGrad or Nash-MTL. What the paper specifies, and where it lives:
+
+  interval clustering, min over l_1 = 0 < l_2 < ... < l_K of sum_i cost(I_i)  interval_clustering
+  cost(I) = sum_{t in I} |v_t - v_c|, c = (l + r + 1) // 2, with v = t, SNR(t)
+            or log-SNR(t) (timestep / SNR clustering cost)                   deviation_cost_matrix
+  cost(I) = -sum_{t in I} TAS(c, t) (gradient clustering cost)               affinity_cost_matrix
+  TAS(t1, t2) = cosine similarity of the loss gradients of t1 and t2         gradient_affinity
+  the whole recipe for a noise schedule or a TAS matrix                      cluster_timesteps
+  B/K timesteps drawn uniformly inside each cluster                          stratified_timesteps
+  L_k = mean loss over the samples of cluster k                              cluster_losses
+  UW: sum_k 0.5 (exp(-s_k) L_k / K + s_k)                                    UncertaintyWeighting
+  PCGrad: g_k -= (g_k . g_j / |g_j|^2) g_j when g_k . g_j < 0, sum over k    pcgrad
+  Nash-MTL: alpha_k (A alpha)_k = 1, A = G G^T / |G G^T|_F, loss
+            sum_k alpha_k L_k / K                                            nash_mtl_weights, NashMTL
+  per-cluster gradients G (K, P) for PCGrad and Nash-MTL                     task_gradients
+
+Where we depart from the official code, and why:
+- Interval clustering. The official DP costs O(K T^3), never allows a first cluster of a
+  single timestep (at stage j the previous clusters must end at index >= j, so the first
+  cluster holds at least two steps), treats every zero-cost candidate as infeasible, uses
+  Python's round-half-to-even for the SNR centre, and returns boundaries off by one (each
+  cluster starts at the previous cluster's last index; the last one ends at a hard-coded
+  1000). On the linear schedule with K = 5 it returns (0,0),(1,2),(3,7),(8,26),(27,1000); the
+  true optimum is [0,1) [1,2) [2,5) [5,18) [18,1000) with cost 8074.75. We solve the same
+  problem exactly, in O(K T^2) with prefix sums, and return half-open intervals.
+- Ties in the clustering (e.g. for the timestep cost, lengths 199,199,200,201,201 cost the
+  same as five 200s) are broken towards the most even partition (least sum of squared
+  lengths), then towards the earliest start; so the timestep objective gives equal intervals.
+- Stratified sampling spreads B % K leftover samples over the first clusters. The official
+  `sample_t_batch` draws int(B/K) per cluster and returns fewer than B timesteps when K does
+  not divide B.
+- PCGrad visits the other tasks only (the official shuffle includes the task itself), draws the
+  order from a caller-seeded torch.Generator (official: Python's global `random`, which differs
+  across ranks), and computes every dot product from one float64 Gram matrix.
+- Nash-MTL: the official cvxpy/ECOS problem fails silently on newer cvxpy, and the failure is
+  swallowed by a bare `except`, so alpha stays at 1 forever (plain averaging). We solve each
+  convex subproblem of the concave-convex procedure with scipy's trust-constr and report
+  failures (`info["success"] = False`) so that the caller keeps its previous alpha and logs it.
+  The official constraint also mixes scales: it uses the unnormalised G G^T, while its stopping
+  rule uses the normalised one. We use the normalised A throughout.
+- Task affinity: the official script needs T gradients, each over 1000 images, and stores all
+  of them. We use groups of timesteps (100 by default) that share the same images and noise,
+  and a fixed-size CountSketch when P > sketch_dim, so memory stays bounded.
+"""
+
+import argparse
+import itertools
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from scipy.optimize import Bounds, LinearConstraint, NonlinearConstraint, linprog, minimize
+
+OBJECTIVES = ("timestep", "snr", "log-snr", "gradient")
+UW_LR = 0.025  # learning rate of the s_k parameter group (official train scripts)
+UW_WEIGHT_DECAY = 0.0  # no weight decay on the s_k (official)
+NASH_EVERY = 25  # Nash-MTL solves for alpha every 25 steps and keeps it in between (official)
+NASH_MAX_NORM = 1.0  # gradient-norm clip after a Nash-MTL step (official and Navon et al.)
+NASH_MAX_ITER = 20  # concave-convex iterations per solve (official and Navon et al.)
+_TIE_RTOL = 1e-12  # interval costs closer than this (relative) count as tied
+_GRAM_CHUNK = 1 << 20  # columns of G per float64 chunk when forming G G^T
+
+# -----------------------------------------------------------------------------
+# Interval clustering
+
+
+def interval_clustering(cost, num_clusters):
+    """
+    Exact interval clustering by dynamic programming (ANT, interval clustering problem).
+
+    Splits {0, ..., T-1} into `num_clusters` contiguous non-empty intervals minimising the sum
+    of their costs. cost[l, r] is the cost of the inclusive interval [l, r] (l <= r); entries
+    below the diagonal are never read. Runs in O(K T^2) time and O(T^2) memory.
+
+    Ties: costs within a relative 1e-12 of the minimum count as equal. Among them the DP keeps the
+    most even partition (least sum of squared lengths), then the one whose last interval starts
+    earliest, which makes the choice deterministic.
+
+    Returns (intervals, total_cost): intervals is a list of half-open (start, stop) pairs that
+    cover [0, T) in order; total_cost is the DP optimum as a float.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1] or cost.shape[0] == 0:
+        raise ValueError(f"cost must be a square (T, T) matrix, got shape {cost.shape}")
+    T = cost.shape[0]
+    if int(num_clusters) != num_clusters or not 1 <= num_clusters <= T:
+        raise ValueError(f"num_clusters must be an integer in [1, T={T}], got {num_clusters}")
+    K = int(num_clusters)
+    l = np.arange(T)[:, None]  # (T, 1) interval start
+    r = np.arange(T)[None, :]  # (1, T) interval end (inclusive)
+    valid = l <= r  # (T, T)
+    if not np.all(np.isfinite(cost[valid])):
+        raise ValueError("cost[l, r] must be finite for every l <= r")
+    c = np.where(valid, cost, np.inf)  # (T, T) cost of [l, r]
+    sq = np.where(valid, (r - l + 1.0) ** 2, np.inf)  # (T, T) squared length, the tie-break
+    best, best_sq = c[0].copy(), sq[0].copy()  # (T,) one interval covering [0, r]
+    starts = np.zeros((K, T), dtype=np.int64)  # starts[k, r]: start of the last of k+1 intervals
+    cols = np.arange(T)
+    for k in range(1, K):
+        prev = np.concatenate(([np.inf], best[:-1]))  # (T,) prev[l]: k intervals over [0, l-1]
+        prev_sq = np.concatenate(([np.inf], best_sq[:-1]))  # (T,)
+        total = prev[:, None] + c  # (T, T) k intervals over [0, l-1], then [l, r]
+        low = total.min(axis=0)  # (T,)
+        tied = total <= low + _TIE_RTOL * np.maximum(np.abs(low), 1.0)  # (T, T)
+        total_sq = np.where(tied, prev_sq[:, None] + sq, np.inf)  # (T, T)
+        arg = total_sq.argmin(axis=0)  # (T,) first minimum: the earliest start among ties
+        starts[k] = arg
+        best, best_sq = total[arg, cols], total_sq[arg, cols]
+    bounds, end = [T], T - 1
+    for k in range(K - 1, 0, -1):
+        start = int(starts[k, end])
+        bounds.append(start)
+        end = start - 1
+    bounds.append(0)
+    bounds.reverse()
+    return list(zip(bounds[:-1], bounds[1:])), float(best[T - 1])
+
+
+def deviation_cost_matrix(values):
+    """
+    Cost matrix of the timestep and SNR clustering costs (ANT, interval clustering objectives).
+
+    cost[l, r] = sum_{t=l..r} |v_t - v_c| with centre c = (l + r + 1) // 2, for a monotone
+    sequence v (timestep index, SNR or log-SNR, all monotone in t). Monotonicity fixes the sign
+    of every term, so each entry takes O(1) from prefix sums. Entries with l > r are +inf.
+    Returns a (T, T) float64 array.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0 or not np.all(np.isfinite(v)):
+        raise ValueError("values must be a non-empty 1-D array of finite numbers")
+    step = np.diff(v)
+    if np.all(step >= 0):
+        sign = 1.0
+    elif np.all(step <= 0):
+        sign = -1.0
+    else:
+        raise ValueError("values must be monotone in t (timesteps, SNR and log-SNR all are); "
+                         "for other sequences build the (T, T) cost matrix yourself")
+    T = v.size
+    S = np.concatenate(([0.0], np.cumsum(v)))  # (T+1,) S[i] = v_0 + ... + v_{i-1}
+    l = np.arange(T)[:, None]  # (T, 1)
+    r = np.arange(T)[None, :]  # (1, T)
+    c = (l + r + 1) // 2  # (T, T) centre, within [l, r] when l <= r
+    vc = v[c]  # (T, T)
+    below = vc * (c - l) - (S[c] - S[l])  # (T, T) sum_{t=l}^{c-1} (v_c - v_t) for increasing v
+    above = (S[r + 1] - S[c]) - vc * (r + 1 - c)  # (T, T) sum_{t=c}^{r} (v_t - v_c)
+    cost = np.maximum(sign * (below + above), 0.0)  # a sum of |.| is >= 0; clip rounding
+    return np.where(l <= r, cost, np.inf)
+
+
+def affinity_cost_matrix(tas):
+    """
+    Cost matrix of the gradient clustering cost (ANT, interval clustering objectives).
+
+    cost[l, r] = -sum_{t=l..r} TAS[c, t] with centre c = (l + r + 1) // 2, where TAS is the
+    (T, T) task affinity matrix (see gradient_affinity). Each entry takes O(1) from row prefix
+    sums. Entries with l > r are +inf. Returns a (T, T) float64 array.
+    """
+    A = np.asarray(tas, dtype=np.float64)
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
+        raise ValueError(f"tas must be a square (T, T) matrix, got shape {A.shape}")
+    if not np.all(np.isfinite(A)):
+        raise ValueError("tas must be finite")
+    T = A.shape[0]
+    R = np.zeros((T, T + 1))  # (T, T+1) R[i, j] = sum_{t<j} TAS[i, t]
+    R[:, 1:] = np.cumsum(A, axis=1)
+    l = np.arange(T)[:, None]  # (T, 1)
+    r = np.arange(T)[None, :]  # (1, T)
+    c = (l + r + 1) // 2  # (T, T)
+    cost = -(R[c, r + 1] - R[c, l])  # (T, T)
+    return np.where(l <= r, cost, np.inf)
+
+
+def cluster_timesteps(num_clusters, objective="timestep", alphas_cumprod=None, tas=None,
+                      num_timesteps=None):
+    """
+    Interval clustering of the T timesteps under one of the paper's objectives (ANT, Sec. on
+    interval clustering): "timestep" (|t - c|, gives equal intervals), "snr" (|SNR(t) - SNR(c)|,
+    the paper's; lopsided towards small t), "log-snr" (our option: balanced in noise level) or
+    "gradient" (-TAS(c, t), needs `tas`).
+
+    SNR(t) = abar_t / (1 - abar_t) is computed in float64 from `alphas_cumprod` (T,), which the
+    caller takes from its noise schedule. `num_timesteps` is needed only for "timestep" when
+    neither alphas_cumprod nor tas is given; when given it must agree with them.
+    Returns (intervals, total_cost) as interval_clustering does.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "gradient":
+        if tas is None:
+            raise ValueError("objective 'gradient' needs tas=(T, T) task affinity; compute it with "
+                             "`python negative_transfer.py affinity`")
+        cost = affinity_cost_matrix(tas)
+    elif objective == "timestep":
+        sizes = [n for n in (num_timesteps,
+                             None if alphas_cumprod is None else len(alphas_cumprod),
+                             None if tas is None else len(tas)) if n is not None]
+        if not sizes:
+            raise ValueError("objective 'timestep' needs num_timesteps (or alphas_cumprod)")
+        cost = deviation_cost_matrix(np.arange(sizes[0], dtype=np.float64))
+    else:
+        if alphas_cumprod is None:
+            raise ValueError(f"objective {objective!r} needs alphas_cumprod from the noise schedule")
+        abar = np.asarray(alphas_cumprod, dtype=np.float64)
+        if abar.ndim != 1 or abar.size == 0 or not np.all((abar > 0) & (abar < 1)):
+            raise ValueError("alphas_cumprod must be a 1-D array with every value in (0, 1)")
+        if objective == "snr":
+            values = abar / (1.0 - abar)  # (T,)
+        else:
+            values = np.log(abar) - np.log1p(-abar)  # (T,)
+        cost = deviation_cost_matrix(values)
+    if num_timesteps is not None and cost.shape[0] != num_timesteps:
+        raise ValueError(f"num_timesteps={num_timesteps} but the schedule/TAS has T={cost.shape[0]}")
+    return interval_clustering(cost, num_clusters)
+
+
+# -----------------------------------------------------------------------------
+# Training with clusters: sampling, per-cluster losses, UW
+
+
+def stratified_timesteps(batch_size, intervals, generator=None, device=None):
+    """
+    Stratified timesteps (ANT, training with clusters): cluster k gets B // K samples, plus one
+    of the B % K leftovers if k < B % K, and its timesteps are uniform over [start_k, stop_k).
+    The samples come in cluster order; pair them with a shuffled data batch.
+
+    Everything runs on `device` with no host sync. `generator` must live on that device (for
+    CUDA: torch.Generator(device="cuda")). Returns t (B,) long and cluster (B,) long.
+    """
+    K = len(intervals)
+    if K == 0 or any(int(lo) != lo or int(hi) != hi or not 0 <= lo < hi for lo, hi in intervals):
+        raise ValueError(f"intervals must be non-empty (start, stop) pairs of ints, got {intervals}")
+    if batch_size < K:
+        raise ValueError(f"batch_size={batch_size} < {K} clusters: every cluster needs a sample")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but device is {device}; "
+                         f"create it with torch.Generator(device={str(device)!r})")
+    counts = [batch_size // K + (1 if k < batch_size % K else 0) for k in range(K)]
+    full = lambda n, value: torch.full((n,), int(value), dtype=torch.long, device=device)
+    start = torch.cat([full(n, lo) for n, (lo, hi) in zip(counts, intervals)])  # (B,)
+    size = torch.cat([full(n, hi - lo) for n, (lo, hi) in zip(counts, intervals)])  # (B,)
+    cluster = torch.cat([full(n, k) for k, n in enumerate(counts)])  # (B,)
+    u = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)  # (B,)
+    t = start + torch.minimum((u * size).long(), size - 1)  # (B,) the min guards u*size rounding up
+    return t, cluster
+
+
+def cluster_losses(per_sample_loss, cluster, num_clusters):
+    """
+    Per-cluster loss L_k = mean of the per-sample losses in cluster k (ANT, training with
+    clusters). Differentiable, computed with index_add (no host sync). A cluster with no sample
+    gets 0 (stratified_timesteps never leaves one empty). Returns (K,) float32.
+    """
+    if per_sample_loss.dim() != 1 or cluster.shape != per_sample_loss.shape:
+        raise ValueError(f"per_sample_loss and cluster must both be (B,), got "
+                         f"{tuple(per_sample_loss.shape)} and {tuple(cluster.shape)}")
+    loss = per_sample_loss.float()  # (B,)
+    sums = loss.new_zeros(num_clusters).index_add(0, cluster, loss)  # (K,)
+    counts = loss.new_zeros(num_clusters).index_add(0, cluster, torch.ones_like(loss))  # (K,)
+    return sums / counts.clamp_min(1.0)
+
+
+class UncertaintyWeighting(nn.Module):
+    """
+    Uncertainty Weighting over clusters (ANT-UW; Kendall et al., CVPR 2018):
+    loss = sum_k 0.5 * (exp(-s_k) * L_k / K + s_k), with learnable s_k = `log_vars`, init 0.
+
+    The 1/K scales L_k only, not s_k, as in the official train scripts (they divide each L_k
+    by K before the UW term). At the optimum exp(-s_k) = K / L_k, so the effective weight of
+    L_k is 0.5 / L_k whether or not L_k is scaled; the 1/K changes only the start (weights
+    0.5/K instead of 0.5). Put `log_vars` in their own optimiser group with lr UW_LR and weight
+    decay UW_WEIGHT_DECAY. Under DDP average their gradient across ranks too
+    (all_reduce_mean(uw.log_vars.grad)), because L_k differs per rank.
+    """
+
+    def __init__(self, num_clusters):
+        super().__init__()
+        self.log_vars = nn.Parameter(torch.zeros(num_clusters))  # (K,) s_k
+
+    def forward(self, losses, present=None):
+        """losses (K,) -> scalar. present (K,) bool, optional: clusters with no sample in the
+        batch (e.g. hidden by a curriculum) add nothing, so their s_k get no gradient; K stays
+        the total number of clusters."""
+        if losses.shape != self.log_vars.shape:
+            raise ValueError(f"losses must be ({self.log_vars.numel()},), got {tuple(losses.shape)}")
+        K = self.log_vars.numel()
+        terms = 0.5 * (torch.exp(-self.log_vars) * losses / K + self.log_vars)  # (K,)
+        if present is not None:
+            if present.shape != terms.shape:
+                raise ValueError(f"present must be ({K},), got {tuple(present.shape)}")
+            terms = terms * present.to(terms.dtype)  # a product, so no host sync
+        return terms.sum()
+
+    def weights(self):
+        """exp(-s_k), (K,), detached, for logging. (The official code logs 0.5 * exp(-s_k).)"""
+        return torch.exp(-self.log_vars.detach())
+
+
+# -----------------------------------------------------------------------------
+# Per-cluster gradients, PCGrad, Nash-MTL
+
+
+def task_gradients(losses, params):
+    """
+    Per-cluster gradients G (K, P) of the losses L_k (K,) with respect to `params`, flattened in
+    parameter order. Used by ANT-PCGrad and ANT-Nash.
+
+    This takes K backward passes through the shared graph (torch.autograd.grad with
+    retain_graph=True, so the graph survives for a later backward). Plain autograd has no
+    cheaper way to get exact per-cluster gradients. Since DiT samples do not interact, per-layer
+    hooks that split each weight-gradient sum by cluster could get all K in about one backward;
+    we keep the simple exact route. Parameters a loss does not reach get zeros. Under DDP run
+    the forward inside `model.no_sync()` (autograd.grad does not trigger DDP's all-reduce), then
+    call all_reduce_mean(G).
+    """
+    params = list(params)
+    if losses.dim() != 1 or not params:
+        raise ValueError("losses must be (K,) and params a non-empty list of parameters")
+    if any(not p.requires_grad for p in params):
+        raise ValueError("every parameter in params must require grad")
+    if len({(p.dtype, p.device) for p in params}) != 1:
+        raise ValueError("params must share one dtype and device")
+    P = sum(p.numel() for p in params)
+    G = torch.zeros(losses.numel(), P, dtype=params[0].dtype, device=params[0].device)  # (K, P)
+    for k in range(losses.numel()):
+        if not losses[k].requires_grad:
+            continue
+        grads = torch.autograd.grad(losses[k], params, retain_graph=True, allow_unused=True)
+        offset = 0
+        for p, g in zip(params, grads):
+            if g is not None:
+                G[k, offset:offset + p.numel()].copy_(g.reshape(-1))
+            offset += p.numel()
+    return G
+
+
+def write_flat_grad(params, flat):
+    """Write a flat gradient (P,) into the .grad of `params` (in order), copying it."""
+    params = list(params)
+    P = sum(p.numel() for p in params)
+    if flat.shape != (P,):
+        raise ValueError(f"flat must have shape ({P},), got {tuple(flat.shape)}")
+    offset = 0
+    for p in params:
+        g = flat[offset:offset + p.numel()].view_as(p)
+        if p.grad is None:
+            p.grad = g.detach().to(dtype=p.dtype, copy=True)
+        else:
+            p.grad.copy_(g)
+        offset += p.numel()
+
+
+def all_reduce_mean(tensor, group=None):
+    """
+    Average `tensor` in place over the ranks of `group` when torch.distributed is initialised
+    (no-op otherwise), and return it. Average G (K, P) before pcgrad / NashMTL.update, so that
+    every rank makes the same projection and the same alpha. Each call moves K times the
+    gradient volume of a DDP step.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        tensor.div_(dist.get_world_size(group))
+    return tensor
+
+
+def gram_matrix(grads):
+    """G G^T (K, K) in float64 on grads' device, accumulated over float64 chunks of columns
+    (exact products of float32 entries; unaffected by TF32 matmul settings)."""
+    if grads.dim() != 2:
+        raise ValueError(f"grads must be (K, P), got shape {tuple(grads.shape)}")
+    K, P = grads.shape
+    gram = torch.zeros(K, K, dtype=torch.float64, device=grads.device)  # (K, K)
+    for start in range(0, P, _GRAM_CHUNK):
+        chunk = grads[:, start:start + _GRAM_CHUNK].double()  # (K, chunk)
+        gram += chunk @ chunk.T
+    return gram
+
+
+def pcgrad_coefficients(gram, order):
+    """
+    PCGrad projections written in the basis of the original gradients (ANT-PCGrad;
+    Yu et al., NeurIPS 2020). For each k, visiting j in order[k]: if g_k^PC . g_j < 0, then
+    g_k^PC -= (g_k^PC . g_j / |g_j|^2) g_j, always against the original g_j; a zero g_j is
+    skipped. Every g_k^PC is a combination of the g_j, so all dot products come from the
+    float64 Gram matrix (K, K). Returns C (K, K) float64 with g_k^PC = sum_j C[k, j] g_j.
+    Runs on gram's device without host sync.
+    """
+    K = gram.shape[0]
+    if gram.shape != (K, K):
+        raise ValueError(f"gram must be square, got {tuple(gram.shape)}")
+    if len(order) != K or any(sorted(int(j) for j in order[k]) != [j for j in range(K) if j != k]
+                              for k in range(K)):
+        raise ValueError("order[k] must be a permutation of the task indices other than k")
+    gram = gram.double()
+    sq = gram.diagonal()  # (K,) |g_j|^2
+    tiny = torch.finfo(torch.float64).tiny
+    coef = torch.eye(K, dtype=torch.float64, device=gram.device)  # (K, K)
+    for k in range(K):
+        for j in order[k]:
+            j = int(j)
+            dot = coef[k] @ gram[:, j]  # () g_k^PC . g_j
+            conflict = (dot < 0) & (sq[j] > 0)
+            coef[k, j] -= torch.where(conflict, dot / sq[j].clamp_min(tiny), torch.zeros_like(dot))
+    return coef
+
+
+def pcgrad(grads, generator=None, order=None):
+    """
+    PCGrad over clusters (ANT-PCGrad): project each g_k (rows of grads (K, P)) off the other
+    gradients it conflicts with, in a random order, and return the sum of the projected
+    gradients (P,) in grads' dtype.
+
+    order[k] is the visiting order of the tasks j != k. When it is None, each order[k] is drawn
+    with torch.randperm from `generator`, a CPU torch.Generator that the caller seeds the same
+    on every rank (None: torch's global CPU RNG). The official code scales every L_k by 1/K;
+    PCGrad is linear in that scale, so pass the gradients of L_k / K to match it.
+    """
+    K, P = grads.shape
+    if order is None:
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError("pcgrad draws its order on the host: pass a CPU torch.Generator")
+        order = []
+        for k in range(K):
+            others = [j for j in range(K) if j != k]
+            order.append([others[i] for i in torch.randperm(K - 1, generator=generator).tolist()])
+    weights = pcgrad_coefficients(gram_matrix(grads), order).sum(0).to(grads.dtype)  # (K,)
+    out = torch.zeros(P, dtype=grads.dtype, device=grads.device)  # (P,)
+    for k in range(K):
+        out.addcmul_(grads[k], weights[k])  # elementwise, so exact float32 (no TF32 matmul)
+    return out
+
+
+def _nash_feasible_start(A, prev_alpha):
+    """A point on the boundary of {alpha > 0: alpha_k (A alpha)_k >= 1}, or None if that set is
+    empty. Candidates (previous alpha, ones, 1/sqrt(diag A), else a phase-I LP point) are scaled
+    onto the boundary; we keep the one with the smallest phi = sum_k log(alpha_k (A alpha)_k)."""
+    K = A.shape[0]
+    candidates = [np.ones(K)]
+    if prev_alpha is not None:
+        candidates.append(np.asarray(prev_alpha, dtype=np.float64).reshape(K))
+    if np.all(np.diag(A) > 0):
+        candidates.append(1.0 / np.sqrt(np.diag(A)))
+
+    def onto_boundary(alpha):
+        if not (np.all(np.isfinite(alpha)) and np.all(alpha > 0) and np.all(A @ alpha > 0)):
+            return None
+        return alpha / np.sqrt(np.min(alpha * (A @ alpha)))
+
+    starts = [a for a in map(onto_boundary, candidates) if a is not None]
+    if not starts:
+        # Phase I: maximise s subject to A x >= s, x >= s, sum x = 1; strictly feasible iff s > 0.
+        c = np.zeros(K + 1)
+        c[-1] = -1.0
+        A_ub = np.vstack([np.hstack([-A, np.ones((K, 1))]), np.hstack([-np.eye(K), np.ones((K, 1))])])
+        A_eq = np.hstack([np.ones((1, K)), np.zeros((1, 1))])
+        lp = linprog(c, A_ub=A_ub, b_ub=np.zeros(2 * K), A_eq=A_eq, b_eq=[1.0],
+                     bounds=[(None, None)] * (K + 1))
+        if lp.status != 0 or lp.x[-1] <= 1e-12:
+            return None
+        starts = [onto_boundary(lp.x[:K])]
+    return min(starts, key=lambda a: np.sum(np.log(a * (A @ a))))
+
+
+def _nash_subproblem(A, alpha):
+    """One concave-convex step of Nash-MTL (Navon et al., ICML 2022): minimise
+    the linearisation of phi(x) = sum_k log x_k + log (A x)_k at `alpha` over the convex set
+    {x > 0, A x > 0, log x_k + log (A x)_k >= 0}. `alpha` must be feasible. Solved with scipy's
+    trust-constr in variables z = x / alpha, from the strictly feasible start z = 1.05.
+    Returns the new alpha (K,) or None."""
+    K = A.shape[0]
+    grad_phi = 1.0 / alpha + A @ (1.0 / (A @ alpha))  # (K,) gradient of phi at alpha
+    B = A * alpha[None, :]  # (K, K) A diag(alpha), so A x = B z
+    h = grad_phi * alpha  # (K,) the linear objective in z
+    log_alpha = np.log(alpha)
+    tiny = np.finfo(np.float64).tiny  # trust-constr may probe outside the domain of the logs
+
+    def constraint(z):
+        return log_alpha + np.log(np.maximum(z, tiny)) + np.log(np.maximum(B @ z, tiny))
+
+    def constraint_jac(z):
+        return np.diag(1.0 / z) + B / (B @ z)[:, None]
+
+    def constraint_hess(z, v):
+        return -(np.diag(v / z ** 2) + (B.T * (v / (B @ z) ** 2)) @ B)
+
+    try:
+        result = minimize(
+            lambda z: h @ z, np.full(K, 1.05), jac=lambda z: h, hess=lambda z: np.zeros((K, K)),
+            method="trust-constr", bounds=Bounds(np.zeros(K), np.full(K, np.inf)),
+            constraints=[LinearConstraint(B, 0.0, np.inf),
+                         NonlinearConstraint(constraint, 0.0, np.inf, jac=constraint_jac,
+                                             hess=constraint_hess)],
+            options=dict(gtol=1e-12, xtol=1e-12, maxiter=500))
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    new = alpha * result.x  # (K,)
+    if not (np.all(np.isfinite(new)) and np.all(new > 0) and np.all(A @ new > 0)):
+        return None
+    if np.min(np.log(new) + np.log(A @ new)) < -1e-6:  # infeasible beyond solver tolerance
+        return None
+    return new
+
+
+def nash_mtl_weights(gram, prev_alpha=None, max_iter=NASH_MAX_ITER, change_tol=1e-6,
+                     residual_tol=1e-3):
+    """
+    Nash-MTL weights over clusters (ANT-Nash; Navon et al., "Multi-Task Learning as a
+    Bargaining Game", ICML 2022): find alpha > 0 with alpha_k (A alpha)_k = 1, where
+    A = G G^T / |G G^T|_F and `gram` = G G^T (K, K), by the concave-convex procedure: up to
+    `max_iter` convex subproblems (see _nash_subproblem), starting from the best of
+    prev_alpha / ones / 1/sqrt(diag A) scaled to feasibility. The loop stops when alpha moves
+    less than change_tol or |A alpha - 1/alpha| < residual_tol (the official rules).
+
+    Returns (alpha (K,) float64 numpy or None, info). info has success, converged, iterations,
+    residual, message. On failure (non-finite or zero gradients, no alpha > 0 with A alpha > 0
+    because the gradients conflict too strongly, or a failed subproblem) alpha is None: keep the
+    previous alpha and log info["message"]. If the loop runs out of iterations, the last
+    feasible alpha comes back with success=True and converged=False, as in the official code.
+    For PSD A the answer is also the minimiser of the convex 0.5 a^T A a - sum log a; the tests
+    use that as an independent check.
+    """
+    if isinstance(gram, torch.Tensor):
+        gram = gram.detach().double().cpu().numpy()
+    A = np.asarray(gram, dtype=np.float64)
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
+        raise ValueError(f"gram must be a square (K, K) matrix G G^T, got shape {A.shape}")
+    info = dict(success=False, converged=False, iterations=0, residual=float("nan"), message="")
+    if not np.all(np.isfinite(A)):
+        info["message"] = "non-finite Gram matrix (NaN/inf gradients)"
+        return None, info
+    norm = np.linalg.norm(A)
+    if norm == 0:
+        info["message"] = "all cluster gradients are zero"
+        return None, info
+    A = 0.5 * (A + A.T) / norm  # (K, K) normalised, symmetric to rounding
+    alpha = _nash_feasible_start(A, prev_alpha)
+    if alpha is None:
+        info["message"] = "no alpha > 0 with A alpha > 0: the cluster gradients conflict too strongly"
+        return None, info
+    residual = float(np.linalg.norm(A @ alpha - 1.0 / alpha))
+    info["residual"] = residual
+    if residual < residual_tol:  # the start already solves it (e.g. a warm start)
+        info.update(success=True, converged=True, message="start satisfies the residual")
+        return alpha, info
+    for it in range(1, max_iter + 1):
+        new = _nash_subproblem(A, alpha)
+        if new is None:
+            info.update(iterations=it, message=f"convex subproblem failed at iteration {it}")
+            return None, info
+        change = float(np.linalg.norm(new - alpha))
+        alpha = new
+        residual = float(np.linalg.norm(A @ alpha - 1.0 / alpha))
+        info.update(iterations=it, residual=residual)
+        if residual < residual_tol or change < change_tol:
+            info.update(success=True, converged=True, message="converged")
+            return alpha, info
+    info.update(success=True, message=f"not converged after {max_iter} iterations")
+    return alpha, info
+
+
+class NashMTL:
+    """
+    Nash-MTL state for ANT-Nash training (official recipe). alpha starts at ones. Every `every`
+    steps it is re-solved from per-cluster gradients (should_update(), then update(G)); in
+    between it is kept. The loss is sum_k alpha_k L_k / K, and the caller clips the gradient
+    norm to `max_norm`. Call step() once per training step. On update steps the combined
+    gradient (alpha @ G) / K can be written directly with write_flat_grad, which saves one
+    backward. state_dict holds plain Python types.
+    """
+
+    def __init__(self, num_clusters, every=NASH_EVERY, max_norm=NASH_MAX_NORM,
+                 max_iter=NASH_MAX_ITER):
+        self.num_clusters = num_clusters
+        self.every = every
+        self.max_norm = max_norm
+        self.max_iter = max_iter
+        self.alpha = np.ones(num_clusters)  # (K,) float64
+        self.steps = 0  # training steps taken, advanced by step()
+        self.updates = 0  # successful solves
+        self.failures = 0  # solves that kept the previous alpha
+        self._alpha_cache = None  # ((device, dtype), tensor): alpha crosses to the device once
+
+    def step(self):
+        """Advance the step counter; call once per training step."""
+        self.steps += 1
+
+    def should_update(self, step=None):
+        """True on the steps where alpha is re-solved, step % every == 0 (step 0 included).
+        `step` defaults to the internal counter."""
+        return (self.steps if step is None else step) % self.every == 0
+
+    def update(self, grads):
+        """Re-solve alpha from per-cluster gradients grads (K, P) (average them across ranks
+        first). Keeps the previous alpha on failure. Returns the solver's info dict."""
+        if grads.dim() != 2 or grads.shape[0] != self.num_clusters:
+            raise ValueError(f"grads must be ({self.num_clusters}, P), got {tuple(grads.shape)}")
+        alpha, info = nash_mtl_weights(gram_matrix(grads), self.alpha, self.max_iter)
+        if alpha is None:
+            self.failures += 1
+        else:
+            self.alpha = alpha
+            self.updates += 1
+            self._alpha_cache = None
+        return info
+
+    def alpha_tensor(self, like):
+        """alpha (K,) as a tensor with the device and dtype of `like`, copied only after updates."""
+        key = (like.device, like.dtype)
+        if self._alpha_cache is None or self._alpha_cache[0] != key:
+            self._alpha_cache = (key, torch.as_tensor(self.alpha, dtype=like.dtype, device=like.device))
+        return self._alpha_cache[1]
+
+    def loss(self, losses):
+        """sum_k alpha_k L_k / K for losses (K,)."""
+        if losses.shape != (self.num_clusters,):
+            raise ValueError(f"losses must be ({self.num_clusters},), got {tuple(losses.shape)}")
+        return (self.alpha_tensor(losses) * losses).sum() / self.num_clusters
+
+    def state_dict(self):
+        return dict(alpha=[float(a) for a in self.alpha], steps=self.steps, updates=self.updates,
+                    failures=self.failures)
+
+    def load_state_dict(self, state):
+        alpha = np.asarray(state["alpha"], dtype=np.float64)
+        if alpha.shape != (self.num_clusters,):
+            raise ValueError(f"state has {alpha.size} alphas, expected {self.num_clusters}")
+        self.alpha = alpha
+        self.steps = int(state["steps"])
+        self.updates = int(state["updates"])
+        self.failures = int(state["failures"])
+        self._alpha_cache = None
+
+
+# -----------------------------------------------------------------------------
+# Task affinity (gradient clustering objective)
+
+
+def _count_sketch(flat, dim, seed, chunk=1 << 22):
+    """CountSketch of flat (P,) into (dim,) float64 (Charikar et al., 2002): coordinate i adds
+    sign_i * flat_i to bucket h_i. The hash comes from a seeded generator, drawn chunk by chunk,
+    so the same seed gives the same sketch for every call and nothing of size P x dim exists.
+    Inner products are unbiased, with variance at most (|a|^2 |b|^2 + (a.b)^2) / dim, as for a
+    dense Gaussian projection, at O(P) cost per gradient instead of O(P dim)."""
+    gen = torch.Generator(device=flat.device).manual_seed(seed)
+    out = torch.zeros(dim, dtype=torch.float64, device=flat.device)  # (dim,)
+    for start in range(0, flat.numel(), chunk):
+        x = flat[start:start + chunk].double()  # (n,)
+        bucket = torch.randint(dim, x.shape, generator=gen, device=flat.device)  # (n,)
+        sign = torch.randint(2, x.shape, generator=gen, device=flat.device, dtype=torch.float64)
+        out.index_add_(0, bucket, x * (2.0 * sign - 1.0))
+    return out
+
+
+def gradient_affinity(grad_fn, num_timesteps, groups=100, batch_size=32, sketch_dim=4096, seed=0):
+    """
+    Task affinity score TAS (T, T) (ANT, task affinity / gradient clustering cost): the cosine
+    similarity of loss gradients between timesteps. Timesteps are pooled into `groups` equal
+    contiguous groups. For group g we call grad_fn(t) with t (batch_size,) long (CPU), drawn
+    uniformly inside the group (seeded); grad_fn returns the flat gradient (P,). The group-by-group
+    cosine matrix is then expanded to (T, T).
+
+    When P <= sketch_dim the raw gradients are used, so the result is exact. Otherwise each
+    gradient is compressed to a CountSketch of size sketch_dim with the same hash for every
+    group, which keeps memory at groups x sketch_dim. Averaging over checkpoints is left to
+    the caller.
+    """
+    T = int(num_timesteps)
+    if not 1 <= groups <= T or batch_size < 1 or sketch_dim < 1:
+        raise ValueError(f"need 1 <= groups <= T={T}, batch_size >= 1 and sketch_dim >= 1")
+    edges = [g * T // groups for g in range(groups + 1)]
+    gen = torch.Generator().manual_seed(seed)
+    features, P = [], None
+    for g in range(groups):
+        t = torch.randint(edges[g], edges[g + 1], (batch_size,), generator=gen)  # (n,)
+        flat = grad_fn(t).detach()  # (P,)
+        if flat.dim() != 1 or (P is not None and flat.numel() != P):
+            raise ValueError(f"grad_fn must return a flat (P,) gradient of fixed size, got "
+                             f"{tuple(flat.shape)}")
+        P = flat.numel()
+        feature = flat.double() if P <= sketch_dim else _count_sketch(flat, sketch_dim, seed)
+        norm = feature.norm()
+        if not torch.isfinite(norm) or norm == 0:
+            raise ValueError(f"gradient of timesteps [{edges[g]}, {edges[g + 1]}) is zero or "
+                             f"non-finite; its cosine similarity is undefined")
+        features.append((feature / norm).cpu())
+    F = torch.stack(features)  # (groups, d) unit rows
+    similarity = (F @ F.T).clamp(-1.0, 1.0).numpy()  # (groups, groups)
+    group_of = np.repeat(np.arange(groups), np.diff(edges))  # (T,)
+    return similarity[np.ix_(group_of, group_of)]  # (T, T)
+
+
+# -----------------------------------------------------------------------------
+# Command line: `cluster` prints (and draws) a clustering; `affinity` computes TAS
+
+
+def _alphas_cumprod(schedule, num_timesteps):
+    """alpha-bar (T,) float64 of the "linear" (DiT/ADM: 1e-4..0.02 scaled by 1000/T) or
+    "cosine" (Nichol & Dhariwal, max beta 0.999) schedule. Mirrors diffusion.get_beta_schedule
+    so this module does not import diffusion.py."""
+    T = num_timesteps
+    if schedule == "linear":
+        scale = 1000.0 / T
+        betas = np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
+    elif schedule == "cosine":
+        f = lambda s: math.cos((s / T + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = np.array([min(1.0 - f(i + 1) / f(i), 0.999) for i in range(T)], dtype=np.float64)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; use 'linear' or 'cosine'")
+    return np.cumprod(1.0 - betas)
+
+
+def _plot_clusters(path, intervals, title, values=None, value_label="", tas=None):
+    """Draw the intervals as coloured bands over the timestep axis with labelled boundaries and
+    the clustered value as a curve, plus the TAS heat map when given. PIL only."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    T = intervals[-1][1]
+    font = ImageFont.load_default(size=14)
+    small = ImageFont.load_default(size=12)
+    palette = [(141, 211, 199), (255, 255, 179), (190, 186, 218), (251, 128, 114),
+               (128, 177, 211), (253, 180, 98), (179, 222, 105), (252, 205, 229)]
+    W, left, right = 960, 70, 40
+    width = W - left - right
+    heat = 360 if tas is not None else 0
+    band_top = 76 + (heat + 40 if tas is not None else 0)
+    band_h = 180
+    H = band_top + band_h + 76
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 12), title, fill="black", font=font)
+    x_of = lambda t: left + t / T * width
+
+    if tas is not None:
+        A = np.clip(np.asarray(tas, dtype=np.float64), -1.0, 1.0)  # (T, T)
+        pos, neg = np.clip(A, 0, 1)[..., None], np.clip(-A, 0, 1)[..., None]
+        rgb = 255 - pos * np.array([0, 180, 180]) - neg * np.array([180, 180, 0])  # red +, blue -
+        tile = Image.fromarray(rgb.astype(np.uint8)).resize((heat, heat), Image.NEAREST)
+        x0, y0 = left, 56
+        img.paste(tile, (x0, y0))
+        draw.rectangle([x0, y0, x0 + heat, y0 + heat], outline="black")
+        for start, _ in intervals[1:]:
+            p = start / T * heat
+            draw.line([x0 + p, y0, x0 + p, y0 + heat], fill="black")
+            draw.line([x0, y0 + p, x0 + heat, y0 + p], fill="black")
+        draw.text((x0 + heat + 20, y0), "task affinity TAS(t1, t2)", fill="black", font=font)
+        draw.text((x0 + heat + 20, y0 + 22), "rows t1, columns t2, t = 0 top-left", fill="black",
+                  font=small)
+        for i, (label, colour) in enumerate([("+1", (255, 75, 75)), ("0", (255, 255, 255)),
+                                             ("-1", (75, 75, 255))]):
+            y = y0 + 56 + 24 * i
+            draw.rectangle([x0 + heat + 20, y, x0 + heat + 40, y + 16], fill=colour, outline="black")
+            draw.text((x0 + heat + 48, y), label, fill="black", font=small)
+
+    for k, (start, stop) in enumerate(intervals):
+        draw.rectangle([x_of(start), band_top, x_of(stop), band_top + band_h],
+                       fill=palette[k % len(palette)])
+    level = None  # (T,) clustered value scaled to [0, 1], drawn as a curve
+    if values is not None:
+        v = np.asarray(values, dtype=np.float64)
+        level = (v - v.min()) / (float(v.max() - v.min()) or 1.0)
+        ys = band_top + band_h - 8 - level * (band_h - 16)
+        draw.line([(x_of(t + 0.5), float(y)) for t, y in enumerate(ys)], fill="black", width=2)
+        draw.text((left, 32), f"curve: {value_label} from {v[0]:.3g} (t = 0) to {v[-1]:.3g} "
+                  f"(t = {T - 1})", fill="black", font=small)
+    last_x = [-1e9, -1e9]  # right-most labelled boundary in each of two label rows
+    for k, (start, stop) in enumerate(intervals):
+        if k > 0:
+            draw.line([x_of(start), band_top - 4, x_of(start), band_top + band_h], fill="black")
+        x = x_of(start)
+        free = [row for row in (0, 1) if x - last_x[row] > 30]
+        if free:  # crowded boundaries are left to the interval list under the axis
+            draw.text((x - 4, band_top - 18 - 14 * free[0]), str(start), fill="black", font=small)
+            last_x[free[0]] = x
+        if x_of(stop) - x > 70:  # label the band where the curve is not
+            low = level is not None and level[start:stop].mean() < 0.5
+            y = band_top + 6 if low else band_top + band_h - 40
+            draw.text((x + 6, y), f"cluster {k}", fill="black", font=small)
+            draw.text((x + 6, y + 16), f"[{start}, {stop})", fill="black", font=small)
+    draw.text((x_of(T) - 10, band_top - 18), str(T), fill="black", font=small)
+    draw.rectangle([left, band_top, left + width, band_top + band_h], outline="black")
+    for tick in range(0, T + 1, max(T // 4, 1)):
+        draw.line([x_of(tick), band_top + band_h, x_of(tick), band_top + band_h + 5], fill="black")
+        draw.text((x_of(tick) - 10, band_top + band_h + 8), str(tick), fill="black", font=small)
+    draw.text((left + width // 2 - 40, band_top + band_h + 28), "timestep t", fill="black", font=font)
+    listing = "intervals: " + " ".join(f"[{start},{stop})" for start, stop in intervals)
+    draw.text((left, band_top + band_h + 52), listing, fill="black", font=small)
+    img.save(path)
+
+
+def _cluster_command(args):
+    tas = None if args.tas is None else np.load(args.tas)
+    values, label = None, ""
+    if args.objective == "gradient":
+        if tas is None:
+            raise SystemExit("--objective gradient needs --tas tas.npy (from the `affinity` command)")
+        intervals, cost = cluster_timesteps(args.clusters, "gradient", tas=tas)
+        source = f"TAS {args.tas}"
+    else:
+        abar = _alphas_cumprod(args.schedule, args.timesteps)
+        intervals, cost = cluster_timesteps(args.clusters, args.objective, alphas_cumprod=abar,
+                                            num_timesteps=args.timesteps)
+        source = f"{args.schedule} schedule"
+        values, label = {
+            "timestep": (np.arange(args.timesteps, dtype=np.float64), "t"),
+            "snr": (abar / (1.0 - abar), "SNR"),
+            "log-snr": (np.log(abar) - np.log1p(-abar), "log-SNR"),
+        }[args.objective]
+    T = intervals[-1][1]
+    print(f"objective {args.objective}, K={args.clusters}, T={T}, {source}")
+    print("cluster  start   stop   size")
+    for k, (start, stop) in enumerate(intervals):
+        print(f"{k:7d} {start:6d} {stop:6d} {stop - start:6d}")
+    print(f"total cost {cost:.6f}")
+    if args.plot:
+        title = f"ANT interval clustering: {args.objective}, K={args.clusters}, T={T} " \
+                f"({source}), cost {cost:.6g}"
+        _plot_clusters(args.plot, intervals, title, values=values, value_label=label, tas=tas)
+        print(f"wrote {args.plot}")
+
+
+def _affinity_command(args):
+    # Project modules are imported here only, so the module itself needs none of them.
+    from data import load_dataset
+    from sample import load_model
+
+    device = torch.device(args.device)
+    total = None
+    for ckpt in args.ckpt:
+        model, diffusion, train_args = load_model(ckpt, device=args.device, use_ema=False)
+        model.train()  # the training objective, label dropout included (reseeded per group)
+        train_args = train_args if isinstance(train_args, dict) else vars(train_args)
+        image_size = train_args.get("image_size")
+        if image_size is None:
+            raise SystemExit(f"{ckpt}: its args carry no image_size")
+        dataset = load_dataset(args.data, image_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                             drop_last=True,
+                                             generator=torch.Generator().manual_seed(args.seed))
+        noise_gen = torch.Generator().manual_seed(args.seed)
+        batches = []  # the same images and noise for every group: lower-variance comparisons
+        for x0, y in itertools.islice(loader, args.batches):
+            noise = torch.randn(x0.shape, generator=noise_gen)
+            batches.append((x0.to(device), y.to(device), noise.to(device)))
+        if len(batches) < args.batches:
+            raise SystemExit(f"{args.data} has fewer than {args.batches} batches of {args.batch_size}")
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def grad_fn(t):  # t (batches * batch_size,) -> flat gradient (P,)
+            torch.manual_seed(args.seed)  # same label-dropout draws for every group
+            flat = torch.zeros(sum(p.numel() for p in params), device=device)  # (P,)
+            for i, (x0, y, noise) in enumerate(batches):
+                t_i = t[i * args.batch_size:(i + 1) * args.batch_size].to(device)  # (B,)
+                out = diffusion.training_losses(model, x0, t_i, dict(y=y), noise=noise)
+                loss = out["loss"].mean() / len(batches)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                flat += torch.cat([torch.zeros(p.numel(), device=device) if g is None
+                                   else g.reshape(-1).float() for p, g in zip(params, grads)])
+            return flat
+
+        tas = gradient_affinity(grad_fn, len(diffusion.alphas_cumprod), groups=args.groups,
+                                batch_size=args.batch_size * args.batches,
+                                sketch_dim=args.sketch_dim, seed=args.seed)
+        total = tas if total is None else total + tas
+        print(f"{ckpt}: mean TAS {tas.mean():.4f}")
+    tas = total / len(args.ckpt)
+    np.save(args.out, tas)
+    print(f"wrote {args.out} {tas.shape}, averaged over {len(args.ckpt)} checkpoint(s)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="ANT interval clustering and task affinity "
+                                                 "(Go et al., NeurIPS 2023)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cluster", help="print (and draw) the optimal interval clustering")
+    c.add_argument("--objective", choices=OBJECTIVES, default="snr",
+                   help="clustering cost (the paper uses snr, timestep and gradient; log-snr is ours)")
+    c.add_argument("-k", "--clusters", type=int, default=5, help="number of clusters (paper: 5)")
+    c.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
+                   help="noise schedule for snr / log-snr")
+    c.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
+    c.add_argument("--tas", default=None, help="(T, T) task affinity .npy for --objective gradient")
+    c.add_argument("--plot", default=None, help="write a PNG of the clustering here")
+    a = sub.add_parser("affinity", help="task affinity TAS (T, T) from training checkpoints")
+    a.add_argument("--ckpt", nargs="+", required=True, help="train.py checkpoints; TAS is averaged")
+    a.add_argument("--data", required=True, help="dataset path for data.load_dataset ('shapes' ok)")
+    a.add_argument("--groups", type=int, default=100, help="timestep groups (TAS resolution)")
+    a.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    a.add_argument("--batches", type=int, default=4, help="fixed batches per gradient")
+    a.add_argument("--sketch-dim", type=int, default=4096, help="CountSketch size (exact if P <= it)")
+    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", default="tas.npy", help="output .npy")
+    args = parser.parse_args(argv)
+    if args.command == "cluster":
+        _cluster_command(args)
+    else:
+        _affinity_command(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,197 @@
+"""
+Sample from a trained checkpoint (EMA weights by default), on one process or many.
+
+    torchrun --nproc_per_node=N sample.py --ckpt results/RUN/checkpoints/0010000.pt \
+        --num-samples 50000 --steps 250 --cfg-scale 1.5 --out samples
+
+Samples are split exactly across ranks (rank r makes samples r, r + W, r + 2W, ... of a global
+numbering, so N samples total and no duplicates whatever W is). Writes `OUT/samples.npz` with
+arr_0 (N, H, W, 3) uint8 and arr_1 (N,) labels in the ADM evaluator's format, a PNG grid of the
+first 64, and the individual PNGs with --save-png. The network (and its router, for DTR) and the
+diffusion are rebuilt from the arguments saved in the checkpoint.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import diffusion as gd
+from dit import DiT_models
+
+
+# ----------------------------------------------------------------------------------------------
+#                 Building the network and diffusion from saved arguments
+# ----------------------------------------------------------------------------------------------
+
+def method_parts(method):
+    """'dtr+ant-uw' -> ('dtr', 'ant-uw')."""
+    return tuple(method.split("+"))
+
+
+def build_router(args, hidden_size):
+    """The DTR / R-TR router named by args["method"], or None."""
+    parts = method_parts(args["method"])
+    if "dtr" not in parts and "rtr" not in parts:
+        return None
+    from dtr import TaskRouter
+    kind = "dtr" if "dtr" in parts else "random"
+    return TaskRouter(hidden_size, num_timesteps=args["num_timesteps"], alpha=args["dtr_alpha"], beta=args["dtr_beta"],
+                      kind=kind, seed=args["rtr_seed"])
+
+
+def build_model(args):
+    """The DiT described by a training-argument dict (train.py's vars(args))."""
+    if args["model"] not in DiT_models:
+        raise ValueError(f"unknown model {args['model']!r}; choose one of {', '.join(DiT_models)}")
+    kwargs = dict(input_size=args["image_size"], in_channels=args["in_channels"], num_classes=args["num_classes"],
+                  class_dropout_prob=args["class_dropout_prob"], learn_sigma=args["learn_sigma"])
+    for key in ("depth", "hidden_size", "num_heads"):  # optional overrides of the named config (small test models)
+        if args.get(key):
+            kwargs[key] = args[key]
+    model = DiT_models[args["model"]](**kwargs)
+    model.router = build_router(args, model.hidden_size)
+    return model
+
+
+def build_diffusion(args):
+    """The training diffusion described by a training-argument dict."""
+    return gd.Diffusion(args["num_timesteps"], args["schedule"], learn_sigma=args["learn_sigma"], weighting=args["weighting"],
+                        min_snr_gamma=args["min_snr_gamma"], p2_gamma=args["p2_gamma"], p2_k=args["p2_k"])
+
+
+def load_model(ckpt_path, device="cpu", use_ema=True):
+    """(model in eval mode, diffusion, args) from a train.py checkpoint."""
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "args" not in ckpt:
+        raise ValueError(f"{ckpt_path} is not a train.py checkpoint (no saved arguments)")
+    args = ckpt["args"]
+    model = build_model(args)
+    model.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
+    return model.to(device).eval(), build_diffusion(args), args
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Sampling
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(model, diffusion, labels, noise, steps="250", cfg_scale=1.0, clip_denoised=True, guided_channels=None,
+             progress=False):
+    """Images in [-1, 1] (N, C, H, W) for the given labels (N,) and starting noise (N, C, H, W)."""
+    model_fn = gd.guided_model_fn(model, labels, cfg_scale, model.num_classes, guided_channels)
+    use_bf16 = noise.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        return diffusion.sample(model_fn, noise, steps=steps, clip_denoised=clip_denoised, progress=progress)
+
+
+def to_uint8(x):
+    """[-1, 1] float (N, 3, H, W) -> uint8 (N, H, W, 3) on the CPU."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_grid(images, path, nrow=None):
+    """Save uint8 (N, H, W, 3) images as one PNG grid with 2-pixel gaps."""
+    from PIL import Image
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    grid = np.full((ncol * (h + 2) + 2, nrow * (w + 2) + 2, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
+    Image.fromarray(grid).save(path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--num-samples", type=int, default=64, help="total over all ranks (50000 for FID-50K)")
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--steps", default="250", help="'250' (DDPM, respaced as in DiT) or 'ddim50'")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance; the papers use 1.5")
+    p.add_argument("--guided-channels", type=int, default=None,
+                   help="guide only the first N channels (3 reproduces the official DiT code); default all")
+    p.add_argument("--class-labels", default=None, help="comma-separated labels cycled over the samples; default uniform random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--use-model", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--save-png", action="store_true", help="also write every sample as a PNG")
+    p.add_argument("--fid-ref", default=None, help="score the samples against this reference (folder, zip, npz or stats)")
+    p.add_argument("--inception", default=None, help="path to pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--device", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        model, diffusion, targs = load_model(args.ckpt, device, use_ema=not args.use_model)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:
+        sys.exit("error: this model was trained without label dropout, so it has no null class for guidance; use --cfg-scale 1")
+
+    # Global sample i is made by rank i % W from a generator seeded with (seed, i): independent of W.
+    mine = list(range(rank, args.num_samples, world))
+    pixel_space = targs.get("latent") is None
+    images, labels = [], []
+    for start in range(0, len(mine), args.batch_size):
+        idx = mine[start: start + args.batch_size]
+        gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + i) for i in idx]
+        noise = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size, generator=g) for g in gens])
+        if args.class_labels:
+            choices = [int(c) for c in args.class_labels.split(",")]
+            y = torch.tensor([choices[i % len(choices)] for i in idx])
+        else:
+            y = torch.tensor([int(torch.randint(model.num_classes, (1,), generator=g)) for g in gens])
+        x = generate(model, diffusion, y.to(device), noise.to(device), args.steps, args.cfg_scale,
+                     clip_denoised=pixel_space, guided_channels=args.guided_channels, progress=rank == 0)
+        images.append(to_uint8(x))
+        labels.append(y)
+    images = torch.cat(images) if images else torch.zeros(0, model.input_size, model.input_size, 3, dtype=torch.uint8)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+
+    if distributed:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (mine, images, labels))
+    else:
+        gathered = [(mine, images, labels)]
+    if rank == 0:
+        order = np.argsort(np.concatenate([g[0] for g in gathered]))
+        all_images = torch.cat([g[1] for g in gathered]).numpy()[order]
+        all_labels = torch.cat([g[2] for g in gathered]).numpy()[order]
+        os.makedirs(args.out, exist_ok=True)
+        np.savez(os.path.join(args.out, "samples.npz"), arr_0=all_images, arr_1=all_labels)
+        save_grid(all_images[:64], os.path.join(args.out, "grid.png"))
+        if args.save_png:
+            from PIL import Image
+            for i, img in enumerate(all_images):
+                Image.fromarray(img).save(os.path.join(args.out, f"{i:06d}.png"))
+        print(f"wrote {len(all_images)} samples to {os.path.join(args.out, 'samples.npz')}")
+        if args.fid_ref:
+            import fid
+            net = fid.load_inception(args.inception, device)
+            scores = fid.evaluate(all_images, args.fid_ref, net, metrics=("fid",))
+            print(f"FID against {args.fid_ref}: {scores['fid']:.4f} ({scores['n_samples']} samples)")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1983 @@
+"""The whole test suite: `pytest -q test_all.py`. CPU only, a few minutes on 2 cores."""
+
+import copy
+import itertools
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+import zipfile
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data as datasets
+import diffusion as gd
+import fid
+import negative_transfer as nt
+import train
+from curriculum import Curriculum, check_clusters, main as curriculum_main, stage_interval, timestep_clusters
+from dit import DiT, DiT_models
+from dtr import TaskRouter, main as dtr_main, mask_stats, random_masks, routing_masks
+from sample import load_model
+
+REPO = Path(__file__).resolve().parent
+SHARED = REPO.parent / "shared" / "data"
+# A small model for training tests: the DiT-S/4 layout shrunk to 2 blocks of width 64.
+TINY = ["--model", "DiT-S/4", "--depth", "2", "--hidden-size", "64", "--num-heads", "2", "--image-size", "16",
+        "--num-workers", "0", "--sample-every", "0", "--log-every", "1"]
+
+
+def run_train(tmp_path, *extra, name="run"):
+    """train.main in this process; returns the run folder."""
+    out = tmp_path / name
+    train.main(TINY + ["--out", str(out), *extra])
+    return out
+
+
+def last_checkpoint(out):
+    return torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], map_location="cpu", weights_only=False)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun(*args, nproc=2, timeout=300, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+# ==============================================================================================
+#                                   dit.py
+# ==============================================================================================
+
+OFFICIAL_COUNTS = {"DiT-S/2": 32_963_360, "DiT-B/2": 130_512_416, "DiT-L/2": 458_102_816, "DiT-XL/2": 675_129_632}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_COUNTS))
+def test_parameter_counts_match_official(name):
+    with torch.device("meta"):
+        model = DiT_models[name]()  # 32x32x4 input, 1000 classes, learn_sigma: the official defaults
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_COUNTS[name]
+
+
+def test_twelve_configs():
+    assert sorted(DiT_models) == sorted(f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8))
+
+
+def test_state_dict_has_official_keys_and_shapes():
+    with torch.device("meta"):
+        sd = DiT_models["DiT-XL/2"]().state_dict()
+    D, depth = 1152, 28
+    expected = {"pos_embed": (1, 256, D), "x_embedder.proj.weight": (D, 4, 2, 2), "x_embedder.proj.bias": (D,),
+                "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,), "t_embedder.mlp.2.weight": (D, D),
+                "t_embedder.mlp.2.bias": (D,), "y_embedder.embedding_table.weight": (1001, D),
+                "final_layer.linear.weight": (2 * 2 * 8, D), "final_layer.linear.bias": (32,),
+                "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        expected.update({b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,), b + "attn.proj.weight": (D, D),
+                         b + "attn.proj.bias": (D,), b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
+                         b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,),
+                         b + "adaLN_modulation.1.weight": (6 * D, D), b + "adaLN_modulation.1.bias": (6 * D,)})
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+
+
+def test_output_is_zero_at_init():
+    model = DiT_models["DiT-S/4"](input_size=16, depth=2)
+    out = model(torch.randn(3, 4, 16, 16), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 1000]))
+    assert out.shape == (3, 8, 16, 16) and torch.count_nonzero(out) == 0
+
+
+def _reference_attention_block(block, x, c):
+    """The official block with timm's explicit softmax attention instead of SDPA."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+    h = block.norm1(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+    N, L, D = h.shape
+    H = block.attn.num_heads
+    q, k, v = block.attn.qkv(h).reshape(N, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    a = ((q @ k.transpose(-2, -1)) * (D // H) ** -0.5).softmax(-1) @ v
+    x = x + gate_msa[:, None] * block.attn.proj(a.transpose(1, 2).reshape(N, L, D))
+    h = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    return x + gate_mlp[:, None] * block.mlp.fc2(torch.nn.functional.gelu(block.mlp.fc1(h), approximate="tanh"))
+
+
+def test_block_matches_explicit_attention_reference():
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/4"](input_size=16, depth=1, hidden_size=64, num_heads=4)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+    torch.testing.assert_close(model.blocks[0](x, c), _reference_attention_block(model.blocks[0], x, c), atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_guides_all_channels_by_default_and_three_officially():
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/4"](input_size=16, depth=1, hidden_size=64, num_heads=4)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    x = torch.randn(2, 4, 16, 16).repeat(2, 1, 1, 1)
+    t, y = torch.tensor([10, 10, 10, 10]), torch.tensor([1, 2, 1000, 1000])
+    cond, uncond = model(x, t, y).chunk(2)
+    for k in (None, 3):
+        out = model.forward_with_cfg(x, t, y, 4.0, guided_channels=k)[:2]
+        k = 4 if k is None else k
+        torch.testing.assert_close(out[:, :k], uncond[:, :k] + 4.0 * (cond[:, :k] - uncond[:, :k]))
+        torch.testing.assert_close(out[:, k:], cond[:, k:])
+
+
+def test_unconditional_model_has_one_label_row():
+    model = DiT(input_size=16, patch_size=4, depth=1, hidden_size=64, num_heads=2, num_classes=1, class_dropout_prob=0)
+    assert model.y_embedder.embedding_table.weight.shape == (1, 64)
+    model.train()
+    assert model(torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), torch.tensor([0, 0])).shape == (2, 8, 16, 16)
+
+
+def test_image_size_must_divide_by_patch():
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        DiT_models["DiT-S/8"](input_size=20)
+
+
+# ==============================================================================================
+#                                   diffusion.py
+# ==============================================================================================
+
+def test_linear_schedule_is_float64_and_matches_dit():
+    betas = gd.get_beta_schedule("linear", 1000)
+    assert betas.dtype == np.float64 and betas[0] == 1e-4 and abs(betas[-1] - 0.02) < 1e-15
+    d = gd.Diffusion()
+    np.testing.assert_allclose(d.snr, d.alphas_cumprod / (1 - d.alphas_cumprod))
+    assert d.snr.dtype == np.float64 and np.all(np.diff(d.snr) < 0)
+
+
+def test_cosine_schedule_is_clipped():
+    betas = gd.get_beta_schedule("cosine", 1000)
+    assert betas.max() <= 0.999 and np.all(betas > 0)
+
+
+def test_respacing_keeps_original_timesteps():
+    d = gd.Diffusion()
+    ddim = d.respace("ddim50")
+    assert list(ddim.timestep_map) == list(range(0, 1000, 20))
+    r = d.respace("250")
+    assert len(r.timestep_map) == 250 and r.timestep_map[0] == 0 and r.timestep_map[-1] == 999
+    # The respaced chain has the same marginals at the kept timesteps.
+    np.testing.assert_allclose(r.alphas_cumprod, d.alphas_cumprod[r.timestep_map], rtol=1e-12)
+    t = torch.tensor([0, 1, 249])
+    assert r.original_timesteps(t).tolist() == [int(r.timestep_map[i]) for i in (0, 1, 249)]
+
+
+def test_space_timesteps_sections():
+    assert gd.space_timesteps(100, "10,5") == sorted(set([round(i * 49 / 9) for i in range(10)] +
+                                                         [50 + round(i * 49 / 4) for i in range(5)]))
+    with pytest.raises(ValueError):
+        gd.space_timesteps(100, "ddim45")
+
+
+def test_sampler_model_sees_original_timesteps():
+    seen = []
+
+    def model_fn(x, t):
+        seen.append(t.clone())
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    d = gd.Diffusion()
+    d.sample(model_fn, torch.randn(2, 3, 4, 4), steps="ddim10")
+    assert [int(s[0]) for s in seen] == list(range(900, -1, -100))
+    seen.clear()
+    d.sample(model_fn, torch.randn(2, 3, 4, 4), steps="5")
+    assert [int(s[0]) for s in seen] == sorted(d.respace("5").timestep_map.tolist(), reverse=True)
+
+
+@pytest.mark.parametrize("weighting", ["constant", "min-snr", "p2"])
+def test_loss_weighting_per_sample(weighting):
+    d = gd.Diffusion(learn_sigma=False, weighting=weighting, min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0)
+    t = torch.tensor([0, 10, 500, 999])
+    x0 = torch.randn(4, 3, 4, 4)
+    noise = torch.randn_like(x0)
+    model = lambda x, t, y: torch.zeros_like(x)  # eps prediction 0: mse = mean(noise**2)
+    out = d.training_losses(model, x0, t, dict(y=None), noise=noise)
+    snr = d.alphas_cumprod[t.numpy()] / (1 - d.alphas_cumprod[t.numpy()])
+    w = {"constant": np.ones(4), "min-snr": np.minimum(snr, 5.0) / snr, "p2": 1.0 / (1.0 + snr)}[weighting]
+    mse = noise.pow(2).mean(dim=(1, 2, 3)).double().numpy()
+    np.testing.assert_allclose(out["weight"].double().numpy(), w, rtol=1e-6)
+    np.testing.assert_allclose(out["loss"].double().numpy(), w * mse, rtol=1e-5)
+    assert out["loss"].shape == (4,)
+
+
+def test_hybrid_loss_vb_trains_only_variance():
+    d = gd.Diffusion(learn_sigma=True)
+    x0 = torch.rand(3, 3, 4, 4) * 2 - 1
+    eps = torch.zeros(3, 3, 4, 4, requires_grad=True)
+    v = torch.zeros(3, 3, 4, 4, requires_grad=True)
+    out = d.training_losses(lambda x, t, y: torch.cat([eps, v], 1), x0, torch.tensor([0, 5, 900]), dict(y=None))
+    out["vb"].sum().backward()
+    assert eps.grad is None or torch.count_nonzero(eps.grad) == 0
+    assert torch.count_nonzero(v.grad) > 0
+    assert torch.all(out["vb"] > 0)
+
+
+def test_kl_is_zero_when_model_matches_posterior():
+    d = gd.Diffusion(learn_sigma=True)
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    t = torch.tensor([3, 700])
+    noise = torch.randn_like(x0)
+    xt = d.q_sample(x0, t, noise)
+    # The true epsilon and v = -1 (posterior variance) make p equal to q(x_{t-1} | x_t, x_0).
+    out = torch.cat([noise, -torch.ones_like(x0)], 1)
+    vb = d._vb_bits_per_dim(out, x0, xt, t)
+    assert vb.abs().max() < 1e-3
+
+
+def test_ddpm_and_ddim_samplers_run_with_guidance():
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/4"](input_size=16, in_channels=3, num_classes=4, depth=1, hidden_size=64, num_heads=2)
+    for p in model.final_layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    d = gd.Diffusion()
+    fn = gd.guided_model_fn(model.eval(), torch.tensor([0, 3]), 1.5, 4)
+    for steps in ("ddim5", "5"):
+        x = d.sample(fn, torch.randn(2, 3, 16, 16), steps=steps)
+        assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1.0 + 1e-6
+
+
+# ==============================================================================================
+#                                   data.py
+# ==============================================================================================
+
+def _write_images(folder, n_per_class, classes=("a", "b"), size=20):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            from PIL import Image
+            Image.fromarray(rng.integers(0, 255, (size, size + 4, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+
+
+def test_shapes_dataset_is_deterministic():
+    a, b = datasets.ShapesDataset(16, 8, seed=3), datasets.ShapesDataset(16, 8, seed=3)
+    x, y = a[5]
+    assert x.dtype == torch.uint8 and x.shape == (3, 16, 16) and y == 5 % 4
+    assert torch.equal(x, b[5][0]) and not torch.equal(x, datasets.ShapesDataset(16, 8, seed=4)[5][0])
+
+
+def test_folder_zip_and_npz_datasets(tmp_path):
+    _write_images(tmp_path / "imgs", 3)
+    ds = datasets.load_dataset(tmp_path / "imgs", 16)
+    assert len(ds) == 6 and ds.num_classes == 2 and ds[0][0].shape == (3, 16, 16) and ds[5][1] == 1
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        for p in sorted((tmp_path / "imgs").rglob("*.png")):
+            zf.write(p, "train/" + str(p.relative_to(tmp_path / "imgs")))
+    dz = datasets.load_dataset(str(tmp_path / "imgs.zip"), 16)
+    assert dz.num_classes == 2 and torch.equal(dz[4][0], ds[4][0])
+    np.savez(tmp_path / "d.npz", arr_0=np.zeros((5, 16, 16, 3), np.uint8), arr_1=np.arange(5) % 3)
+    dn = datasets.load_dataset(str(tmp_path / "d.npz"), 16)
+    assert len(dn) == 5 and dn.num_classes == 3
+
+
+def test_folder_without_class_folders_is_unconditional(tmp_path):
+    _write_images(tmp_path / "u", 2, classes=("only",))
+    ds = datasets.load_dataset(tmp_path / "u", 16)
+    assert ds.num_classes == 1 and {ds[i][1] for i in range(len(ds))} == {0}
+
+
+def test_grey_palette_and_rgba_images_become_rgb(tmp_path):
+    from PIL import Image
+    (tmp_path / "m").mkdir()
+    Image.new("L", (16, 16), 100).save(tmp_path / "m" / "grey.png")
+    Image.new("RGBA", (16, 16), (10, 20, 30, 128)).save(tmp_path / "m" / "rgba.png")
+    Image.new("P", (16, 16), 3).save(tmp_path / "m" / "pal.png")
+    ds = datasets.load_dataset(tmp_path / "m", 16)
+    assert all(ds[i][0].shape == (3, 16, 16) for i in range(3))
+
+
+def test_to_model_input_scales_and_flips():
+    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.uint8).view(2, 3, 2, 2)
+    out = datasets.to_model_input(x, flip=False)
+    assert out.min() >= -1 and out.max() <= 1 and torch.allclose(out, x.float() / 127.5 - 1)
+    g = torch.Generator().manual_seed(0)
+    flipped = datasets.to_model_input(x.repeat(50, 1, 1, 1), flip=True, generator=g)
+    n_flipped = sum(not torch.equal(f, out[i % 2]) for i, f in enumerate(flipped))
+    assert 20 < n_flipped < 80
+
+
+# ==============================================================================================
+#                                   train.py and sample.py
+# ==============================================================================================
+
+def test_training_reduces_loss_on_tiny_data(tmp_path):
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/4"](input_size=16, in_channels=3, num_classes=4, depth=2, hidden_size=64, num_heads=2,
+                                  learn_sigma=False)
+    d = gd.Diffusion(learn_sigma=False)
+    ds = datasets.ShapesDataset(16, 16)
+    x = datasets.to_model_input(torch.stack([ds[i][0] for i in range(16)]), flip=False)
+    y = torch.tensor([ds[i][1] for i in range(16)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    t_eval = torch.randint(0, 1000, (16,), generator=gen)
+    noise_eval = torch.randn(x.shape, generator=gen)
+
+    def eval_loss():
+        with torch.no_grad():
+            return d.training_losses(model, x, t_eval, dict(y=y), noise=noise_eval)["loss"].mean().item()
+
+    before = eval_loss()
+    for _ in range(60):
+        loss = d.training_losses(model, x, torch.randint(0, 1000, (16,)), dict(y=y))["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert eval_loss() < 0.7 * before
+
+
+def test_train_writes_log_metrics_checkpoint_and_grid(tmp_path):
+    out = run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "3", "--sample-every", "3", "--sample-steps", "ddim5")
+    rec = metrics(out)
+    assert [r["step"] for r in rec] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rec)
+    assert any(k.startswith("loss_t") for k in rec[0])
+    assert (out / "samples_0000003.png").exists() and (out / "log.txt").exists()
+    ckpt = last_checkpoint(out)
+    assert ckpt["step"] == 3 and set(ckpt) >= {"model", "ema", "opt", "args", "rng", "method"}
+    model, _, args = load_model(str(sorted((out / "checkpoints").glob("*.pt"))[-1]))
+    assert args["method"] == "vanilla" and model.input_size == 16
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    common = ["--global-batch-size", "4", "--max-steps", "6", "--ckpt-every", "3"]
+    straight = run_train(tmp_path, *common, name="straight")
+    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "3", name="split")
+    resumed = run_train(tmp_path, *common, "--resume", "auto", name="split")
+    a, b = last_checkpoint(straight), last_checkpoint(resumed)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_sample_py_writes_npz_in_adm_format(tmp_path):
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
+    ckpt = sorted((out / "checkpoints").glob("*.pt"))[-1]
+    import sample
+    sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "s"), "--num-samples", "5", "--batch-size", "2",
+                 "--steps", "ddim3", "--cfg-scale", "1.5"])
+    arr = np.load(tmp_path / "s" / "samples.npz")
+    assert arr["arr_0"].shape == (5, 16, 16, 3) and arr["arr_0"].dtype == np.uint8 and arr["arr_1"].shape == (5,)
+    assert (tmp_path / "s" / "grid.png").exists()
+
+
+def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
+    out = tmp_path / "ddp"
+    r = torchrun("train.py", *TINY, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("model replicas identical on 2 ranks") == 2
+
+
+def test_two_process_sampling_splits_exactly(tmp_path):
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
+    ckpt = sorted((out / "checkpoints").glob("*.pt"))[-1]
+    r = torchrun("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path / "s2"), "--num-samples", "5", "--steps", "ddim2",
+                 "--batch-size", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    import sample
+    sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "s1"), "--num-samples", "5", "--steps", "ddim2", "--batch-size", "3"])
+    two, one = np.load(tmp_path / "s2" / "samples.npz"), np.load(tmp_path / "s1" / "samples.npz")
+    assert two["arr_0"].shape[0] == 5
+    np.testing.assert_array_equal(two["arr_1"], one["arr_1"])
+    assert np.abs(two["arr_0"].astype(int) - one["arr_0"].astype(int)).max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def _train_error(tmp_path, capsys, *flags):
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--out", str(tmp_path / "bad"), "--max-steps", "1", "--global-batch-size", "4", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    return err
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    assert "does not exist" in _train_error(tmp_path, capsys, "--data", str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    assert "no images" in _train_error(tmp_path, capsys, "--data", str(tmp_path / "empty"))
+    assert "not divisible by the patch size" in _train_error(tmp_path, capsys, "--image-size", "18")
+    assert "unknown --model" in _train_error(tmp_path, capsys, "--model", "DiT-M/2")
+    assert "unknown method part" in _train_error(tmp_path, capsys, "--method", "dtx")
+    assert "no such file" in _train_error(tmp_path, capsys, "--resume", str(tmp_path / "missing.pt"))
+    np.savez(tmp_path / "x.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+    assert "arr_0" in _train_error(tmp_path, capsys, "--data", str(tmp_path / "x.npz"))
+
+
+def test_corrupt_image_is_named(tmp_path, capsys):
+    _write_images(tmp_path / "imgs", 2)
+    (tmp_path / "imgs" / "a" / "broken.png").write_bytes(b"not an image")
+    err = _train_error(tmp_path, capsys, "--data", str(tmp_path / "imgs"))
+    assert "broken.png" in err and "--skip-bad-images" in err
+
+
+def test_global_batch_must_divide_over_ranks(tmp_path):
+    r = torchrun("train.py", *TINY, "--global-batch-size", "5", "--max-steps", "1", "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and "not divisible by the 2 processes" in r.stderr
+
+
+def test_resume_with_other_model_config_is_refused(tmp_path, capsys):
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
+    with pytest.raises(SystemExit):
+        train.main(TINY[:5] + ["96"] + TINY[6:] + ["--out", str(out), "--max-steps", "2", "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert "hidden_size=64" in err and "96" in err
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    real = gd.Diffusion.training_losses
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 4:  # step 4
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(gd.Diffusion, "training_losses", poisoned)
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "8", "--ckpt-every", "2")
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 4" in err
+    out = tmp_path / "run"
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["0000002.pt"]
+    ckpt = last_checkpoint(out)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ==============================================================================================
+#                                   dtr.py: Denoising Task Routing
+# ==============================================================================================
+
+CONFIGS = [(1000, 384, 4.0, 0.8), (1000, 1152, 4.0, 0.8), (250, 64, 2.0, 0.6), (7, 10, 0.5, 0.5), (2, 5, 1.0, 0.4)]
+
+
+def reference_starts(T, C, alpha, beta):
+    """The official window start, written out with Python floats and Python round (half-to-even)."""
+    cb = int(beta * C)
+    return [round((t / (T - 1)) ** alpha * (C - cb)) for t in range(T)]
+
+
+# --------------------------------------------------------------------------- routing_masks
+
+
+@pytest.mark.parametrize("T,C,alpha,beta", CONFIGS)
+def test_dtr_rows_are_one_contiguous_window_of_int_beta_c(T, C, alpha, beta):
+    m = routing_masks(T, C, alpha, beta)
+    cb = int(beta * C)
+    assert m.shape == (T, C) and m.dtype == torch.float32
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(m.sum(1) == cb)
+    starts = m.argmax(1)  # first active channel per row
+    for t in range(T):
+        s = int(starts[t])
+        assert torch.all(m[t, s : s + cb] == 1)
+    assert starts.tolist() == reference_starts(T, C, alpha, beta)
+
+
+@pytest.mark.parametrize("T,C,alpha,beta", CONFIGS)
+def test_dtr_window_slides_monotonically_from_first_to_last_channels(T, C, alpha, beta):
+    m = routing_masks(T, C, alpha, beta)
+    cb = int(beta * C)
+    starts = m.argmax(1)
+    assert torch.all(starts[1:] >= starts[:-1])
+    assert int(starts[0]) == 0 and int(starts[-1]) == C - cb
+    assert torch.all(m[0, :cb] == 1) and torch.all(m[0, cb:] == 0)
+    assert torch.all(m[-1, C - cb :] == 1) and torch.all(m[-1, : C - cb] == 0)
+
+
+def test_dtr_rounding_is_half_to_even_like_the_official_code():
+    # T = 3, alpha = 1, C - C_b = 1: the middle start is exactly 0.5 and rounds to 0, not 1.
+    m = routing_masks(3, 10, alpha=1.0, beta=0.9)
+    assert m.argmax(1).tolist() == [0, 0, 1]
+
+
+def test_dtr_default_shares_2cb_minus_c_channels_and_favours_high_t():
+    s = mask_stats(routing_masks(1000, 384))
+    assert s == {"active": 307, "shared": 230, "task_specific": 77, "unused": 0, "low_t_only": 5, "high_t_only": 72}
+
+
+def test_dtr_beta_one_gives_all_ones():
+    assert torch.equal(routing_masks(1000, 64, alpha=4.0, beta=1.0), torch.ones(1000, 64))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_timesteps=1, channels=8),
+        dict(num_timesteps=10, channels=0),
+        dict(num_timesteps=10.0, channels=8),
+        dict(num_timesteps=10, channels=8, beta=0.0),
+        dict(num_timesteps=10, channels=8, beta=1.5),
+        dict(num_timesteps=10, channels=8, beta=0.1),  # int(0.8) = 0 active channels
+        dict(num_timesteps=10, channels=8, alpha=0.0),
+        dict(num_timesteps=10, channels=8, alpha=float("inf")),
+    ],
+)
+def test_dtr_bad_arguments_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        routing_masks(**kwargs)
+
+
+# --------------------------------------------------------------------------- random_masks
+
+
+def test_random_masks_have_int_beta_c_ones_and_are_seeded():
+    a = random_masks(200, 96, beta=0.8, seed=3)
+    assert a.shape == (200, 96) and set(a.unique().tolist()) == {0.0, 1.0}
+    assert torch.all(a.sum(1) == int(0.8 * 96))
+    assert torch.equal(a, random_masks(200, 96, beta=0.8, seed=3))
+    assert not torch.equal(a, random_masks(200, 96, beta=0.8, seed=4))
+    assert not torch.equal(a[0], a[1])  # drawn independently per task
+
+
+def test_random_masks_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError):
+        random_masks(10, 8, beta=0.8, seed=-1)
+    with pytest.raises(ValueError):
+        random_masks(10, 8, beta=0.0, seed=0)
+
+
+# --------------------------------------------------------------------------- TaskRouter
+
+
+@pytest.mark.parametrize("kind", ["dtr", "random"])
+def test_router_has_no_parameters_and_empty_state_dict(kind):
+    router = TaskRouter(64, num_timesteps=100, kind=kind)
+    assert len(list(router.parameters())) == 0
+    assert router.state_dict() == {}
+    # Inside a model, the router adds no state-dict keys and a plain model's state loads strictly.
+    plain = nn.Sequential(nn.Linear(64, 64))
+    routed = nn.Sequential(nn.Linear(64, 64))
+    routed.router = router
+    assert routed.state_dict().keys() == plain.state_dict().keys()
+    routed.load_state_dict(plain.state_dict(), strict=True)
+    assert torch.equal(copy.deepcopy(routed).router.masks, router.masks)  # the EMA copy agrees
+
+
+def test_router_forward_picks_rows_by_original_timestep():
+    router = TaskRouter(32, num_timesteps=1000, alpha=4.0, beta=0.75)
+    table = routing_masks(1000, 32, 4.0, 0.75)
+    t = torch.tensor([0, 999, 500, 500, 17])
+    assert torch.equal(router(t), table[t])
+    assert torch.equal(router(t.double()), table[t])  # respaced samplers hand over float timesteps
+    assert torch.equal(TaskRouter(32, 1000, beta=0.75, kind="random", seed=1)(t), random_masks(1000, 32, 0.75, 1)[t])
+    with pytest.raises(ValueError):
+        router(t[None])
+
+
+def test_router_bad_kind_raises_value_error():
+    with pytest.raises(ValueError):
+        TaskRouter(32, kind="learned")
+
+
+def make_block(C, seed=0):
+    """A stand-in DiT block with the official structure: r + g1*f1(r, c), then + g2*f2(., c)."""
+    g = torch.Generator().manual_seed(seed)
+    w1, w2, wc = (torch.randn(C, C, generator=g) / C**0.5 for _ in range(3))
+
+    def attn(r, c):  # plays gate_msa * attn(modulate(norm1(r)))
+        return torch.tanh(r @ w1.to(r.dtype) + (c @ wc.to(c.dtype))[:, None, :])
+
+    def mlp(r, c):  # plays gate_mlp * mlp(modulate(norm2(r)))
+        return torch.sin(r @ w2.to(r.dtype)) * c[:, None, :]
+
+    def block(x, c):
+        x = x + attn(x, c)
+        return x + mlp(x, c)
+
+    return block, attn, mlp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_equals_the_official_formula(dtype):
+    N, L, C = 4, 9, 40
+    block, attn, mlp = make_block(C)
+    router = TaskRouter(C, num_timesteps=1000, alpha=4.0, beta=0.8)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, L, C, generator=g).to(dtype)
+    c = torch.randn(N, C, generator=g).to(dtype)
+    t = torch.tensor([0, 333, 998, 999])
+    m = router(t)  # (N, C) float32
+    out = router.route(block, x, c, m)
+    assert out.dtype == dtype and out.shape == (N, L, C)
+    # Official DTR block, written out.
+    mm = m.to(dtype)[:, None, :]
+    r = x * mm
+    r = r + attn(r, c)
+    r = r + mlp(r, c)
+    ref = r + x * (1 - mm)
+    assert torch.equal(out, ref)  # same ops in the same order: bit for bit
+
+
+def test_route_hides_masked_channels_from_the_block():
+    # Changing the masked-out channels of x moves the output by exactly that change (residual only).
+    N, L, C = 4, 9, 40
+    block, _, _ = make_block(C)
+    router = TaskRouter(C, num_timesteps=1000, alpha=4.0, beta=0.8)
+    x, c = torch.randn(N, L, C), torch.randn(N, C)
+    m = router(torch.tensor([0, 333, 998, 999]))
+    off = (1 - m)[:, None, :].expand(N, L, C)  # (N, L, C)
+    bump = router.route(block, x + off, c, m) - router.route(block, x, c, m)
+    torch.testing.assert_close(bump, off, rtol=0, atol=1e-6)
+
+
+def test_route_with_beta_one_equals_the_plain_block_bit_for_bit():
+    N, L, C = 3, 5, 24
+    block, _, _ = make_block(C, seed=2)
+    router = TaskRouter(C, num_timesteps=1000, beta=1.0)
+    x, c = torch.randn(N, L, C), torch.randn(N, C)
+    out = router.route(block, x, c, router(torch.tensor([0, 500, 999])))
+    assert torch.equal(out, block(x, c))
+
+
+def test_route_rejects_mismatched_shapes():
+    router = TaskRouter(8, num_timesteps=10)
+    block, _, _ = make_block(8)
+    with pytest.raises(ValueError):
+        router.route(block, torch.randn(2, 3, 8), torch.randn(2, 8), router(torch.tensor([0, 1, 2])))
+
+
+def test_router_traces_without_graph_breaks():
+    C = 16
+    block, _, _ = make_block(C)
+    router = TaskRouter(C, num_timesteps=100)
+
+    def f(x, c, t):
+        return router.route(block, x, c, router(t))
+
+    x, c, t = torch.randn(2, 3, C), torch.randn(2, C), torch.tensor([5.0, 99.0])
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, c, t), f(x, c, t), rtol=0, atol=0)
+
+
+def test_extra_repr_names_kind_knobs_and_counts():
+    text = repr(TaskRouter(384))
+    for part in ("kind=dtr", "alpha=4.0", "beta=0.8", "active=307", "shared=230", "task_specific=77"):
+        assert part in text
+
+
+# --------------------------------------------------------------------------- mask_stats and CLI
+
+
+def test_mask_stats_rejects_non_masks():
+    with pytest.raises(ValueError):
+        mask_stats(torch.full((4, 3), 0.5))
+    with pytest.raises(ValueError):
+        mask_stats(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("kind", ["dtr", "random"])
+def test_cli_writes_png_and_prints_counts(tmp_path, capsys, kind):
+    from PIL import Image
+
+    out = tmp_path / "masks.png"
+    dtr_main(["--channels", "48", "--timesteps", "30", "--kind", kind, "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "shared by all tasks" in text and "task-specific per task" in text
+    assert f"active channels per task : {int(0.8 * 48)} of 48" in text
+    with Image.open(out) as im:
+        assert im.format == "PNG" and 200 <= im.height <= 700 and 500 <= im.width <= 1400
+        assert np.asarray(im.convert("RGB")).std() > 0
+
+
+# ==============================================================================================
+#                                   negative_transfer.py: ANT
+# ==============================================================================================
+
+def linear_alphas_cumprod(T=1000):
+    betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)
+    return np.cumprod(1.0 - betas)
+
+
+def brute_force(cost, K):
+    """Min over all partitions of [0, T) into K non-empty contiguous intervals."""
+    T = cost.shape[0]
+    best = (np.inf, None)
+    for cuts in itertools.combinations(range(1, T), K - 1):
+        bounds = (0,) + cuts + (T,)
+        total = sum(cost[a, b - 1] for a, b in zip(bounds[:-1], bounds[1:]))
+        if total < best[0]:
+            best = (total, list(zip(bounds[:-1], bounds[1:])))
+    return best
+
+
+def partition_cost(cost, intervals):
+    return sum(cost[a, b - 1] for a, b in intervals)
+
+
+# -----------------------------------------------------------------------------
+# Interval clustering
+
+
+def test_dp_matches_brute_force_on_random_costs():
+    rng = np.random.default_rng(0)
+    for T in range(1, 13):
+        for K in range(1, min(4, T) + 1):
+            for _ in range(3):
+                cost = rng.uniform(-1.0, 5.0, size=(T, T))
+                intervals, total = nt.interval_clustering(cost, K)
+                bf_total, bf_intervals = brute_force(cost, K)
+                assert total == pytest.approx(bf_total, abs=1e-9)
+                assert intervals == bf_intervals  # random costs: the optimum is unique
+                assert intervals[0][0] == 0 and intervals[-1][1] == T
+                assert all(a < b for a, b in intervals)
+                assert all(p[1] == q[0] for p, q in zip(intervals[:-1], intervals[1:]))
+
+
+def test_dp_matches_brute_force_for_each_objective_cost():
+    rng = np.random.default_rng(1)
+    for T in range(1, 13):
+        builders = {
+            "timestep": nt.deviation_cost_matrix(np.arange(T, dtype=np.float64)),
+            "snr-like": nt.deviation_cost_matrix(np.sort(rng.exponential(5.0, T))[::-1]),
+            "gradient": nt.affinity_cost_matrix(rng.uniform(-1.0, 1.0, size=(T, T))),
+        }
+        for K in range(1, min(4, T) + 1):
+            for name, cost in builders.items():
+                intervals, total = nt.interval_clustering(cost, K)
+                bf_total, _ = brute_force(cost, K)
+                assert total == pytest.approx(bf_total, abs=1e-9), (name, T, K)
+                assert partition_cost(cost, intervals) == pytest.approx(total, abs=1e-9)
+
+
+def test_dp_ignores_entries_below_the_diagonal():
+    cost = np.random.default_rng(2).uniform(size=(8, 8))
+    reference = nt.interval_clustering(cost, 3)
+    cost[np.tril_indices(8, -1)] = np.nan
+    assert nt.interval_clustering(cost, 3) == reference
+
+
+def test_dp_rejects_bad_input():
+    with pytest.raises(ValueError, match="num_clusters"):
+        nt.interval_clustering(np.zeros((4, 4)), 5)
+    with pytest.raises(ValueError, match="num_clusters"):
+        nt.interval_clustering(np.zeros((4, 4)), 0)
+    with pytest.raises(ValueError, match="square"):
+        nt.interval_clustering(np.zeros((4, 3)), 2)
+    bad = np.zeros((4, 4))
+    bad[1, 2] = np.inf
+    with pytest.raises(ValueError, match="finite"):
+        nt.interval_clustering(bad, 2)
+
+
+def test_timestep_objective_gives_equal_intervals():
+    intervals, total = nt.cluster_timesteps(5, "timestep", num_timesteps=1000)
+    assert intervals == [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
+    assert total == 50000.0  # 5 * (sum_{d=1}^{100} d + sum_{d=0}^{99} d)
+    # A tie the paper notes: lengths 199, 199, 200, 201, 201 cost the same.
+    cost = nt.deviation_cost_matrix(np.arange(1000.0))
+    assert partition_cost(cost, [(0, 199), (199, 398), (398, 598), (598, 799), (799, 1000)]) == 50000.0
+    for T in range(1, 30):
+        for K in range(1, min(6, T) + 1):
+            _, total = nt.cluster_timesteps(K, "timestep", num_timesteps=T)
+            edges = [k * T // K for k in range(K + 1)]  # lengths differ by at most one
+            even = partition_cost(nt.deviation_cost_matrix(np.arange(T, dtype=float)),
+                                  list(zip(edges[:-1], edges[1:])))
+            assert total == pytest.approx(even)
+
+
+def test_snr_objective_on_linear_schedule_matches_papers_md():
+    intervals, total = nt.cluster_timesteps(5, "snr", alphas_cumprod=linear_alphas_cumprod())
+    assert intervals == [(0, 1), (1, 2), (2, 5), (5, 18), (18, 1000)]
+    assert round(total, 2) == 8074.75
+    assert total == pytest.approx(8074.753865015, abs=1e-6)
+
+
+def test_log_snr_objective_on_linear_schedule():
+    intervals, _ = nt.cluster_timesteps(5, "log-snr", alphas_cumprod=linear_alphas_cumprod())
+    assert intervals == [(0, 153), (153, 394), (394, 624), (624, 823), (823, 1000)]
+
+
+def test_cost_builders_match_naive_sums():
+    rng = np.random.default_rng(3)
+    T = 9
+    for v in (np.cumsum(rng.uniform(0, 2, T)), -np.cumsum(rng.uniform(0, 2, T)), np.full(T, 3.0)):
+        cost = nt.deviation_cost_matrix(v)
+        for l in range(T):
+            for r in range(l, T):
+                c = (l + r + 1) // 2
+                assert cost[l, r] == pytest.approx(np.abs(v[l:r + 1] - v[c]).sum(), abs=1e-12)
+    tas = rng.uniform(-1, 1, size=(T, T))
+    cost = nt.affinity_cost_matrix(tas)
+    for l in range(T):
+        for r in range(l, T):
+            assert cost[l, r] == pytest.approx(-tas[(l + r + 1) // 2, l:r + 1].sum(), abs=1e-12)
+    assert np.all(np.isinf(cost[np.tril_indices(T, -1)]))
+
+
+def test_deviation_cost_rejects_non_monotone_values():
+    with pytest.raises(ValueError, match="monotone"):
+        nt.deviation_cost_matrix([0.0, 2.0, 1.0])
+
+
+def test_cluster_timesteps_says_what_is_missing():
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        nt.cluster_timesteps(5, "snr")
+    with pytest.raises(ValueError, match="tas"):
+        nt.cluster_timesteps(5, "gradient")
+    with pytest.raises(ValueError, match="objective"):
+        nt.cluster_timesteps(5, "uniform", num_timesteps=10)
+    with pytest.raises(ValueError, match="num_timesteps"):
+        nt.cluster_timesteps(5, "snr", alphas_cumprod=linear_alphas_cumprod(), num_timesteps=500)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        nt.cluster_timesteps(2, "snr", alphas_cumprod=np.array([1.0, 0.5]))
+
+
+# -----------------------------------------------------------------------------
+# Sampling, per-cluster losses, UW
+
+
+def test_stratified_timesteps_counts_ranges_and_remainder():
+    intervals = [(0, 1), (1, 2), (2, 5), (5, 18), (18, 1000)]
+    gen = torch.Generator().manual_seed(0)
+    t, cluster = nt.stratified_timesteps(13, intervals, generator=gen)
+    assert t.shape == cluster.shape == (13,) and t.dtype == cluster.dtype == torch.long
+    assert torch.bincount(cluster, minlength=5).tolist() == [3, 3, 3, 2, 2]  # leftovers first
+    for k, (lo, hi) in enumerate(intervals):
+        assert torch.all((t[cluster == k] >= lo) & (t[cluster == k] < hi))
+    again, _ = nt.stratified_timesteps(13, intervals, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, again)
+    t, cluster = nt.stratified_timesteps(5000, [(0, 3), (3, 7)], generator=gen)
+    assert torch.bincount(t, minlength=7).tolist() == pytest.approx([833, 833, 833, 625, 625, 625, 625],
+                                                                    rel=0.15)  # uniform inside
+    with pytest.raises(ValueError, match="batch_size"):
+        nt.stratified_timesteps(4, intervals)
+
+
+def test_cluster_losses_equal_a_loop_and_carry_gradients():
+    gen = torch.Generator().manual_seed(1)
+    loss = torch.rand(17, generator=gen, requires_grad=True)
+    _, cluster = nt.stratified_timesteps(17, [(0, 10), (10, 20), (20, 30)], generator=gen)
+    got = nt.cluster_losses(loss, cluster, 3)
+    want = torch.stack([loss[cluster == k].mean() for k in range(3)])
+    assert torch.allclose(got, want)
+    got.sum().backward()
+    counts = torch.bincount(cluster, minlength=3).float()
+    assert torch.allclose(loss.grad, 1.0 / counts[cluster])
+
+
+def test_uw_gradients_match_analytic():
+    K = 4
+    uw = nt.UncertaintyWeighting(K)
+    with torch.no_grad():
+        uw.log_vars.copy_(torch.tensor([0.0, 0.5, -1.0, 2.0]))
+    L = torch.tensor([1.0, 2.0, 0.3, 4.0], requires_grad=True)
+    total = uw(L)
+    s = uw.log_vars.detach()
+    assert total.item() == pytest.approx((0.5 * (torch.exp(-s) * L.detach() / K + s)).sum().item())
+    total.backward()
+    assert torch.allclose(uw.log_vars.grad, 0.5 * (1 - torch.exp(-s) * L.detach() / K))
+    assert torch.allclose(L.grad, 0.5 * torch.exp(-s) / K)
+    assert torch.allclose(uw.weights(), torch.exp(-s))
+    assert nt.UW_LR == 0.025 and nt.UW_WEIGHT_DECAY == 0.0
+
+
+def test_uw_absent_clusters_add_nothing():
+    uw = nt.UncertaintyWeighting(3)
+    L = torch.tensor([1.0, 0.0, 2.0])
+    present = torch.tensor([True, False, True])
+    total = uw(L, present)
+    assert total.item() == pytest.approx(0.5 * (1.0 + 2.0) / 3)
+    total.backward()
+    assert uw.log_vars.grad[1] == 0 and uw.log_vars.grad[0] != 0
+
+
+# -----------------------------------------------------------------------------
+# PCGrad
+
+
+def naive_pcgrad(G, order):
+    G = G.double()
+    projected = []
+    for k in range(G.shape[0]):
+        g = G[k].clone()
+        for j in order[k]:
+            dot = g @ G[j]
+            if dot < 0 and G[j] @ G[j] > 0:
+                g = g - dot / (G[j] @ G[j]) * G[j]
+        projected.append(g)
+    return torch.stack(projected)
+
+
+def test_pcgrad_two_tasks_leave_no_conflict():
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        G = torch.randn(2, 30, generator=gen, dtype=torch.float64)
+        G[1] -= 1.5 * G[0]  # make them conflict
+        assert G[0] @ G[1] < 0
+        C = nt.pcgrad_coefficients(nt.gram_matrix(G), [[1], [0]])
+        projected = C @ G  # (2, P)
+        assert projected[0] @ projected[1] >= -1e-10
+        assert abs(projected[0] @ G[1]) < 1e-10 and abs(projected[1] @ G[0]) < 1e-10
+        assert torch.allclose(nt.pcgrad(G, order=[[1], [0]]), projected.sum(0))
+
+
+def test_pcgrad_three_tasks_by_hand():
+    G = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, -1.0]])
+    order = [[1, 2], [2, 0], [0, 1]]
+    # g0: vs g1 dot -1 -> (1,0) + 0.5*(-1,1) = (0.5,0.5); vs g2 dot -0.5 -> (0.5,0)
+    # g1: vs g2 dot -1 -> (-1,0); vs g0 dot -1 -> (0,0)
+    # g2: vs g0 dot 0 -> unchanged; vs g1 dot -1 -> (0,-1) + 0.5*(-1,1) = (-0.5,-0.5)
+    C = nt.pcgrad_coefficients(nt.gram_matrix(G), order)
+    projected = (C @ G.double()).float()
+    assert torch.allclose(projected, torch.tensor([[0.5, 0.0], [0.0, 0.0], [-0.5, -0.5]]))
+    assert torch.allclose(nt.pcgrad(G, order=order), torch.tensor([0.0, -0.5]))
+    # Order matters: visiting g2 first leaves g0 at (0.5, 0.5).
+    assert torch.allclose(nt.pcgrad(G, order=[[2, 1], [2, 0], [0, 1]]), torch.tensor([0.0, 0.0]))
+
+
+def test_pcgrad_matches_naive_loop_and_is_seeded():
+    G = torch.randn(5, 200, generator=torch.Generator().manual_seed(3))
+    G[1] = -0.7 * G[0] + 0.3 * G[1]
+    G[3] = -0.5 * G[2] + 0.5 * G[3]
+    order = [[j for j in (3, 1, 4, 2, 0) if j != k] for k in range(5)]
+    want = naive_pcgrad(G, order).sum(0)
+    assert torch.allclose(nt.pcgrad(G, order=order).double(), want, atol=1e-5)
+    a = nt.pcgrad(G, torch.Generator().manual_seed(7))
+    b = nt.pcgrad(G, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and a.dtype == G.dtype
+
+
+def test_pcgrad_skips_zero_gradients():
+    G = torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, 0.5]])
+    out = nt.pcgrad(G, order=[[1, 2], [0, 2], [1, 0]])
+    assert torch.all(torch.isfinite(out))
+    assert torch.allclose(out.double(), naive_pcgrad(G, [[1, 2], [0, 2], [1, 0]]).sum(0).double())
+
+
+# -----------------------------------------------------------------------------
+# Nash-MTL
+
+
+def nash_by_newton(A):
+    """Independent check: alpha_k (A alpha)_k = 1 is the stationary point of the convex
+    0.5 a^T A a - sum log a (A PSD); damped Newton keeps a > 0."""
+    a = np.ones(A.shape[0])
+    for _ in range(200):
+        d = np.linalg.solve(A + np.diag(1.0 / a ** 2), A @ a - 1.0 / a)
+        step = 1.0
+        while np.any(a - step * d <= 0):
+            step /= 2
+        a = a - step * d
+    return a
+
+
+def test_nash_weights_solve_the_bargaining_equation():
+    rng = np.random.default_rng(4)
+    for K in (1, 2, 3, 5, 8):
+        for kind in ("random", "shared", "conflict"):
+            G = rng.standard_normal((K, 400)) * rng.uniform(0.1, 3.0, size=(K, 1))
+            if kind == "shared":
+                G += 2.0 * rng.standard_normal(400)
+            if kind == "conflict" and K >= 2:
+                G[1] = -0.5 * G[0] + 0.5 * G[1]
+            alpha, info = nt.nash_mtl_weights(G @ G.T)
+            assert info["success"] and info["converged"], info
+            A = G @ G.T / np.linalg.norm(G @ G.T)
+            assert np.all(alpha > 0)
+            assert np.max(np.abs(alpha * (A @ alpha) - 1.0)) < 1e-3
+            assert np.allclose(alpha, nash_by_newton(A), rtol=1e-3)
+
+
+def test_nash_warm_start_and_tensor_input():
+    G = torch.randn(5, 300, generator=torch.Generator().manual_seed(5))
+    alpha, info = nt.nash_mtl_weights(nt.gram_matrix(G))
+    again, info2 = nt.nash_mtl_weights(nt.gram_matrix(G), prev_alpha=alpha)
+    assert info2["success"] and info2["iterations"] == 0  # the warm start already solves it
+    assert np.allclose(alpha, again)
+
+
+def test_nash_reports_failure_instead_of_sticking_at_one():
+    alpha, info = nt.nash_mtl_weights(np.array([[1.0, -1.0], [-1.0, 1.0]]))  # opposite gradients
+    assert alpha is None and not info["success"] and "conflict" in info["message"]
+    alpha, info = nt.nash_mtl_weights(np.zeros((3, 3)))
+    assert alpha is None and "zero" in info["message"]
+    alpha, info = nt.nash_mtl_weights(np.full((2, 2), np.nan))
+    assert alpha is None and "non-finite" in info["message"]
+
+
+def test_nash_mtl_state_round_trip_and_loss():
+    nash = nt.NashMTL(3)
+    assert nash.should_update(0) and not nash.should_update(24) and nash.should_update(25)
+    updates_at = []
+    for step in range(51):
+        if nash.should_update():
+            updates_at.append(step)
+        nash.step()
+    assert updates_at == [0, 25, 50]
+    assert np.array_equal(nash.alpha, np.ones(3))
+    G = torch.randn(3, 100, generator=torch.Generator().manual_seed(6))
+    assert nash.update(G)["success"] and nash.updates == 1
+    L = torch.tensor([1.0, 2.0, 3.0])
+    assert nash.loss(L).item() == pytest.approx(float((nash.alpha * L.numpy()).sum() / 3), rel=1e-6)
+    assert torch.allclose(nash.alpha_tensor(L), torch.tensor(nash.alpha, dtype=torch.float32))
+    failed = nash.update(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]))
+    assert not failed["success"] and nash.failures == 1  # previous alpha kept
+    state = nash.state_dict()
+    assert all(isinstance(a, float) for a in state["alpha"])
+    other = nt.NashMTL(3)
+    other.load_state_dict(state)
+    assert np.array_equal(other.alpha, nash.alpha)
+    assert (other.steps, other.updates, other.failures) == (51, 1, 1)
+    assert other.loss(L).item() == pytest.approx(nash.loss(L).item())
+    with pytest.raises(ValueError):
+        nt.NashMTL(4).load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
+# Per-cluster gradients, flat gradients, distributed averaging
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.unused = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_task_gradients_equal_per_loss_backward():
+    torch.manual_seed(0)
+    model = Tiny()
+    x = torch.randn(6, 3)
+    per_sample = (model(x) ** 2).sum(1) * torch.arange(1.0, 7.0)  # (6,)
+    losses = nt.cluster_losses(per_sample, torch.tensor([0, 0, 1, 1, 2, 2]), 3)
+    params = list(model.parameters())
+    G = nt.task_gradients(losses, params)
+    assert G.shape == (3, sum(p.numel() for p in params))
+    for k in range(3):
+        model.zero_grad()
+        losses[k].backward(retain_graph=True)
+        want = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)
+                          for p in params])
+        assert torch.allclose(G[k], want)
+    offset = 0
+    for p in params:  # the unused parameter's slice is zero
+        if p is model.unused:
+            assert torch.all(G[:, offset:offset + p.numel()] == 0)
+        offset += p.numel()
+
+
+def test_write_flat_grad_round_trip():
+    model = Tiny()
+    params = list(model.parameters())
+    flat = torch.arange(sum(p.numel() for p in params), dtype=torch.float32)
+    nt.write_flat_grad(params, flat)
+    assert torch.equal(torch.cat([p.grad.reshape(-1) for p in params]), flat)
+    nt.write_flat_grad(params, 2 * flat)  # into existing .grad
+    assert torch.equal(torch.cat([p.grad.reshape(-1) for p in params]), 2 * flat)
+    with pytest.raises(ValueError):
+        nt.write_flat_grad(params, flat[:-1])
+
+
+RANK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import negative_transfer as nt
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+G = torch.randn(3, 40, generator=torch.Generator().manual_seed(rank))
+nt.all_reduce_mean(G)
+nash = nt.NashMTL(3)
+nash.update(G)
+torch.save(dict(G=G, pc=nt.pcgrad(G, torch.Generator().manual_seed(0)),
+                alpha=torch.tensor(nash.alpha)), sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def test_all_reduce_mean_gives_every_rank_the_same_decision(tmp_path):
+    G = torch.randn(2, 3)
+    assert nt.all_reduce_mean(G) is G  # no process group: identity
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO), port=port))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / f"{r}.pt")])
+             for r in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    out = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    mean = sum(torch.randn(3, 40, generator=torch.Generator().manual_seed(r)) for r in range(2)) / 2
+    assert torch.allclose(out[0]["G"], mean) and torch.equal(out[0]["G"], out[1]["G"])
+    assert torch.equal(out[0]["pc"], out[1]["pc"]) and torch.equal(out[0]["alpha"], out[1]["alpha"])
+
+
+# -----------------------------------------------------------------------------
+# Task affinity
+
+
+def test_gradient_affinity_exact_equals_cosine_by_hand():
+    torch.manual_seed(1)
+    model = Tiny()
+    params = list(model.parameters())
+    x = torch.randn(8, 3)
+    seen = []
+
+    def grad_fn(t):
+        target = torch.stack([torch.sin(t.float() / 7.0), torch.cos(t.float() / 5.0)], 1)  # (n, 2)
+        loss = ((model(x[:len(t)]) - target) ** 2).mean()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        flat = torch.cat([torch.zeros(p.numel()) if g is None else g.reshape(-1)
+                          for p, g in zip(params, grads)])
+        seen.append((t.clone(), flat))
+        return flat
+
+    T, groups = 50, 5
+    tas = nt.gradient_affinity(grad_fn, T, groups=groups, batch_size=8, sketch_dim=4096, seed=3)
+    assert tas.shape == (T, T)
+    for g, (t, _) in enumerate(seen):
+        assert torch.all((t >= g * 10) & (t < (g + 1) * 10))
+    F = np.stack([flat.double().numpy() for _, flat in seen])
+    F /= np.linalg.norm(F, axis=1, keepdims=True)
+    want = np.kron(F @ F.T, np.ones((10, 10)))
+    assert np.allclose(tas, want, atol=1e-12)
+    assert np.allclose(np.diag(tas), 1.0)
+
+
+def test_gradient_affinity_sketch_approximates_exact():
+    P, T, groups = 50_000, 40, 8
+    rng = np.random.default_rng(7)
+    shared = rng.standard_normal(P)
+    own = rng.standard_normal((groups, P))
+    mix = np.linspace(0.0, 3.0, groups)
+    vectors = torch.tensor(shared[None] * (3.0 - mix[:, None]) + own * mix[:, None])  # (groups, P)
+    grad_fn = lambda t: vectors[int(t[0]) * groups // T].float()
+    exact = nt.gradient_affinity(grad_fn, T, groups=groups, batch_size=2, sketch_dim=P)
+    sketch = nt.gradient_affinity(grad_fn, T, groups=groups, batch_size=2, sketch_dim=2048)
+    assert exact.min() < 0.2 and exact.max() == pytest.approx(1.0)  # a real spread of similarities
+    assert np.max(np.abs(sketch - exact)) < 0.1
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_cluster_prints_intervals_and_writes_plots(tmp_path, capsys):
+    png = tmp_path / "snr.png"
+    nt.main(["cluster", "--objective", "snr", "-k", "5", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert "total cost 8074.75" in out
+    assert "     18   1000    982" in out
+    assert png.stat().st_size > 1000
+    t = np.arange(60)
+    np.save(tmp_path / "tas.npy", np.exp(-np.abs(t[:, None] - t[None, :]) / 10.0))
+    nt.main(["cluster", "--objective", "gradient", "--tas", str(tmp_path / "tas.npy"), "-k", "3",
+             "--plot", str(tmp_path / "grad.png")])
+    out = capsys.readouterr().out
+    assert "T=60" in out and (tmp_path / "grad.png").stat().st_size > 1000
+
+
+def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch):
+    T = 20
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+            self.b = nn.Parameter(torch.tensor([0.3, -0.2, 0.1]))
+            self.unused = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x, t, y):
+            return x * self.w[None, :, None, None] + (t.float() / T)[:, None, None, None] ** 2 \
+                * self.b[None, :, None, None]
+
+    class Diffusion:
+        alphas_cumprod = np.linspace(0.99, 0.01, T)
+
+        def training_losses(self, model, x0, t, model_kwargs=None, noise=None):
+            abar = torch.tensor(self.alphas_cumprod, dtype=torch.float32)[t][:, None, None, None]
+            x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+            return {"loss": ((model(x_t, t, **model_kwargs) - noise) ** 2).mean(dim=(1, 2, 3))}
+
+    sample = types.ModuleType("sample")
+    sample.load_model = lambda ckpt, device="cpu", use_ema=True: (Net(), Diffusion(),
+                                                                  {"image_size": 4})
+    data = types.ModuleType("data")
+    gen = torch.Generator().manual_seed(0)
+    data.load_dataset = lambda path, image_size: torch.utils.data.TensorDataset(
+        torch.rand(16, 3, image_size, image_size, generator=gen) * 2 - 1,
+        torch.zeros(16, dtype=torch.long))
+    monkeypatch.setitem(sys.modules, "sample", sample)
+    monkeypatch.setitem(sys.modules, "data", data)
+    out = tmp_path / "tas.npy"
+    nt.main(["affinity", "--ckpt", "a.pt", "b.pt", "--data", "stub", "--groups", "4",
+             "--batch-size", "4", "--batches", "2", "--device", "cpu", "--out", str(out)])
+    tas = np.load(out)
+    assert tas.shape == (T, T)
+    assert np.allclose(tas, tas.T) and np.allclose(np.diag(tas), 1.0)
+    assert np.all(tas <= 1.0) and tas.min() < 0.999  # the groups do differ
+    intervals, _ = nt.cluster_timesteps(2, "gradient", tas=tas)
+    assert intervals[0][0] == 0 and intervals[-1][1] == T
+
+
+# ==============================================================================================
+#                                   curriculum.py: easy-to-hard curriculum
+# ==============================================================================================
+
+def _sample_bounds(cur, n=20000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = cur.sample_timesteps(n, generator=g)
+    return t, int(t.min()), int(t.max())
+
+
+def test_equal_clusters_partition_with_floor_boundaries():
+    assert timestep_clusters(1000, 20)[:2] == [(0, 50), (50, 100)]
+    assert timestep_clusters(1000, 3) == [(0, 333), (333, 666), (666, 1000)]
+    sizes = [b - a for a, b in timestep_clusters(10, 4)]
+    assert sum(sizes) == 10 and max(sizes) - min(sizes) <= 1
+
+
+def test_fixed_pacing_stage_n_samples_exactly_its_range():
+    T, N = 1000, 20
+    cur = Curriculum(T, N, pacing="fixed", stage_steps=3)
+    for n in range(1, N + 1):
+        assert cur.stage == n and cur.active_range == ((N - n) * T // N, T)
+        t, lo, hi = _sample_bounds(cur, seed=n)
+        assert t.dtype == torch.int64 and t.shape == (20000,)
+        assert (lo, hi) == ((N - n) * T // N, T - 1)  # min/max hit the bounds, nothing outside
+        if n == 1:
+            assert torch.unique(t).numel() == 50  # every timestep of the stage is drawn
+        changed = [cur.update(1.0) for _ in range(3)]
+        assert changed == ([False, False, True] if n < N else [False, False, False])
+
+
+def test_after_last_stage_whole_range_and_no_more_changes():
+    cur = Curriculum(1000, 20, pacing="fixed", stage_steps=2)
+    changes = sum(cur.update(0.5) for _ in range(2 * 19))
+    assert changes == 19 and cur.finished and cur.stage == cur.num_stages == 20
+    assert cur.active_range == (0, 1000)
+    assert not any(cur.update(0.5) for _ in range(100)) and cur.stage == 20
+    _, lo, hi = _sample_bounds(cur)
+    assert (lo, hi) == (0, 999)
+
+
+def test_hard_to_easy_mirrors_the_curriculum():
+    T, N = 1000, 20
+    cur = Curriculum(T, N, pacing="fixed", stage_steps=1, order="hard-to-easy")
+    for n in range(1, N + 1):
+        assert cur.active_range == (0, n * T // N)
+        _, lo, hi = _sample_bounds(cur, n=5000, seed=n)
+        assert (lo, hi) == (0, n * T // N - 1)
+        cur.update(1.0)
+    assert cur.finished and cur.active_range == (0, T)
+
+
+def test_adaptive_constant_loss_advances_after_warmup_plus_patience():
+    cur = Curriculum(1000, 4, patience=50, smoothing=0.9)  # warm-up = 10 updates
+    assert cur.warmup == 10
+    for stage in (1, 2, 3):
+        flags = [cur.update(0.3 * stage) for _ in range(60)]
+        assert flags == [False] * 59 + [True] and cur.stage == stage + 1
+    assert cur.finished
+
+
+def test_default_adaptive_stage_lasts_warmup_200_plus_patience_500_on_constant_loss():
+    cur = Curriculum()
+    assert (cur.warmup, cur.patience, cur.num_stages) == (200, 500, 20)
+    flags = [cur.update(0.07) for _ in range(700)]
+    assert flags.index(True) == 699 and sum(flags) == 1 and cur.active_range == (900, 1000)
+
+
+def test_sampling_traces_in_torch_compile_fullgraph_and_follows_stage_changes():
+    cur = Curriculum(1000, 20, pacing="fixed", stage_steps=1)
+    draw = torch.compile(lambda n: cur.sample_timesteps(n, device="cpu"), backend="eager",
+                         fullgraph=True)  # fullgraph: no graph break, hence no host sync
+    assert int(draw(4000).min()) == 950
+    cur.update(1.0)
+    assert int(draw(4000).min()) == 900  # lo/hi are guarded Python ints: the new stage recompiles
+
+
+def test_smoothed_loss_is_the_bias_corrected_ema():
+    cur = Curriculum(smoothing=0.5, pacing="fixed", stage_steps=100)
+    assert cur.smoothed_loss is None
+    cur.update(1.0)
+    cur.update(3.0)
+    assert cur.smoothed_loss == pytest.approx((0.5 * 1.0 + 1.0 * 3.0) / 1.5)  # weights 0.5^age
+
+
+def test_adaptive_advances_on_noisy_plateau():
+    rng = np.random.default_rng(0)
+    cur = Curriculum(1000, 20, patience=100, smoothing=0.9)
+    steps = 0
+    while cur.stage == 1 and steps < 3000:
+        cur.update(1.0 + 0.1 * rng.standard_normal())
+        steps += 1
+    assert cur.stage == 2 and steps < 1000
+
+
+def test_adaptive_holds_while_loss_steadily_improves():
+    rng = np.random.default_rng(0)
+    cur = Curriculum(1000, 20, patience=100, smoothing=0.9)
+    # 5% lower every 100 steps: far above rel_tol (0.1%) per patience window.
+    changed = [cur.update(math.exp(-k / 2000) * (1 + 0.02 * rng.standard_normal()))
+               for k in range(3000)]
+    assert not any(changed) and cur.stage == 1
+
+
+def test_loss_jump_at_stage_change_does_not_advance_the_next_stage():
+    # Harder clusters raise the loss; a tracker that kept stage 1's best would see "no improvement"
+    # and advance after `patience` updates. The reset makes stage 2 judge its own falling loss.
+    cur = Curriculum(1000, 20, patience=50, smoothing=0.9)
+    while cur.stage == 1:
+        cur.update(0.1)
+    changed = [cur.update(1.0 * math.exp(-k / 200)) for k in range(500)]
+    assert not any(changed) and cur.stage == 2
+
+
+def test_state_dict_roundtrip_mid_stage_continues_the_same_schedule():
+    rng = np.random.default_rng(1)
+    losses = (1.0 + 0.1 * rng.standard_normal(2000)).tolist()
+    a = Curriculum(1000, 10, patience=40, smoothing=0.9)
+    for x in losses[:333]:
+        a.update(x)
+    state = json.loads(json.dumps(a.state_dict()))  # plain Python types only
+    assert a.stage_updates > 0 and a.best is not None  # really mid-stage
+    b = Curriculum(1000, 10, patience=40, smoothing=0.9)
+    b.load_state_dict(state)
+    ga, gb = torch.Generator().manual_seed(7), torch.Generator()
+    gb.set_state(ga.get_state())
+    decisions_a, decisions_b = [], []
+    for x in losses[333:]:
+        decisions_a.append(a.update(x))
+        decisions_b.append(b.update(x))
+        assert torch.equal(a.sample_timesteps(16, generator=ga), b.sample_timesteps(16, generator=gb))
+    assert decisions_a == decisions_b and sum(decisions_a) >= 2
+    assert a.state_dict() == b.state_dict()
+
+
+def test_load_state_dict_rejects_other_settings():
+    state = Curriculum(1000, 20).state_dict()
+    with pytest.raises(ValueError, match="different"):
+        Curriculum(1000, 10).load_state_dict(state)
+    with pytest.raises(ValueError, match="different"):
+        Curriculum(1000, 20, order="hard-to-easy").load_state_dict(state)
+    with pytest.raises(ValueError, match="missing"):
+        Curriculum(1000, 20).load_state_dict({"stage": 1})
+
+
+def test_custom_unequal_clusters_like_ant_snr():
+    clusters = [(0, 1), (1, 2), (2, 5), (5, 18), (18, 1000)]
+    cur = Curriculum(1000, clusters=np.array(clusters), pacing="fixed", stage_steps=1)
+    assert cur.num_stages == 5
+    expected = [(18, 1000), (5, 1000), (2, 1000), (1, 1000), (0, 1000)]
+    for n, rng_ in enumerate(expected, 1):
+        assert cur.active_range == rng_
+        _, lo, hi = _sample_bounds(cur, n=20000, seed=n)
+        assert (lo, hi) == (rng_[0], rng_[1] - 1)
+        cur.update(1.0)
+    assert [stage_interval(clusters, n, "hard-to-easy") for n in (1, 3, 5)] == [(0, 1), (0, 5), (0, 1000)]
+
+
+@pytest.mark.parametrize("clusters", [
+    [(0, 500), (600, 1000)],          # gap
+    [(0, 500), (400, 1000)],          # overlap
+    [(500, 1000), (0, 500)],          # wrong order
+    [(1, 500), (500, 1000)],          # does not start at 0
+    [(0, 500), (500, 999)],           # does not end at T
+    [(0, 500), (500, 500), (500, 1000)],  # empty cluster
+    [(0, 500.0), (500.0, 1000)],      # floats
+    [(0, 500, 1000)],                 # not pairs
+    [],
+    5,
+])
+def test_bad_partitions_raise(clusters):
+    with pytest.raises(ValueError):
+        check_clusters(clusters, 1000)
+    with pytest.raises(ValueError):
+        Curriculum(1000, clusters=clusters)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(pacing="linear"), dict(order="random"), dict(patience=0), dict(stage_steps=0),
+    dict(smoothing=1.0), dict(rel_tol=-1e-3), dict(num_clusters=1001), dict(num_clusters=0),
+])
+def test_bad_arguments_raise(kwargs):
+    with pytest.raises(ValueError):
+        Curriculum(**kwargs)
+
+
+def test_nonfinite_loss_and_generator_device_mismatch_raise():
+    cur = Curriculum()
+    with pytest.raises(ValueError, match="finite"):
+        cur.update(float("nan"))
+    with pytest.raises(ValueError, match="generator"):
+        cur.sample_timesteps(4, generator=torch.Generator(), device="meta")
+
+
+def test_describe_and_log_dict():
+    cur = Curriculum(1000, 20)
+    assert cur.describe() == "curriculum stage 1/20: t in [950, 1000) (easy-to-hard, adaptive)"
+    assert cur.log_dict() == {"curriculum/stage": 1, "curriculum/t_min": 950, "curriculum/t_max": 1000}
+
+
+def _write_metrics(path, with_events=True, with_logs=True):
+    cur = Curriculum(1000, 5, pacing="fixed", stage_steps=100)
+    rng = np.random.default_rng(0)
+    lines = []
+    if with_events:
+        lines.append({"event": "curriculum_stage", "step": 0, "stage": 1, "t_min": 800, "t_max": 1000})
+    for step in range(1, 601):
+        loss = float(0.05 + 0.5 * math.exp(-step / 50) + 0.005 * rng.standard_normal())
+        if cur.update(loss) and with_events:
+            lo, hi = cur.active_range
+            lines.append({"event": "curriculum_stage", "step": step, "stage": cur.stage,
+                          "t_min": lo, "t_max": hi})
+        if with_logs and step % 10 == 0:
+            lines.append({"step": step, "loss": loss, **cur.log_dict()})
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+@pytest.mark.parametrize("with_events,with_logs", [(True, True), (True, False), (False, True)])
+def test_plot_cli_writes_png(tmp_path, with_events, with_logs):
+    metrics, out = tmp_path / "metrics.jsonl", tmp_path / "stages.png"
+    _write_metrics(metrics, with_events, with_logs)
+    curriculum_main(["--plot", str(metrics), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_cli_errors_without_curriculum_records(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in range(5)))
+    with pytest.raises(SystemExit, match="no curriculum records"):
+        curriculum_main(["--plot", str(metrics), "--out", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
+
+
+# ==============================================================================================
+#                                   fid.py: Inception features and metrics
+# ==============================================================================================
+
+DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+SHARED_WEIGHTS = DATA / "fid_inception_v3_nofc.pth"
+
+
+# ----------------------------------------------------------------------------------------------
+# A functional reference of the FID Inception-v3, written from the layer list with plain
+# F.conv2d calls, BatchNorm by its formula, and TF's padding rules spelled out.
+# ----------------------------------------------------------------------------------------------
+
+def ref_cbr(x, sd, name, stride=1, same=True):
+    """conv (no bias) -> BN(eps 1e-3) -> ReLU; `same` pads k//2 (stride-1 convs inside blocks)."""
+    w = sd[name + ".conv.weight"]
+    pad = (w.shape[2] // 2, w.shape[3] // 2) if same else 0
+    y = F.conv2d(x, w, stride=stride, padding=pad)
+    g, b, m, v = (sd[f"{name}.bn.{k}"][:, None, None] for k in ("weight", "bias", "running_mean", "running_var"))
+    return ((y - m) / torch.sqrt(v + 1e-3) * g + b).clamp_min(0)
+
+
+def ref_avg_pool_excluding_pad(x):
+    total = F.avg_pool2d(x, 3, 1, 1, count_include_pad=True)
+    count = F.avg_pool2d(torch.ones_like(x[:, :1]), 3, 1, 1, count_include_pad=True)
+    return total / count
+
+
+def ref_max_pool_same(x):
+    return F.max_pool2d(F.pad(x, (1, 1, 1, 1), value=float("-inf")), 3, 1)
+
+
+def ref_a(x, sd, p):
+    b1 = ref_cbr(x, sd, p + ".branch1x1")
+    b5 = ref_cbr(ref_cbr(x, sd, p + ".branch5x5_1"), sd, p + ".branch5x5_2")
+    b3 = x
+    for name in ("branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"):
+        b3 = ref_cbr(b3, sd, f"{p}.{name}")
+    bp = ref_cbr(ref_avg_pool_excluding_pad(x), sd, p + ".branch_pool")
+    return torch.cat([b1, b5, b3, bp], 1)
+
+
+def ref_b(x, sd, p):
+    b3 = ref_cbr(x, sd, p + ".branch3x3", stride=2, same=False)
+    d = ref_cbr(ref_cbr(x, sd, p + ".branch3x3dbl_1"), sd, p + ".branch3x3dbl_2")
+    d = ref_cbr(d, sd, p + ".branch3x3dbl_3", stride=2, same=False)
+    return torch.cat([b3, d, F.max_pool2d(x, 3, 2)], 1)
+
+
+def ref_c(x, sd, p):
+    b1 = ref_cbr(x, sd, p + ".branch1x1")
+    b7 = x
+    for name in ("branch7x7_1", "branch7x7_2", "branch7x7_3"):
+        b7 = ref_cbr(b7, sd, f"{p}.{name}")
+    d = x
+    for i in range(1, 6):
+        d = ref_cbr(d, sd, f"{p}.branch7x7dbl_{i}")
+    bp = ref_cbr(ref_avg_pool_excluding_pad(x), sd, p + ".branch_pool")
+    return torch.cat([b1, b7, d, bp], 1)
+
+
+def ref_d(x, sd, p):
+    b3 = ref_cbr(ref_cbr(x, sd, p + ".branch3x3_1"), sd, p + ".branch3x3_2", stride=2, same=False)
+    b7 = x
+    for i in range(1, 4):
+        b7 = ref_cbr(b7, sd, f"{p}.branch7x7x3_{i}")
+    b7 = ref_cbr(b7, sd, p + ".branch7x7x3_4", stride=2, same=False)
+    return torch.cat([b3, b7, F.max_pool2d(x, 3, 2)], 1)
+
+
+def ref_e(x, sd, p, pool):
+    b1 = ref_cbr(x, sd, p + ".branch1x1")
+    t = ref_cbr(x, sd, p + ".branch3x3_1")
+    b3 = torch.cat([ref_cbr(t, sd, p + ".branch3x3_2a"), ref_cbr(t, sd, p + ".branch3x3_2b")], 1)
+    t = ref_cbr(ref_cbr(x, sd, p + ".branch3x3dbl_1"), sd, p + ".branch3x3dbl_2")
+    bd = torch.cat([ref_cbr(t, sd, p + ".branch3x3dbl_3a"), ref_cbr(t, sd, p + ".branch3x3dbl_3b")], 1)
+    pooled = ref_avg_pool_excluding_pad(x) if pool == "avg" else ref_max_pool_same(x)
+    return torch.cat([b1, b3, bd, ref_cbr(pooled, sd, p + ".branch_pool")], 1)
+
+
+def ref_inception(x, sd):
+    """x: float (N, 3, H, W) in [0, 1] -> (pool, spatial, logits)."""
+    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+    x = ref_cbr(x, sd, "Conv2d_1a_3x3", stride=2, same=False)
+    x = ref_cbr(x, sd, "Conv2d_2a_3x3", same=False)
+    x = ref_cbr(x, sd, "Conv2d_2b_3x3")
+    x = F.max_pool2d(x, 3, 2)
+    x = ref_cbr(x, sd, "Conv2d_3b_1x1")
+    x = ref_cbr(x, sd, "Conv2d_4a_3x3", same=False)
+    x = F.max_pool2d(x, 3, 2)
+    for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d"):
+        x = ref_a(x, sd, name)
+    x = ref_b(x, sd, "Mixed_6a")
+    x = ref_c(ref_c(x, sd, "Mixed_6b"), sd, "Mixed_6c")
+    mixed_6_conv = ref_cbr(x, sd, "Mixed_6d.branch1x1")  # TF's mixed_6/conv: (N, 192, 17, 17)
+    spatial = mixed_6_conv[:, :7].permute(0, 2, 3, 1).flatten(1)  # (N, 17 * 17 * 7), TF's NHWC order
+    x = ref_c(x, sd, "Mixed_6d")
+    x = ref_c(x, sd, "Mixed_6e")
+    x = ref_d(x, sd, "Mixed_7a")
+    x = ref_e(x, sd, "Mixed_7b", "avg")
+    x = ref_e(x, sd, "Mixed_7c", "max")
+    pool = x.mean((2, 3))
+    return pool, spatial, pool @ sd["fc.weight"].T
+
+
+def randomize_(net, seed=0):
+    """Random but well-scaled weights and BatchNorm statistics, so activations neither vanish nor
+    explode through the 17 blocks."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / fan_in) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            elif isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    return net.eval()
+
+
+def assert_close(a, b, rtol=1e-4):
+    scale = b.abs().max().item()
+    assert scale > 0
+    assert (a - b).abs().max().item() <= rtol * scale + 1e-6, (a - b).abs().max().item() / scale
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block, ref, c_in, size", [
+    (lambda: fid.InceptionA(192, pool_features=32), ref_a, 192, 9),
+    (lambda: fid.InceptionB(288), ref_b, 288, 9),
+    (lambda: fid.InceptionC(768, channels_7x7=160), ref_c, 768, 7),
+    (lambda: fid.InceptionD(768), ref_d, 768, 9),
+    (lambda: fid.InceptionE(1280, pool="avg"), lambda x, sd, p: ref_e(x, sd, p, "avg"), 1280, 5),
+    (lambda: fid.InceptionE(2048, pool="max"), lambda x, sd, p: ref_e(x, sd, p, "max"), 2048, 5),
+])
+def test_fid_blocks_match_functional_reference(block, ref, c_in, size):
+    net = randomize_(block())
+    x = torch.randn(2, c_in, size, size, generator=torch.Generator().manual_seed(1))
+    sd = {"blk." + k: v for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        assert_close(net(x), ref(x, sd, "blk"))
+
+
+def test_mixed_7c_pool_is_max_and_7b_pool_is_average_excluding_padding():
+    """The two FID quirks change outputs: swapping the pool type of E blocks is detected."""
+    e = randomize_(fid.InceptionE(64, pool="max"))
+    x = torch.randn(1, 64, 5, 5, generator=torch.Generator().manual_seed(2))
+    sd = {"e." + k: v for k, v in e.state_dict().items()}
+    with torch.no_grad():
+        assert (e(x) - ref_e(x, sd, "e", "avg")).abs().max() > 1e-3
+        e.pool = "avg"
+        assert_close(e(x), ref_e(x, sd, "e", "avg"))
+        counted = ref_cbr(F.avg_pool2d(x, 3, 1, 1, count_include_pad=True), sd, "e.branch_pool")
+        assert (e(x)[:, -192:] - counted).abs().max() > 1e-4
+
+
+def test_full_network_matches_functional_reference_with_random_weights():
+    net = randomize_(fid.FIDInceptionV3()).to(memory_format=torch.channels_last)
+    sd = net.state_dict()
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    captured = {}
+    net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.update(b1=o))
+    with torch.no_grad():
+        out = net(x)
+        pool, spatial, logits = ref_inception(x, sd)
+    assert out["pool"].shape == (1, 2048) and out["spatial"].shape == (1, 2023) and out["logits"].shape == (1, 1008)
+    assert_close(out["pool"], pool)
+    assert_close(out["spatial"], spatial)
+    assert_close(out["logits"], logits)  # no bias, although fc.bias is random here
+    assert torch.equal(out["spatial"], captured["b1"][:, :7].permute(0, 2, 3, 1).reshape(1, -1))
+
+
+def test_state_dict_has_pytorch_fid_layout():
+    shapes = {k: tuple(v.shape) for k, v in fid.FIDInceptionV3().state_dict().items()}
+    assert len(shapes) == 566
+    assert shapes["Mixed_7c.branch_pool.conv.weight"] == (192, 2048, 1, 1)
+    assert shapes["fc.weight"] == (1008, 2048) and shapes["fc.bias"] == (1008,)
+    if SHARED_WEIGHTS.is_file():
+        file_shapes = {k: tuple(v.shape) for k, v in torch.load(SHARED_WEIGHTS, weights_only=True).items()}
+        assert file_shapes == shapes
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="shared Inception weights absent")
+def test_shared_weights_load_strictly_and_give_feature_shapes():
+    net = fid.load_inception(SHARED_WEIGHTS)
+    assert not net.training and not fid.has_classifier(net)  # the shared file's fc is zeroed
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    feats = fid.extract_features(images, net, batch_size=2, progress=False)
+    assert feats["pool"].shape == (2, 2048) and feats["spatial"].shape == (2, 2023)
+    assert feats["logits"].shape == (2, 1008) and not feats["logits"].any()
+    assert (feats["pool"] >= 0).all() and feats["pool"].mean() > 0.05  # post-ReLU average pool
+
+
+def test_load_inception_offline_names_the_file_and_flag(monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="--inception") as err:
+        fid.load_inception()
+    assert fid.FID_WEIGHTS_FILE in str(err.value)
+    with pytest.raises(ValueError, match="not found"):
+        fid.load_inception("/nonexistent/pt_inception.pth")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+def random_spd(d, rng):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_closed_form_for_diagonal_covariances():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    s1, s2 = rng.uniform(0.1, 3, size=6), rng.uniform(0.1, 3, size=6)
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_matches_eigenvalue_form_and_is_zero_for_identical_statistics():
+    rng = np.random.default_rng(1)
+    mu1, mu2, a, b = rng.normal(size=5), rng.normal(size=5), random_spd(5, rng), random_spd(5, rng)
+    tr_sqrt = np.sqrt(np.linalg.eigvals(a @ b).real).sum()  # eigenvalues of a product of SPDs are > 0
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(a) + np.trace(b) - 2 * tr_sqrt
+    assert fid.frechet_distance(mu1, a, mu2, b) == pytest.approx(expected, rel=1e-9)
+    assert abs(fid.frechet_distance(mu1, a, mu1, a)) < 1e-10
+    assert fid.frechet_distance(0.0, 2.0, 1.0, 2.0) == pytest.approx(1.0)  # scalars via atleast_1d/2d
+
+
+def test_frechet_distance_retries_with_eps_when_sqrtm_is_not_finite(monkeypatch):
+    rng = np.random.default_rng(2)
+    a, b = random_spd(4, rng), random_spd(4, rng)
+    real_sqrtm, calls = fid.scipy.linalg.sqrtm, []
+
+    def flaky_sqrtm(m):
+        calls.append(m)
+        return np.full_like(m, np.inf) if len(calls) == 1 else real_sqrtm(m)
+
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", flaky_sqrtm)
+    with pytest.warns(UserWarning, match="adding 1e-06"):
+        value = fid.frechet_distance(np.zeros(4), a, np.zeros(4), b)
+    np.testing.assert_allclose(calls[1], (a + 1e-6 * np.eye(4)) @ (b + 1e-6 * np.eye(4)))
+    assert np.isfinite(value)
+
+
+def test_frechet_distance_imaginary_diagonal_above_1e3_is_an_error(monkeypatch):
+    rng = np.random.default_rng(3)
+    a, b = random_spd(3, rng), random_spd(3, rng)
+    clean = fid.frechet_distance(np.zeros(3), a, np.zeros(3), b)
+    real_sqrtm = fid.scipy.linalg.sqrtm
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda m: real_sqrtm(m) + 1e-5j * np.eye(3))
+    assert fid.frechet_distance(np.zeros(3), a, np.zeros(3), b) == pytest.approx(clean)
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda m: real_sqrtm(m) + 1e-2j * np.eye(3))
+    with pytest.raises(ValueError, match="imaginary"):
+        fid.frechet_distance(np.zeros(3), a, np.zeros(3), b)
+
+
+def test_frechet_distance_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="mean vectors"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="covariances"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+
+
+def test_feature_statistics_are_float64_mean_and_unbiased_covariance():
+    feats = np.random.default_rng(4).normal(size=(50, 3)).astype(np.float32)
+    mu, sigma = fid.feature_statistics(feats)
+    assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (3, 3)
+    centred = feats.astype(np.float64) - feats.astype(np.float64).mean(0)
+    np.testing.assert_allclose(sigma, centred.T @ centred / 49, rtol=1e-12)
+    with pytest.raises(ValueError, match="N >= 2"):
+        fid.feature_statistics(feats[:1])
+
+
+def test_inception_score_of_uniform_logits_is_one_and_of_confident_balanced_logits_is_classes():
+    assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0, abs=1e-12)
+    confident = 50.0 * np.tile(np.eye(10), (20, 1))  # each of 10 classes predicted with p ~ 1
+    assert fid.inception_score(confident) == pytest.approx(10.0, rel=1e-6)
+
+
+def test_inception_score_averages_consecutive_splits_of_5000():
+    logits = np.random.default_rng(5).normal(size=(12000, 4)) * 2
+
+    def one_split(lg):
+        p = np.exp(lg) / np.exp(lg).sum(1, keepdims=True)
+        return np.exp((p * (np.log(p) - np.log(p.mean(0)))).sum(1).mean())
+
+    expected = np.mean([one_split(logits[:5000]), one_split(logits[5000:10000]), one_split(logits[10000:])])
+    assert fid.inception_score(logits) == pytest.approx(expected, rel=1e-10)
+
+
+def brute_force_precision_recall(real, fake, k):
+    d_rr = np.sqrt(((real[:, None] - real[None]) ** 2).sum(-1))
+    d_ff = np.sqrt(((fake[:, None] - fake[None]) ** 2).sum(-1))
+    d_rf = np.sqrt(((real[:, None] - fake[None]) ** 2).sum(-1))  # (N, M)
+    r_real, r_fake = np.sort(d_rr, 1)[:, k], np.sort(d_ff, 1)[:, k]  # index 0 is the point itself
+    precision = np.mean([(d_rf[:, j] <= r_real).any() for j in range(len(fake))])
+    recall = np.mean([(d_rf[i] <= r_fake).any() for i in range(len(real))])
+    return precision, recall
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_precision_recall_matches_brute_force_knn(k):
+    rng = np.random.default_rng(6)
+    real = rng.normal(size=(60, 5))
+    fake = rng.normal(loc=0.7, scale=1.4, size=(45, 5))
+    expected = brute_force_precision_recall(real, fake, k)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # a case that is not trivially 0 or 1
+    assert fid.precision_recall(real, fake, k=k, batch_size=7) == pytest.approx(expected)
+    assert fid.precision_recall(real.astype(np.float32), fake, k=k) == pytest.approx(expected)
+
+
+def test_precision_recall_of_identical_sets_is_one_and_small_sets_are_rejected():
+    feats = np.random.default_rng(7).normal(size=(20, 4))
+    assert fid.precision_recall(feats, feats) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="more than k=3"):
+        fid.precision_recall(feats[:3], feats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs, statistics files, CLI (with a tiny stand-in network: the readers and the plumbing are
+# under test here, not the Inception network)
+# ----------------------------------------------------------------------------------------------
+
+class TinyNet(nn.Module):
+    """Same interface as FIDInceptionV3 (float (N, 3, H, W) in [0, 1] -> dict), 6/12/4-d features."""
+
+    def __init__(self, fc_scale=1.0):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.arange(24.0).reshape(4, 6) / 24 * fc_scale)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        x = F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
+        pool = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)  # (N, 6)
+        return {"pool": pool, "spatial": x[:, :, :2, :2].flatten(1), "logits": pool @ self.fc.weight.T}
+
+
+def make_images(n=7, size=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def write_folder(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        sub = folder / ("a" if i % 2 else "b")  # recursive listing
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(img).save(sub / f"{i:03d}.png")
+    return folder
+
+
+def test_folder_zip_npz_and_arrays_give_identical_features(tmp_path):
+    images = make_images()
+    folder = write_folder(tmp_path / "imgs", images)
+    order = sorted(range(len(images)), key=lambda i: f"{'a' if i % 2 else 'b'}/{i:03d}.png")  # sorted paths
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        for p in sorted(folder.rglob("*.png")):
+            zf.write(p, p.relative_to(folder).as_posix())
+    np.savez(tmp_path / "samples.npz", arr_0=images[order])
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images[order])
+    net = TinyNet()
+    expected = fid.extract_features(images[order], net, batch_size=3, progress=False)["pool"]
+    for source in (folder, tmp_path / "imgs.zip", tmp_path / "samples.npz", tmp_path / "compressed.npz",
+                   torch.from_numpy(images[order]).permute(0, 3, 1, 2),  # uint8 (N, 3, H, W)
+                   torch.from_numpy(images[order]).permute(0, 3, 1, 2).float() / 255,
+                   torch.utils.data.TensorDataset(torch.from_numpy(images[order]), torch.zeros(len(images)))):
+        got = fid.extract_features(source, net, batch_size=3, progress=False)["pool"]
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7, err_msg=str(type(source)))
+
+
+def test_uncompressed_npz_is_memory_mapped(tmp_path):
+    np.savez(tmp_path / "s.npz", arr_0=make_images(3), arr_1=np.arange(3))
+    arr = fid._npz_images(tmp_path / "s.npz")
+    assert isinstance(arr, np.memmap)
+    np.testing.assert_array_equal(arr, make_images(3))
+
+
+def test_grey_palette_rgba_and_mixed_sizes_are_read_as_rgb(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("L", (20, 12), 77).save(folder / "grey.png")
+    Image.new("RGBA", (16, 16), (10, 20, 30, 0)).save(folder / "rgba.png")
+    palette = Image.new("P", (9, 9), 1)
+    palette.putpalette([0, 0, 0, 200, 100, 50])
+    palette.save(folder / "palette.png", transparency=0)
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(folder / "rgb.JPG", quality=100)
+    ds = fid.ImageFiles(folder)
+    items = {name: ds[i] for i, name in enumerate(ds.names)}
+    assert all(x.dtype == torch.uint8 and x.ndim == 3 and x.shape[-1] == 3 for x in items.values())
+    assert items["grey.png"].shape == (12, 20, 3) and (items["grey.png"] == 77).all()
+    assert items["rgba.png"][0, 0].tolist() == [10, 20, 30]
+    assert items["palette.png"][0, 0].tolist() == [200, 100, 50]
+    feats = fid.extract_features(folder, TinyNet(), batch_size=4, progress=False)  # one mixed-size batch
+    assert feats["pool"].shape == (4, 6)
+
+
+def test_limit_takes_images_spread_evenly(tmp_path):
+    assert fid._subset(10, 3).tolist() == [0, 3, 6]
+    assert fid._subset(10, None) is None and fid._subset(10, 50) is None
+    images = make_images(10)
+    feats = fid.extract_features(images, TinyNet(), limit=3, progress=False)["pool"]
+    np.testing.assert_allclose(feats, fid.extract_features(images[[0, 3, 6]], TinyNet(), progress=False)["pool"])
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    net = TinyNet()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images"):
+        fid.extract_features(tmp_path / "empty", net)
+    with pytest.raises(ValueError, match="no such file"):
+        fid.extract_features(tmp_path / "missing.npz", net)
+    np.savez(tmp_path / "wrong.npz", images=make_images(2))
+    with pytest.raises(ValueError, match="arr_0"):
+        fid.extract_features(tmp_path / "wrong.npz", net)
+    with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
+        fid.extract_features(torch.rand(4, 3, 8, 8) * 2 - 1, net)
+    with pytest.raises(ValueError, match="RGB"):
+        fid.extract_features(np.zeros((2, 8, 8, 4), np.uint8), net)
+    with pytest.raises(ValueError, match="unknown metrics"):
+        fid.evaluate(make_images(), make_images(), net, metrics=("kid",))
+
+
+def test_statistics_round_trip_and_stats_only_files_refuse_is_and_pr(tmp_path):
+    net = TinyNet()
+    stats = fid.compute_statistics(make_images(9), net, keep=("pool",), progress=False)
+    assert stats["mu"].dtype == np.float64 and stats["n"] == 9 and stats["pool"].shape == (9, 6)
+    fid.save_statistics(tmp_path / "s.npz", stats)
+    back = fid.read_statistics(tmp_path / "s.npz")
+    for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+        np.testing.assert_array_equal(back[key], stats[key])
+    np.savez(tmp_path / "mu_only.npz", mu=stats["mu"], sigma=stats["sigma"])  # pytorch-fid's format
+    assert fid.evaluate(make_images(9), tmp_path / "mu_only.npz", net, progress=False)["fid"] == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="statistics only"):
+        fid.evaluate(make_images(9), tmp_path / "mu_only.npz", net, metrics=("pr",), progress=False)
+    with pytest.raises(ValueError, match="mu_s"):
+        fid.evaluate(make_images(9), tmp_path / "mu_only.npz", net, metrics=("sfid",), progress=False)
+    with pytest.raises(ValueError, match="statistics only"):
+        fid.evaluate(tmp_path / "mu_only.npz", make_images(9), net, metrics=("is",), progress=False)
+
+
+def test_adm_reference_batch_uses_stored_statistics_and_its_images_for_pr(tmp_path):
+    net, images = TinyNet(), make_images(12)
+    stored_mu = np.full(6, 0.5)  # e.g. full-train-set statistics, unlike the 12 images in arr_0
+    np.savez(tmp_path / "ref.npz", arr_0=images, mu=stored_mu, sigma=np.eye(6), mu_s=np.zeros(12), sigma_s=np.eye(12))
+    ref = fid.load_or_compute_stats(tmp_path / "ref.npz", net, keep=("pool",), progress=False)
+    np.testing.assert_array_equal(ref["mu"], stored_mu)
+    np.testing.assert_allclose(ref["pool"], fid.extract_features(images, net, progress=False)["pool"])
+
+
+def test_reference_statistics_are_cached_and_reused(tmp_path):
+    net = TinyNet()
+    write_folder(tmp_path / "ref", make_images(8))
+    first = fid.load_or_compute_stats(tmp_path / "ref", net, cache_path=tmp_path / "run" / "ref_stats.npz", progress=False)
+    calls = net.calls
+    second = fid.load_or_compute_stats(tmp_path / "ref", net, cache_path=tmp_path / "run" / "ref_stats.npz", progress=False)
+    assert net.calls == calls  # read from the cache, no forward pass
+    np.testing.assert_array_equal(first["sigma"], second["sigma"])
+    with pytest.warns(UserWarning, match="recomputing"):  # asking for pool features not in the cache
+        third = fid.load_or_compute_stats(tmp_path / "ref", net, cache_path=tmp_path / "run" / "ref_stats.npz",
+                                          keep=("pool",), progress=False)
+    assert net.calls > calls and third["pool"].shape == (8, 6)
+
+
+def test_is_warns_when_the_classifier_weights_are_zero():
+    net = TinyNet(fc_scale=0.0)
+    with pytest.warns(UserWarning, match="all zeros"):
+        result = fid.evaluate(make_images(), make_images(seed=1), net, metrics=("is",), progress=False)
+    assert result["is"] == pytest.approx(1.0)
+
+
+def test_cli_save_stats_round_trip(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
+    samples = write_folder(tmp_path / "samples", make_images(10, seed=1))
+    reference = write_folder(tmp_path / "reference", make_images(12, seed=2))
+    fid.main([str(reference), "--save-stats", str(tmp_path / "ref.npz"), "--metrics", "pr"])
+    saved = fid.read_statistics(tmp_path / "ref.npz")
+    direct = fid.compute_statistics(reference, TinyNet(), keep=("pool",), progress=False)
+    for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+        np.testing.assert_allclose(saved[key], direct[key], rtol=1e-6)
+    capsys.readouterr()
+    from_images = fid.main([str(samples), str(reference), "--metrics", "fid,sfid,pr", "--json"])
+    from_stats = fid.main([str(samples), str(tmp_path / "ref.npz"), "--metrics", "fid,sfid,pr", "--json"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert printed == [from_images, from_stats]
+    for key in ("fid", "sfid", "precision", "recall"):
+        assert from_stats[key] == pytest.approx(from_images[key], rel=1e-6)
+    fid.main([str(samples), str(tmp_path / "ref.npz")])
+    assert capsys.readouterr().out.strip() == f"FID: {from_stats['fid']:.4f}"
+
+
+def test_cli_errors_exit_with_a_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
+    with pytest.raises(SystemExit) as exit_info:
+        fid.main([str(tmp_path / "missing"), str(tmp_path / "also_missing")])
+    assert exit_info.value.code == 2 and "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fid.main([str(tmp_path)])  # neither REFERENCE nor --save-stats
+    assert "--save-stats" in capsys.readouterr().err

@@ -1,0 +1,686 @@
+"""
+Train a DiT, plain or with the papers' multi-task methods, on one CPU, one GPU or many.
+
+    python train.py                                               # built-in shapes, one process
+    torchrun --nproc_per_node=8 train.py --model DiT-B/2 --data imagenet.zip --method dtr+ant-uw
+
+`--method` joins parts with '+':
+    vanilla                         the DiT recipe
+    dtr | rtr                       Denoising Task Routing (dtr.py) / its random-mask baseline
+    ant-uw | ant-pcgrad | ant-nash  ANT clustering + a multi-task optimiser (negative_transfer.py)
+    curriculum                      easy-to-hard timestep curriculum (curriculum.py)
+
+A method touches training at four points, all in `Method` below: how timesteps are drawn, what the
+model does with t (a router in the DiT), how per-sample losses become gradients, and a per-step
+hook whose state is saved in checkpoints. Everything else is the DiT recipe: AdamW (lr 1e-4, no
+weight decay), EMA 0.9999 every step, bf16 autocast on CUDA.
+
+One scalar read per step (lagging one step behind, so the GPU stays fed) tells every rank whether
+the loss was finite, whether a rank was asked to stop (SIGTERM/SIGINT) and the all-rank mean loss
+that the curriculum paces on. A non-finite step never updates the weights: fused AdamW skips it on
+the device (`found_inf`), and the run then stops, or skips up to --skip-nonfinite such steps.
+"""
+
+import argparse
+import copy
+import glob
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data as datasets
+from dit import DiT_models
+from sample import build_diffusion, build_model, generate, method_parts, save_grid, to_uint8
+
+METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
+ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
+# Settings that must match between a checkpoint and the flags of a resumed run.
+MODEL_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "image_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob", "method",
+                  "num_timesteps", "schedule", "dtr_alpha", "dtr_beta", "rtr_seed", "ant_clusters", "ant_objective",
+                  "curriculum_clusters", "curriculum_order", "curriculum_pacing")
+
+
+class ConfigError(ValueError):
+    """Bad flags or files: the message says what to change."""
+
+
+def parse_method(spec):
+    """Validate a '+'-joined method and return its canonical spelling."""
+    parts = spec.split("+")
+    unknown = [p for p in parts if p not in METHOD_PARTS]
+    if unknown:
+        raise ConfigError(f"unknown method part {unknown[0]!r}; parts are {', '.join(METHOD_PARTS)}, joined with '+'")
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"method {spec!r} repeats a part")
+    if "vanilla" in parts and len(parts) > 1:
+        raise ConfigError("'vanilla' cannot be combined; drop it (e.g. --method dtr+ant-uw)")
+    if "dtr" in parts and "rtr" in parts:
+        raise ConfigError("dtr and rtr are two mask choices for the same router; pick one")
+    ant = [p for p in parts if p in ANT_PARTS]
+    if len(ant) > 1:
+        raise ConfigError(f"{' and '.join(ant)} are alternative multi-task optimisers; pick one")
+    if "curriculum" in parts and ant and ant[0] != "ant-uw":
+        raise ConfigError(f"curriculum combines with ant-uw only: {ant[0]} needs every cluster in every batch, "
+                          "which the curriculum's early stages do not have")
+    return "+".join(p for p in METHOD_PARTS if p in parts)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   The method seam
+# ----------------------------------------------------------------------------------------------
+
+class Method:
+    """Where a paper plugs into the loop: `timesteps`, the router (built in sample.build_model),
+    `backward` and `after_step`, with `state_dict` saved in checkpoints."""
+
+    def __init__(self, args, diffusion, device, log=print):
+        self.log = log
+        self.parts = method_parts(args.method)
+        self.T, self.device = diffusion.num_timesteps, device
+        self.intervals = self.uw = self.nash = self.curriculum = None
+        self.ant = next((p for p in self.parts if p in ANT_PARTS), None)
+        if self.ant:
+            import negative_transfer as nt
+            self.nt = nt
+            tas = np.load(args.ant_tas) if args.ant_objective == "gradient" else None
+            self.intervals, _ = nt.cluster_timesteps(args.ant_clusters, args.ant_objective,
+                                                     alphas_cumprod=diffusion.alphas_cumprod, tas=tas,
+                                                     num_timesteps=self.T)
+            if self.ant == "ant-uw":
+                self.uw = nt.UncertaintyWeighting(args.ant_clusters).to(device)
+            elif self.ant == "ant-nash":
+                self.nash = nt.NashMTL(args.ant_clusters, every=args.nash_every, max_norm=args.nash_max_norm)
+            # PCGrad's random order: one generator, seeded alike on every rank.
+            self.order_gen = torch.Generator().manual_seed(args.global_seed)
+            self.cluster_starts = torch.tensor([a for a, _ in self.intervals], device=device)
+        if "curriculum" in self.parts:
+            from curriculum import Curriculum
+            clusters = self.intervals if args.curriculum_clusters == 0 else None
+            self.curriculum = Curriculum(self.T, num_clusters=args.curriculum_clusters or len(clusters),
+                                         patience=args.curriculum_patience, pacing=args.curriculum_pacing,
+                                         stage_steps=args.curriculum_stage_steps, order=args.curriculum_order,
+                                         clusters=clusters)
+
+    def timesteps(self, n):
+        """(t (n,), cluster (n,) or None): seam 1, how timesteps are drawn."""
+        if self.curriculum is not None and self.ant is not None:
+            # The curriculum decides t (uniform on its active range); ANT only labels each t with its
+            # cluster. Clusters outside the range get no samples and UW leaves their s_k alone.
+            t = self.curriculum.sample_timesteps(n, device=self.device)
+            return t, torch.bucketize(t, self.cluster_starts, right=True) - 1
+        if self.curriculum is not None:
+            return self.curriculum.sample_timesteps(n, device=self.device), None
+        if self.ant is not None:
+            return self.nt.stratified_timesteps(n, self.intervals, device=self.device)
+        return torch.randint(0, self.T, (n,), device=self.device), None
+
+    def backward(self, loss_vec, cluster, params, step):
+        """Seam 3: per-sample losses (B,) -> gradients in .grad for the (0-based) step about to be
+        taken. Returns the scalar objective (detached) and a dict of per-step tensors to log."""
+        if self.ant is None:
+            loss = loss_vec.mean()
+            loss.backward()
+            return loss.detach(), {}
+        K = len(self.intervals)
+        L = self.nt.cluster_losses(loss_vec, cluster, K)  # (K,)
+        if self.uw is not None:
+            present = torch.bincount(cluster, minlength=K) > 0  # (K,) all True unless a curriculum hides clusters
+            loss = self.uw(L, present)
+            loss.backward()
+            return loss.detach(), {"L": L.detach(), "w": self.uw.weights().detach()}
+        if self.nash is not None and not self.nash.should_update(step):
+            loss = self.nash.loss(L)
+            loss.backward()
+            return loss.detach(), {"L": L.detach(), "w": self.nash.alpha_tensor(L)}
+        # PCGrad every step, Nash-MTL on its update steps: exact per-cluster gradients (K passes),
+        # averaged over ranks before any decision so every rank decides alike.
+        G = self.nt.task_gradients(L / K, params)  # (K, P), gradients of L_k / K as in the official code
+        G = self.nt.all_reduce_mean(G)
+        if self.nash is not None:
+            info = self.nash.update(G)
+            if not info.get("success"):
+                self.log(f"step {step}: Nash-MTL solver failed ({info.get('message')}); keeping alpha = {self.nash.alpha.round(4).tolist()}")
+            flat = (self.nash.alpha_tensor(L).to(G.dtype)[:, None] * G).sum(0)  # (P,) = sum_k alpha_k grad(L_k / K)
+        else:
+            flat = self.nt.pcgrad(G, self.order_gen)  # (P,)
+        self.nt.write_flat_grad(params, flat)
+        loss = L.sum() if self.nash is None else self.nash.loss(L)
+        return loss.detach(), {"L": L.detach()} if self.nash is None else {"L": L.detach(), "w": self.nash.alpha_tensor(L)}
+
+    def uses_own_gradients(self, step):
+        """PCGrad and Nash update steps compute per-cluster gradients outside DDP's reducer."""
+        return self.ant == "ant-pcgrad" or (self.nash is not None and self.nash.should_update(step))
+
+    def after_step(self, step, mean_loss):
+        """Seam 4, once per step on every rank with the all-rank mean loss: returns an event or None."""
+        if self.curriculum is not None and self.curriculum.update(mean_loss):
+            lo, hi = self.curriculum.active_range
+            return {"event": "curriculum_stage", "step": step, "stage": self.curriculum.stage, "t_min": lo, "t_max": hi}
+        return None
+
+    def log_fields(self):
+        if self.curriculum is None:
+            return {}
+        lo, hi = self.curriculum.active_range
+        return {"curriculum/stage": self.curriculum.stage, "curriculum/t_min": lo, "curriculum/t_max": hi}
+
+    def state_dict(self):
+        state = {"order_gen": self.order_gen.get_state()} if self.ant else {}
+        if self.uw is not None:
+            state["uw"] = self.uw.state_dict()
+        if self.nash is not None:
+            state["nash"] = self.nash.state_dict()
+        if self.curriculum is not None:
+            state["curriculum"] = self.curriculum.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        if self.ant:
+            self.order_gen.set_state(state["order_gen"])
+        if self.uw is not None:
+            self.uw.load_state_dict(state["uw"])
+        if self.nash is not None:
+            self.nash.load_state_dict(state["nash"])
+        if self.curriculum is not None:
+            self.curriculum.load_state_dict(state["curriculum"])
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Data order
+# ----------------------------------------------------------------------------------------------
+
+class StreamSampler:
+    """Batches of dataset indices for this rank, as a pure function of the step.
+
+    The index stream is the concatenation of seeded permutations (one per epoch); global batch s
+    is stream[s*G : (s+1)*G] and rank r takes its r-th slice of B = G/W. So resuming at step s
+    needs no state, every image is seen once per epoch whatever W is, and a dataset smaller than
+    the global batch still works. This is DistributedSampler with set_epoch, made resumable."""
+
+    def __init__(self, n, batch_size, rank, world, seed, start_step=0):
+        self.n, self.B, self.rank, self.world, self.seed, self.step = n, batch_size, rank, world, seed, start_step
+        self._epoch, self._perm = None, None
+
+    def _permutation(self, epoch):
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return self._perm
+
+    def __iter__(self):
+        while True:
+            start = (self.step * self.world + self.rank) * self.B
+            idx = [int(self._permutation(i // self.n)[i % self.n]) for i in range(start, start + self.B)]
+            self.step += 1
+            yield idx
+
+
+def batches(dataset, sampler, args, device):
+    """Infinite iterator of (uint8 images (B, 3, H, W), labels (B,)) on the device."""
+    if args.data_on_device:
+        images, labels = datasets.dataset_to_tensor(dataset, args.num_workers)
+        images, labels = images.to(device), labels.to(device)
+        for idx in sampler:
+            idx = torch.tensor(idx, device=device)
+            yield images[idx], labels[idx]
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+                                         generator=torch.Generator())  # its own seed draw must not shift the global RNG
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename: a crash mid-write
+    leaves the previous file untouched and never a half-written one under the final name."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def checkpoint_paths(run_dir):
+    """Checkpoints of a run, newest first."""
+    return sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")), reverse=True)
+
+
+def find_resume(resume, run_dir, log):
+    """The checkpoint to resume from: a path, or with 'auto' the newest complete one (None if none)."""
+    if resume != "auto":
+        if not os.path.isfile(resume):
+            raise ConfigError(f"--resume {resume}: no such file")
+        return resume
+    for path in checkpoint_paths(run_dir):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            if all(k in ckpt for k in ("model", "ema", "opt", "step", "args")):
+                return path
+            log(f"resume: skipping {path}: incomplete (missing {[k for k in ('model', 'ema', 'opt', 'step', 'args') if k not in ckpt]})")
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: say so and try the previous one
+            log(f"resume: skipping {path}: cannot be loaded ({type(e).__name__}: {e})")
+    return None
+
+
+def check_compatible(saved, args):
+    """Refuse a checkpoint whose model, data shape or method differ from the flags."""
+    for key in MODEL_SETTINGS:
+        if saved.get(key) != getattr(args, key):
+            raise ConfigError(f"checkpoint was trained with {key}={saved.get(key)!r} but the flags say {getattr(args, key)!r}; "
+                              f"pass --{key.replace('_', '-')} {saved.get(key)} or start a new --out folder")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Training
+# ----------------------------------------------------------------------------------------------
+
+def build_run(args, device, distributed, log=print):
+    """Model, EMA, diffusion, method and optimiser for `args`: what train() and bench.py step."""
+    model = build_model(vars(args)).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    diffusion = build_diffusion(vars(args))
+    method = Method(args, diffusion, device, log)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": params}]
+    if method.uw is not None:
+        groups.append({"params": list(method.uw.parameters()), "lr": args.uw_lr, "weight_decay": args.uw_weight_decay})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    fwd_model = torch.compile(model) if args.compile else model
+    ddp_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else fwd_model
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and args.precision == "bf16" else nullcontext
+    return SimpleNamespace(args=args, model=model, ema=ema, diffusion=diffusion, method=method, opt=opt, params=params,
+                           ddp_model=ddp_model, autocast=autocast, distributed=distributed,
+                           ema_pairs=(list(ema.parameters()), list(model.parameters())))
+
+
+def train_step(run, x, y, step):
+    """One optimisation step on a batch x (B, 3, H, W) in [-1, 1], labels y (B,), for the 0-based
+    step `step`. Returns (per-sample loss terms, t, per-step method tensors, bad) where `bad` is a
+    device bool: the loss or gradient was not finite and the update (and EMA) was skipped."""
+    args, method = run.args, run.method
+    t, cluster = method.timesteps(x.shape[0])
+    own_grads = run.distributed and method.uses_own_gradients(step)
+    with run.ddp_model.no_sync() if own_grads else nullcontext():
+        with run.autocast():
+            terms = run.diffusion.training_losses(run.ddp_model, x, t, dict(y=y))
+        loss, extra = method.backward(terms["loss"], cluster, run.params, step)
+    if run.distributed and method.uw is not None:
+        for p in method.uw.parameters():
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    max_norm = args.nash_max_norm if method.nash is not None else args.max_grad_norm  # Nash-MTL clips (official)
+    if max_norm > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(run.params, max_norm, foreach=True)
+    else:
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None], foreach=True)
+    bad = ~torch.isfinite(gnorm) | ~torch.isfinite(loss)
+    run.opt.found_inf = bad.float()  # fused AdamW skips the whole update on the device when set
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    torch._foreach_lerp_(*run.ema_pairs, (1 - args.ema_decay) * (1 - bad.float()))  # a skipped step keeps the EMA
+    return terms, t, extra, bad
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # data and model
+    a("--data", default="shapes", help="image folder, .zip, .npz (arr_0, arr_1) or 'shapes' (built-in, offline)")
+    a("--image-size", type=int, default=32, help="training resolution (centre crop + resize like ADM)")
+    a("--model", default="DiT-S/2", help=f"one of {', '.join(DiT_models)}")
+    a("--depth", type=int, default=None, help="override the config's depth (small models for CPU runs and tests)")
+    a("--hidden-size", type=int, default=None, help="override the config's width")
+    a("--num-heads", type=int, default=None, help="override the config's number of heads")
+    a("--learn-sigma", type=int, default=1, help="1: learned-range variance + hybrid loss (DiT); 0: fixed variance, MSE only")
+    a("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance (DiT: 0.1)")
+    a("--num-timesteps", type=int, default=1000, help="T (all three papers: 1000)")
+    a("--schedule", default="linear", choices=("linear", "cosine"), help="linear (DiT) or cosine (ADM, used by ANT)")
+    a("--weighting", default="constant", choices=("constant", "min-snr", "p2"), help="per-sample weight of the MSE term")
+    a("--min-snr-gamma", type=float, default=5.0, help="Min-SNR-gamma (Hang et al. 2023)")
+    a("--p2-gamma", type=float, default=1.0, help="P2 weighting gamma (Choi et al. 2022)")
+    a("--p2-k", type=float, default=1.0, help="P2 weighting k")
+    # methods
+    a("--method", default="vanilla", help="'+'-joined parts: " + ", ".join(METHOD_PARTS))
+    a("--dtr-alpha", type=float, default=4.0, help="DTR: window speed exponent (paper: 4)")
+    a("--dtr-beta", type=float, default=0.8, help="DTR: fraction of active channels (paper: 0.8)")
+    a("--rtr-seed", type=int, default=0, help="R-TR: seed of the random masks (same on every rank)")
+    a("--ant-clusters", type=int, default=5, help="ANT: number of timestep clusters K (paper: 5)")
+    a("--ant-objective", default="timestep", choices=("timestep", "snr", "log-snr", "gradient"), help="ANT: clustering cost")
+    a("--ant-tas", default=None, help="ANT: task-affinity matrix (negative_transfer.py affinity) for --ant-objective gradient")
+    a("--uw-lr", type=float, default=0.025, help="ANT-UW: learning rate of the log variances (official: 0.025)")
+    a("--uw-weight-decay", type=float, default=0.0, help="ANT-UW: weight decay of the log variances")
+    a("--nash-every", type=int, default=25, help="ANT-Nash: solve for the weights every N steps (official: 25)")
+    a("--nash-max-norm", type=float, default=1.0, help="ANT-Nash: gradient-norm clip (official: 1)")
+    a("--curriculum-clusters", type=int, default=20, help="curriculum: N equal clusters (paper: 20); 0 = the ANT clusters")
+    a("--curriculum-patience", type=int, default=500, help="curriculum: steps without improvement before the next stage (ours)")
+    a("--curriculum-pacing", default="adaptive", choices=("adaptive", "fixed"), help="curriculum: plateau rule or fixed steps")
+    a("--curriculum-stage-steps", type=int, default=1000, help="curriculum: steps per stage with fixed pacing (ours)")
+    a("--curriculum-order", default="easy-to-hard", choices=("easy-to-hard", "hard-to-easy"), help="hard-to-easy: the ablation")
+    # optimisation
+    a("--global-batch-size", type=int, default=256, help="over all ranks (DiT: 256)")
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (DiT: 1e-4)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (DiT: 0)")
+    a("--ema-decay", type=float, default=0.9999, help="EMA decay per step (DiT: 0.9999; short runs want ~0.999)")
+    a("--max-grad-norm", type=float, default=0.0, help="clip the gradient norm; 0 = off (DiT: off)")
+    a("--max-steps", type=int, default=400_000, help="stop after this many steps (papers: 400K)")
+    a("--global-seed", type=int, default=0)
+    a("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on CUDA (CPU always runs fp32)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--num-workers", type=int, default=4, help="DataLoader workers per rank")
+    a("--data-on-device", action="store_true", help="decode the dataset once and keep it on the device (small sets)")
+    a("--skip-bad-images", action="store_true", help="skip unreadable images (counted at start) instead of stopping")
+    a("--skip-nonfinite", type=int, default=0, help="tolerate this many non-finite steps (skipped) before stopping")
+    # bookkeeping
+    a("--out", default=None, help="run folder (default results/<model>-<method>)")
+    a("--resume", default=None, help="a checkpoint path, or 'auto' for the newest complete one in --out")
+    a("--log-every", type=int, default=100)
+    a("--ckpt-every", type=int, default=10_000)
+    a("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = keep all)")
+    a("--sample-every", type=int, default=10_000, help="EMA sample grid every N steps (0 = only at the end)")
+    a("--sample-steps", default="ddim50", help="sampler for the grid: 'ddim50' or '250'")
+    a("--sample-cfg", type=float, default=1.0, help="guidance scale for the grid")
+    a("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    args = p.parse_args(argv)
+    args.in_channels = 3
+    args.learn_sigma = bool(args.learn_sigma)
+    args.latent = None
+    return args
+
+
+def train(args):
+    # ---------------------------------------------------------------- processes and devices
+    distributed = "RANK" in os.environ
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() and args.device in (None, "cuda") else "gloo"
+        dist.init_process_group(backend)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    master = rank == 0
+    args.out = args.out or os.path.join("results", f"{args.model.replace('/', '-')}-{args.method.replace('+', '_')}")
+
+    def log(msg):
+        if master:
+            print(msg, flush=True)
+            if os.path.isdir(args.out):
+                with open(os.path.join(args.out, "log.txt"), "a") as f:
+                    f.write(msg + "\n")
+
+    # ---------------------------------------------------------------- flags
+    args.method = parse_method(args.method)
+    if args.model not in DiT_models:
+        raise ConfigError(f"unknown --model {args.model!r}; choose one of {', '.join(DiT_models)}")
+    patch = int(args.model.split("/")[1])
+    if args.image_size % patch:
+        raise ConfigError(f"--image-size {args.image_size} is not divisible by the patch size {patch} of {args.model}")
+    if args.global_batch_size % world:
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
+    if args.ant_objective == "gradient" and "ant" in args.method and not args.ant_tas:
+        raise ConfigError("--ant-objective gradient needs --ant-tas (make one with: python negative_transfer.py affinity ...)")
+    batch = args.global_batch_size // world
+    ckpt_dir = os.path.join(args.out, "checkpoints")
+    if master:
+        try:  # fail now, not after hours of training, if the results folder cannot be written
+            os.makedirs(ckpt_dir, exist_ok=True)
+            probe = os.path.join(args.out, ".write-probe")
+            with open(probe, "wb") as f:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"cannot write to the results folder {args.out}: {e}") from None
+
+    # ---------------------------------------------------------------- data
+    dataset = datasets.load_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images, seed=args.global_seed)
+    args.num_classes = dataset.num_classes
+    if args.num_classes == 1:
+        args.class_dropout_prob = 0.0  # unconditional: no null class, no guidance
+    log(f"data: {args.data} ({len(dataset)} images, {dataset.num_classes} classes, {args.image_size}px)")
+    if getattr(dataset, "skipped", None):
+        log(f"data: skipped {len(dataset.skipped)} unreadable images, e.g. {dataset.skipped[0]}")
+    if getattr(dataset, "num_upsized", 0):
+        log(f"warning: {dataset.num_upsized} images are smaller than {args.image_size}px and will be resized up")
+
+    # ---------------------------------------------------------------- resume target
+    resume_path = find_resume(args.resume, args.out, log) if args.resume else None
+    ckpt = torch.load(resume_path, map_location="cpu", weights_only=False) if resume_path else None
+    if ckpt is not None:
+        check_compatible(ckpt["args"], args)
+
+    # ---------------------------------------------------------------- model, diffusion, method
+    torch.manual_seed(args.global_seed * world + rank)
+    np.random.seed(args.global_seed * world + rank)
+    try:
+        run = build_run(args, device, distributed, log)
+    except ValueError as e:  # a paper module refused its settings; its message says which
+        raise ConfigError(str(e)) from None
+    model, ema, diffusion, method, opt = run.model, run.ema, run.diffusion, run.method, run.opt
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        method.load_state_dict(ckpt["method"])
+        step = ckpt["step"]
+        rng = ckpt["rng"]
+        if len(rng) == world:
+            torch.set_rng_state(rng[rank]["cpu"])
+            if device.type == "cuda" and rng[rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(rng[rank]["cuda"], device)
+        else:
+            log(f"resume: the checkpoint was written by {len(rng)} processes, now {world}; random streams restart")
+        log(f"resumed from {resume_path} at step {step}")
+    log(f"model: {args.model}, {sum(p.numel() for p in run.params):,} parameters; method: {args.method}; "
+        f"{world} process(es) on {device.type}, batch {batch} per process")
+    model_params = list(model.parameters())
+
+    sampler = StreamSampler(len(dataset), batch, rank, world, args.global_seed, start_step=step)
+    data_iter = batches(dataset, sampler, args, device)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+
+    def write_metrics(record):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # Fixed noise and labels for the sample grids.
+    grid_gen = torch.Generator().manual_seed(args.global_seed)
+    grid_noise = torch.randn(16, 3, args.image_size, args.image_size, generator=grid_gen).to(device)
+    grid_labels = (torch.arange(16) % args.num_classes).to(device)
+
+    def save_checkpoint():
+        if distributed:  # replicas must agree bit for bit; a mismatch means a rank took a different decision
+            digest = hashlib.sha256()
+            for p in model_params:
+                digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digests = [None] * world
+            dist.all_gather_object(digests, digest.hexdigest())
+            if len(set(digests)) > 1:
+                raise RuntimeError(f"model replicas differ across ranks at step {step}: {digests}")
+            log(f"step {step}: model replicas identical on {world} ranks ({digests[0][:12]})")
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rngs = [None] * world
+        if distributed:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if master:
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                     "args": vars(args), "method": method.state_dict(), "rng": rngs}
+            path = os.path.join(ckpt_dir, f"{step:07d}.pt")
+            atomic_save(state, path)
+            log(f"saved checkpoint {path}")
+            if args.keep_last > 0:
+                for old in checkpoint_paths(args.out)[args.keep_last:]:
+                    os.remove(old)
+        if distributed:
+            dist.barrier()
+
+    def save_samples():
+        if master:
+            x = generate(ema, diffusion, grid_labels, grid_noise, steps=args.sample_steps, cfg_scale=args.sample_cfg,
+                         clip_denoised=True)
+            path = os.path.join(args.out, f"samples_{step:07d}.png")
+            save_grid(to_uint8(x), path, nrow=4)
+            log(f"saved sample grid {path}")
+
+    # ---------------------------------------------------------------- signals
+    stop_requested = torch.zeros((), device=device)
+
+    def on_signal(signum, frame):
+        stop_requested.fill_(1.0)
+
+    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    # ---------------------------------------------------------------- the loop
+    model.train()
+    nb = 10  # loss split into 10 timestep buckets
+    bucket_sum = torch.zeros(nb, device=device)
+    bucket_cnt = torch.zeros(nb, device=device)
+    loss_sum = torch.zeros((), device=device)
+    extra_sum, n_logged = {}, 0
+    nonfinite = 0
+    pending = None  # (step, flags tensor) of the previous step, read one step late
+    t0 = time.time()
+    from tqdm.auto import tqdm
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+
+    def resolve(pending):
+        """Read the previous step's flags (the only host sync of the loop). Returns False to stop."""
+        nonlocal nonfinite
+        s, flags = pending
+        mean_loss, bad, stop = flags.tolist()
+        event = None
+        if bad > 0:
+            nonfinite += 1
+            log(f"step {s}: non-finite loss or gradient on {int(bad)} process(es); the update was skipped")
+            if nonfinite > args.skip_nonfinite:
+                last = checkpoint_paths(args.out)
+                raise ConfigError(f"non-finite loss at step {s}; stopping. The last good checkpoint is "
+                                  f"{last[0] if last else '(none yet)'}; lower --lr, set --max-grad-norm, or pass --skip-nonfinite N")
+        else:
+            event = method.after_step(s, mean_loss / world)
+        if event is not None:
+            log(f"step {s}: curriculum stage {event['stage']}, t in [{event['t_min']}, {event['t_max']})")
+            write_metrics(event)
+        if stop > 0:
+            return False
+        return True
+
+    if method.curriculum is not None and step == 0:
+        lo, hi = method.curriculum.active_range
+        write_metrics({"event": "curriculum_stage", "step": 0, "stage": method.curriculum.stage, "t_min": lo, "t_max": hi})
+    keep_going = True
+    while step < args.max_steps and keep_going:
+        x, y = next(data_iter)
+        terms, t, extra, bad = train_step(run, datasets.to_model_input(x), y, step)
+        step += 1
+
+        # Bookkeeping on the device; read back only at log steps (and the lagged flags below).
+        with torch.no_grad():
+            lv = torch.nan_to_num(terms["loss"].detach().float(), nan=0.0, posinf=0.0)
+            b = (diffusion.original_timesteps(t) * nb // diffusion.num_timesteps).long()
+            bucket_sum.index_add_(0, b, lv)
+            bucket_cnt.index_add_(0, b, torch.ones_like(lv))
+            loss_sum += lv.mean()
+            for k, v in extra.items():
+                extra_sum[k] = extra_sum.get(k, 0) + v.float()
+            n_logged += 1
+            flags = torch.stack([lv.mean(), bad.float(), stop_requested.clone()])
+            if distributed:
+                dist.all_reduce(flags)
+        if method.curriculum is not None:  # the pacing decision must land at the same step on every run
+            keep_going = resolve((step, flags))
+        else:  # read one step late, so the host never waits for the step it just queued
+            if pending is not None:
+                keep_going = resolve(pending)
+            pending = (step, flags)
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            if pending is not None:
+                keep_going = resolve(pending) and keep_going
+                pending = None
+            stats = torch.cat([loss_sum.view(1), bucket_sum, bucket_cnt] + [v.view(-1) for v in extra_sum.values()])
+            if distributed:
+                dist.all_reduce(stats)
+            stats = stats.tolist()
+            elapsed = time.time() - t0
+            record = {"step": step, "loss": stats[0] / (n_logged * world), "steps_per_s": n_logged / elapsed,
+                      "images_per_s": n_logged * args.global_batch_size / elapsed}
+            for i in range(nb):
+                if stats[1 + nb + i] > 0:
+                    record[f"loss_t{i}"] = stats[1 + i] / stats[1 + nb + i]
+            pos = 1 + 2 * nb
+            for k, v in extra_sum.items():
+                vals = stats[pos: pos + v.numel()]
+                pos += v.numel()
+                for i, val in enumerate(vals):
+                    record[f"ant/{k}{i}"] = val / (n_logged * world)
+            record.update(method.log_fields())
+            write_metrics(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            if master:
+                tqdm.write(f"step {step:7d}  loss {record['loss']:.4f}  {record['steps_per_s']:.2f} steps/s  "
+                           f"{record['images_per_s']:.1f} img/s")
+            bucket_sum.zero_(), bucket_cnt.zero_(), loss_sum.zero_()
+            extra_sum, n_logged, t0 = {}, 0, time.time()
+
+        if step % args.ckpt_every == 0 or step == args.max_steps or not keep_going:
+            if pending is not None:
+                keep_going = resolve(pending) and keep_going
+                pending = None
+            save_checkpoint()
+        if args.sample_every and step % args.sample_every == 0:
+            save_samples()
+
+    bar.close()
+    for s, handler in previous_handlers.items():
+        signal.signal(s, handler)
+    if not keep_going:
+        log(f"stopped by a signal at step {step}; resume with the same flags plus --resume auto")
+    elif args.sample_every == 0 or step % args.sample_every:
+        save_samples()
+    if distributed:
+        dist.destroy_process_group()
+    return step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (ConfigError, datasets.DataError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
