@@ -91,6 +91,31 @@ def generate(model, diffusion, labels, noise, steps="250", cfg_scale=1.0, clip_d
         return diffusion.sample(model_fn, noise, steps=steps, clip_denoised=clip_denoised, progress=progress)
 
 
+def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, steps="250", cfg_scale=1.0,
+                   clip_denoised=True, guided_channels=None, class_labels=None, progress=False):
+    """Samples number `indices` of a global numbering: (uint8 (n, H, W, 3), labels (n,)) on the CPU.
+
+    Sample i draws its noise and (uniform random, or class_labels[i % len]) label from a generator
+    seeded with (seed, i), so the result does not depend on how indices are split across ranks
+    or batches."""
+    images, labels = [], []
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start: start + batch_size]
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in idx]
+        noise = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size, generator=g) for g in gens])
+        if class_labels:
+            y = torch.tensor([class_labels[i % len(class_labels)] for i in idx])
+        else:
+            y = torch.cat([torch.randint(model.num_classes, (1,), generator=g) for g in gens])
+        x = generate(model, diffusion, y.to(device), noise.to(device), steps, cfg_scale, clip_denoised=clip_denoised,
+                     guided_channels=guided_channels, progress=progress)
+        images.append(to_uint8(x))
+        labels.append(y)
+    if not images:
+        return torch.zeros(0, model.input_size, model.input_size, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    return torch.cat(images), torch.cat(labels)
+
+
 def to_uint8(x):
     """[-1, 1] float (N, 3, H, W) -> uint8 (N, H, W, 3) on the CPU."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -147,36 +172,25 @@ def main(argv=None):
     if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:
         sys.exit("error: this model was trained without label dropout, so it has no null class for guidance; use --cfg-scale 1")
 
-    # Global sample i is made by rank i % W from a generator seeded with (seed, i): independent of W.
-    mine = list(range(rank, args.num_samples, world))
-    pixel_space = targs.get("latent") is None
-    images, labels = [], []
-    for start in range(0, len(mine), args.batch_size):
-        idx = mine[start: start + args.batch_size]
-        gens = [torch.Generator().manual_seed(args.seed * 1_000_003 + i) for i in idx]
-        noise = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size, generator=g) for g in gens])
-        if args.class_labels:
-            choices = [int(c) for c in args.class_labels.split(",")]
-            y = torch.tensor([choices[i % len(choices)] for i in idx])
-        else:
-            y = torch.tensor([int(torch.randint(model.num_classes, (1,), generator=g)) for g in gens])
-        x = generate(model, diffusion, y.to(device), noise.to(device), args.steps, args.cfg_scale,
-                     clip_denoised=pixel_space, guided_channels=args.guided_channels, progress=rank == 0)
-        images.append(to_uint8(x))
-        labels.append(y)
-    images = torch.cat(images) if images else torch.zeros(0, model.input_size, model.input_size, 3, dtype=torch.uint8)
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    mine = list(range(rank, args.num_samples, world))  # global sample i is made by rank i % W
+    labels = None if args.class_labels is None else [int(c) for c in args.class_labels.split(",")]
+    images, labels = sample_indices(model, diffusion, mine, device, args.seed, args.batch_size, args.steps, args.cfg_scale,
+                                    clip_denoised=targs.get("latent") is None, guided_channels=args.guided_channels,
+                                    class_labels=labels, progress=rank == 0)
 
+    # Each rank writes its shard (no gathering of 50K images through the process group); rank 0 merges.
+    os.makedirs(args.out, exist_ok=True)
+    np.savez(os.path.join(args.out, f"shard{rank}.npz"), idx=np.array(mine, dtype=np.int64), images=images.numpy(),
+             labels=labels.numpy())
     if distributed:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (mine, images, labels))
-    else:
-        gathered = [(mine, images, labels)]
+        dist.barrier()
     if rank == 0:
-        order = np.argsort(np.concatenate([g[0] for g in gathered]))
-        all_images = torch.cat([g[1] for g in gathered]).numpy()[order]
-        all_labels = torch.cat([g[2] for g in gathered]).numpy()[order]
-        os.makedirs(args.out, exist_ok=True)
+        shards = [np.load(os.path.join(args.out, f"shard{r}.npz")) for r in range(world)]
+        order = np.argsort(np.concatenate([sh["idx"] for sh in shards]))
+        all_images = np.concatenate([sh["images"] for sh in shards])[order]
+        all_labels = np.concatenate([sh["labels"] for sh in shards])[order]
+        for r in range(world):
+            os.remove(os.path.join(args.out, f"shard{r}.npz"))
         np.savez(os.path.join(args.out, "samples.npz"), arr_0=all_images, arr_1=all_labels)
         save_grid(all_images[:64], os.path.join(args.out, "grid.png"))
         if args.save_png:

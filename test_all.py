@@ -384,7 +384,7 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     out = tmp_path / "ddp"
     r = torchrun("train.py", *TINY, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("model replicas identical on 2 ranks") == 2
+    assert r.stdout.count("model replicas and method state identical on 2 ranks") == 2
 
 
 def test_two_process_sampling_splits_exactly(tmp_path):
@@ -1981,3 +1981,259 @@ def test_cli_errors_exit_with_a_message(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         fid.main([str(tmp_path)])  # neither REFERENCE nor --save-stats
     assert "--save-stats" in capsys.readouterr().err
+
+
+# ==============================================================================================
+#                        The papers' methods inside the DiT and train.py
+# ==============================================================================================
+
+def _random_dit(router=None, **kw):
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/4"](input_size=16, in_channels=3, num_classes=4, depth=2, hidden_size=64, num_heads=2,
+                                  router=router, **kw)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+def test_dtr_beta_one_equals_vanilla_bit_for_bit():
+    vanilla, dtr = _random_dit(), _random_dit(TaskRouter(64, beta=1.0))
+    dtr.load_state_dict(vanilla.state_dict(), strict=True)
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 400, 999]), torch.tensor([0, 1, 2])
+    assert torch.equal(vanilla(x, t, y), dtr(x, t, y))
+
+
+def test_dtr_adds_no_parameters_and_loads_a_vanilla_state_dict_strictly():
+    vanilla, dtr = _random_dit(), _random_dit(TaskRouter(64))
+    assert sum(p.numel() for p in dtr.parameters()) == sum(p.numel() for p in vanilla.parameters())
+    assert list(dtr.state_dict()) == list(vanilla.state_dict())
+    dtr.load_state_dict(vanilla.state_dict(), strict=True)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 999]), torch.tensor([0, 1])
+    assert not torch.allclose(dtr(x, t, y), vanilla(x, t, y))
+
+
+def test_dtr_model_matches_hand_written_official_two_block_formula():
+    model = _random_dit(TaskRouter(64, alpha=4.0, beta=0.8))
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([7, 950]), torch.tensor([3, 0])
+    m = routing_masks(1000, 64, 4.0, 0.8)[t][:, None, :]  # (N, 1, C)
+    h = model.x_embedder(x) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y, False)
+    for blk in model.blocks:  # official: r = m*x; r += attn; r += mlp; out = r + (1 - m) * x
+        sm, cm, gm, sp, cp, gp = blk.adaLN_modulation(c).chunk(6, dim=1)
+        r = m * h
+        r = r + gm[:, None] * blk.attn(blk.norm1(r) * (1 + cm[:, None]) + sm[:, None])
+        r = r + gp[:, None] * blk.mlp(blk.norm2(r) * (1 + cp[:, None]) + sp[:, None])
+        h = r + (1 - m) * h
+    ref = model.unpatchify(model.final_layer(h, c))
+    torch.testing.assert_close(model(x, t, y), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_dtr_mask_at_a_respaced_step_is_the_original_timesteps_row():
+    router = TaskRouter(64)
+    seen = []
+    original_forward = router.forward
+    router.forward = lambda t: (seen.append(t.clone()), original_forward(t))[1]
+    model = _random_dit(router)
+    d = gd.Diffusion()
+    d.sample(lambda x, t: model(x, t, torch.zeros(len(x), dtype=torch.long)), torch.randn(1, 3, 16, 16), steps="ddim4")
+    expected = d.respace("ddim4").timestep_map[::-1].tolist()
+    assert [int(s[0]) for s in seen] == expected and expected[0] > 3  # original t, not the respaced index
+
+
+def test_method_parsing_accepts_combinations_and_rejects_meaningless_ones():
+    assert train.parse_method("ant-uw+dtr") == "dtr+ant-uw"
+    assert train.parse_method("curriculum+ant-uw+dtr") == "dtr+ant-uw+curriculum"
+    for bad, why in [("dtr+rtr", "pick one"), ("ant-uw+ant-nash", "pick one"), ("vanilla+dtr", "cannot be combined"),
+                     ("curriculum+ant-pcgrad", "ant-uw only"), ("dtr+dtr", "repeats")]:
+        with pytest.raises(train.ConfigError, match=why):
+            train.parse_method(bad)
+
+
+METHODS = ["dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum", "dtr+ant-uw", "curriculum+ant-uw"]
+METHOD_FLAGS = ["--nash-every", "2", "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "2",
+                "--curriculum-clusters", "5"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_resumes_bitwise(tmp_path, method):
+    common = ["--method", method, "--global-batch-size", "10", *METHOD_FLAGS]
+    straight = run_train(tmp_path, *common, "--max-steps", "6", "--ckpt-every", "3", name="straight")
+    run_train(tmp_path, *common, "--max-steps", "3", name="split")
+    resumed = run_train(tmp_path, *common, "--max-steps", "6", "--ckpt-every", "3", "--resume", "auto", name="split")
+    a, b = last_checkpoint(straight), last_checkpoint(resumed)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), f"{method}: {name} differs after resume"
+    assert repr(a["method"]) == repr(b["method"])
+    assert a["args"]["method"] == train.parse_method(method)
+
+
+def test_ant_logs_per_cluster_losses_and_weights(tmp_path):
+    out = run_train(tmp_path, "--method", "ant-uw", "--global-batch-size", "10", "--max-steps", "2", "--uw-lr", "0.5")
+    rec = metrics(out)[-1]
+    assert {f"ant/L{k}" for k in range(5)} <= set(rec) and {f"ant/w{k}" for k in range(5)} <= set(rec)
+    s = last_checkpoint(out)["method"]["uw"]["log_vars"]
+    assert s.shape == (5,) and torch.count_nonzero(s) == 5  # the log variances trained
+    assert last_checkpoint(out)["opt"]["param_groups"][1]["lr"] == 0.5
+
+
+def test_curriculum_stages_follow_the_fixed_schedule_in_training(tmp_path):
+    out = run_train(tmp_path, "--method", "curriculum", "--global-batch-size", "8", "--max-steps", "6",
+                    "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "2", "--curriculum-clusters", "4")
+    events = [r for r in metrics(out) if r.get("event") == "curriculum_stage"]
+    assert [(e["step"], e["stage"], e["t_min"]) for e in events] == [(0, 1, 750), (2, 2, 500), (4, 3, 250), (6, 4, 0)]
+    logged = [r for r in metrics(out) if "loss_t0" in r]  # loss per timestep bucket: only active buckets appear
+    assert all(r["curriculum/t_min"] <= 250 for r in logged)
+
+
+@pytest.mark.parametrize("method", ["ant-pcgrad", "ant-nash", "dtr+curriculum", "ant-uw"])
+def test_two_process_methods_keep_replicas_and_decisions_identical(tmp_path, method):
+    r = torchrun("train.py", *TINY, "--method", method, "--global-batch-size", "10", "--max-steps", "4", "--ckpt-every", "2",
+                 *METHOD_FLAGS, "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("model replicas and method state identical on 2 ranks") == 2
+
+
+# ==============================================================================================
+#                        Reliability: signals, crashes, bad data
+# ==============================================================================================
+
+def _spawn(tmp_path, name, *flags, script=None):
+    """A real training process (optionally through a wrapper script), output to a log file."""
+    out = tmp_path / name
+    cmd = [sys.executable, str(script) if script else "train.py", *TINY, "--out", str(out), *flags]
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}), out
+
+
+def _wait_for(predicate, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _steps_logged(out):
+    path = out / "metrics.jsonl"
+    return max([json.loads(l).get("step", 0) for l in path.read_text().splitlines()], default=0) if path.exists() else 0
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
+    flags = ["--global-batch-size", "4", "--max-steps", "40", "--ckpt-every", "1000"]
+    straight = run_train(tmp_path, *flags, name="straight")
+    proc, out = _spawn(tmp_path, "cut", *flags)
+    assert _wait_for(lambda: _steps_logged(out) >= 5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    log = (tmp_path / "cut.log").read_text()
+    assert "stopped by a signal" in log and "--resume auto" in log
+    stopped_at = last_checkpoint(out)["step"]
+    assert 5 <= stopped_at < 40
+    run_train(tmp_path, *flags, "--resume", "auto", name="cut")
+    a, b = last_checkpoint(straight), last_checkpoint(out)
+    assert b["step"] == 40 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+SLOW_SAVE = """
+import sys, time, torch
+sys.path.insert(0, {repo!r})
+import train
+real_save = torch.save
+def slow_save(obj, f, *a, **k):
+    real_save(obj, f, *a, **k)
+    if isinstance(obj, dict) and obj.get("step") == 4:
+        f.flush(); time.sleep(60)   # the checkpoint of step 4 stays half-way (not yet renamed)
+torch.save = slow_save
+train.main(sys.argv[1:])
+"""
+
+
+def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path, capsys):
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE.format(repo=str(REPO)))
+    flags = ["--global-batch-size", "4", "--max-steps", "6", "--ckpt-every", "2"]
+    proc, out = _spawn(tmp_path, "killed", *flags, script=script)
+    assert _wait_for(lambda: any(p.name.startswith("0000004.pt.tmp") for p in (out / "checkpoints").glob("*")) if (out / "checkpoints").exists() else False)
+    proc.kill()
+    proc.wait()
+    assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["0000002.pt"]
+    (out / "checkpoints" / "0000003.pt").write_bytes(b"truncated")  # a newer, broken checkpoint is skipped
+    run_train(tmp_path, *flags, "--resume", "auto", name="killed")
+    text = capsys.readouterr().out
+    assert "skipping" in text and "0000003.pt" in text and "resumed from" in text and "0000002.pt at step 2" in text
+    assert last_checkpoint(out)["step"] == 6
+
+
+def test_keep_last_prunes_only_older_checkpoints(tmp_path):
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "5", "--ckpt-every", "1", "--keep-last", "2")
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["0000004.pt", "0000005.pt"]
+
+
+def test_skip_nonfinite_tolerates_n_bad_steps_without_nan_weights(tmp_path, monkeypatch):
+    real = gd.Diffusion.training_losses
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out["loss"] = out["loss"] * float("inf")
+        return out
+
+    monkeypatch.setattr(gd.Diffusion, "training_losses", poisoned)
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "4", "--skip-nonfinite", "1")
+    ckpt = last_checkpoint(out)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for k in ("model", "ema") for v in ckpt[k].values())
+
+
+def test_truncated_jpeg_is_named_and_skipped_on_request(tmp_path, capsys):
+    from PIL import Image
+    _write_images(tmp_path / "imgs", 4)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "imgs" / "b" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    err = _train_error(tmp_path, capsys, "--data", str(tmp_path / "imgs"), "--global-batch-size", "9")
+    assert "cut.jpg" in err
+    out = run_train(tmp_path, "--data", str(tmp_path / "imgs"), "--skip-bad-images", "--global-batch-size", "4",
+                    "--max-steps", "2")
+    assert "skipped 1 unreadable images" in (out / "log.txt").read_text()
+
+
+def test_small_images_are_counted_and_resized_up(tmp_path):
+    _write_images(tmp_path / "imgs", 2, size=8)
+    out = run_train(tmp_path, "--data", str(tmp_path / "imgs"), "--global-batch-size", "4", "--max-steps", "1")
+    assert "4 images are smaller than 16px" in (out / "log.txt").read_text()
+
+
+def test_unwritable_results_folder_fails_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = _train_error(tmp_path, capsys, "--out", str(tmp_path / "file" / "run"))
+    assert "cannot write to the results folder" in err
+
+
+CRASH_ONCE = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import train
+real_step = train.train_step
+def crashing_step(run, x, y, step):
+    if step == 5 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and os.environ["RANK"] == "1":
+        os._exit(1)   # a worker dies mid-run, once
+    return real_step(run, x, y, step)
+train.train_step = crashing_step
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_max_restarts_recovers_from_a_crashed_worker(tmp_path):
+    script = tmp_path / "crash_once.py"
+    script.write_text(CRASH_ONCE.format(repo=str(REPO)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                        str(script), *TINY, "--global-batch-size", "4", "--max-steps", "8", "--ckpt-every", "2",
+                        "--resume", "auto", "--out", str(tmp_path / "el")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "0000004.pt at step 4" in r.stdout
+    assert last_checkpoint(tmp_path / "el")["step"] == 8

@@ -25,6 +25,7 @@ import argparse
 import copy
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datasets
 from dit import DiT_models
-from sample import build_diffusion, build_model, generate, method_parts, save_grid, to_uint8
+from sample import build_diffusion, build_model, generate, method_parts, sample_indices, save_grid, to_uint8
 
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
 ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
@@ -295,6 +296,20 @@ def check_compatible(saved, args):
 #                                   Training
 # ----------------------------------------------------------------------------------------------
 
+def init_distributed(backend):
+    """init_process_group from torchrun's environment, with the store keys of each elastic restart
+    under their own prefix: otherwise a restarted worker can read the dead round's addresses
+    from torchrun's store and the new process group never connects."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          wait_for_workers=False) if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None
+    if store is None:
+        dist.init_process_group(backend)
+    else:
+        prefix = f"train/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world)
+
+
 def build_run(args, device, distributed, log=print):
     """Model, EMA, diffusion, method and optimiser for `args`: what train() and bench.py step."""
     model = build_model(vars(args)).to(device)
@@ -399,6 +414,14 @@ def parse_args(argv=None):
     a("--sample-every", type=int, default=10_000, help="EMA sample grid every N steps (0 = only at the end)")
     a("--sample-steps", default="ddim50", help="sampler for the grid: 'ddim50' or '250'")
     a("--sample-cfg", type=float, default=1.0, help="guidance scale for the grid")
+    a("--fid-every", type=int, default=0, help="FID of the EMA model every N steps (0 = off)")
+    a("--fid-samples", type=int, default=5000, help="samples per FID evaluation, split over ranks")
+    a("--fid-ref", default=None, help="reference for FID (folder, zip, npz or statistics npz); default: the training data")
+    a("--fid-ref-limit", type=int, default=None, help="use only this many reference images (spread evenly)")
+    a("--fid-steps", default="ddim50", help="sampler for the FID samples")
+    a("--fid-cfg", type=float, default=1.0, help="guidance scale for the FID samples")
+    a("--fid-batch-size", type=int, default=250, help="sampling batch per rank for FID")
+    a("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth (downloaded once if omitted and online)")
     a("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     args = p.parse_args(argv)
     args.in_channels = 3
@@ -411,8 +434,7 @@ def train(args):
     # ---------------------------------------------------------------- processes and devices
     distributed = "RANK" in os.environ
     if distributed:
-        backend = "nccl" if torch.cuda.is_available() and args.device in (None, "cuda") else "gloo"
-        dist.init_process_group(backend)
+        init_distributed("nccl" if torch.cuda.is_available() and args.device in (None, "cuda") else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if args.device:
         device = torch.device(args.device)
@@ -515,32 +537,74 @@ def train(args):
     grid_labels = (torch.arange(16) % args.num_classes).to(device)
 
     def save_checkpoint():
-        if distributed:  # replicas must agree bit for bit; a mismatch means a rank took a different decision
+        if distributed:  # replicas and method state must agree bit for bit across ranks
             digest = hashlib.sha256()
             for p in model_params:
                 digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            buffer = io.BytesIO()
+            torch.save(method.state_dict(), buffer)
+            digest.update(buffer.getvalue())
             digests = [None] * world
             dist.all_gather_object(digests, digest.hexdigest())
             if len(set(digests)) > 1:
-                raise RuntimeError(f"model replicas differ across ranks at step {step}: {digests}")
-            log(f"step {step}: model replicas identical on {world} ranks ({digests[0][:12]})")
+                raise RuntimeError(f"model or method state differs across ranks at step {step}: {digests}")
+            log(f"step {step}: model replicas and method state identical on {world} ranks ({digests[0][:12]})")
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         rngs = [None] * world
         if distributed:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
+        error = [None]
         if master:
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                      "args": vars(args), "method": method.state_dict(), "rng": rngs}
             path = os.path.join(ckpt_dir, f"{step:07d}.pt")
-            atomic_save(state, path)
-            log(f"saved checkpoint {path}")
-            if args.keep_last > 0:
-                for old in checkpoint_paths(args.out)[args.keep_last:]:
-                    os.remove(old)
+            try:
+                atomic_save(state, path)
+                log(f"saved checkpoint {path}")
+                if args.keep_last > 0:  # prune only now that the new one is safely on disk
+                    for old in checkpoint_paths(args.out)[args.keep_last:]:
+                        os.remove(old)
+            except OSError as e:  # disk full, folder gone, permissions: stop, keep what is on disk
+                previous = checkpoint_paths(args.out)
+                error[0] = (f"cannot write checkpoint {path}: {e}. Stopping at step {step}; the previous checkpoint "
+                            f"{previous[0] if previous else '(none)'} is intact. Free space and resume with --resume auto")
         if distributed:
-            dist.barrier()
+            dist.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise ConfigError(error[0])
+
+    fid_net = ref_stats = None
+    if args.fid_every:
+        import fid
+        try:
+            fid_net = fid.load_inception(args.inception, device)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(str(e)) from None
+        if master:  # reference statistics once per run, cached next to it
+            ref = args.fid_ref or dataset
+            ref_stats = fid.load_or_compute_stats(ref, fid_net, cache_path=os.path.join(args.out, "fid_ref_stats.npz"),
+                                                  limit=args.fid_ref_limit, batch_size=args.fid_batch_size)
+            log(f"FID reference: {args.fid_ref or args.data} ({ref_stats.get('n', '?')} images)")
+
+    def evaluate_fid():
+        """FID of fixed-seed EMA samples: each rank samples and featurises its share, rank 0 scores."""
+        t_start = time.time()
+        mine = list(range(rank, args.fid_samples, world))
+        images, _ = sample_indices(ema, diffusion, mine, device, seed=args.global_seed + 1, batch_size=args.fid_batch_size,
+                                   steps=args.fid_steps, cfg_scale=args.fid_cfg, clip_denoised=True)
+        feats = fid.extract_features(images, fid_net, keys=("pool",), batch_size=args.fid_batch_size, progress=False)["pool"]
+        gathered = [feats]
+        if distributed:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, feats)
+        if master:
+            mu, sigma = fid.feature_statistics(np.concatenate(gathered))
+            value = fid.frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
+            log(f"step {step}: FID {value:.3f} ({args.fid_samples} EMA samples, {args.fid_steps}, cfg {args.fid_cfg}; "
+                f"{time.time() - t_start:.0f} s)")
+            write_metrics({"step": step, "fid": value, "fid_samples": args.fid_samples})
 
     def save_samples():
         if master:
@@ -551,10 +615,13 @@ def train(args):
             log(f"saved sample grid {path}")
 
     # ---------------------------------------------------------------- signals
-    stop_requested = torch.zeros((), device=device)
+    stop_requested = [False]  # set by the handler; shared with the other ranks through the step flags
+    stop_flag = torch.zeros((), device=device)
 
     def on_signal(signum, frame):
-        stop_requested.fill_(1.0)
+        if not stop_requested[0]:
+            print(f"rank {rank}: got signal {signum}; finishing the step and writing a checkpoint", file=sys.stderr, flush=True)
+        stop_requested[0] = True
 
     previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -569,7 +636,8 @@ def train(args):
     pending = None  # (step, flags tensor) of the previous step, read one step late
     t0 = time.time()
     from tqdm.auto import tqdm
-    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train", file=sys.stdout,
+               mininterval=1.0)
 
     def resolve(pending):
         """Read the previous step's flags (the only host sync of the loop). Returns False to stop."""
@@ -612,7 +680,7 @@ def train(args):
             for k, v in extra.items():
                 extra_sum[k] = extra_sum.get(k, 0) + v.float()
             n_logged += 1
-            flags = torch.stack([lv.mean(), bad.float(), stop_requested.clone()])
+            flags = torch.stack([lv.mean(), bad.float(), stop_flag.fill_(float(stop_requested[0]))])
             if distributed:
                 dist.all_reduce(flags)
         if method.curriculum is not None:  # the pacing decision must land at the same step on every run
@@ -652,6 +720,7 @@ def train(args):
             bucket_sum.zero_(), bucket_cnt.zero_(), loss_sum.zero_()
             extra_sum, n_logged, t0 = {}, 0, time.time()
 
+        t_pause = time.time()  # checkpoints, grids and FID do not count against the training throughput
         if step % args.ckpt_every == 0 or step == args.max_steps or not keep_going:
             if pending is not None:
                 keep_going = resolve(pending) and keep_going
@@ -659,6 +728,9 @@ def train(args):
             save_checkpoint()
         if args.sample_every and step % args.sample_every == 0:
             save_samples()
+        if args.fid_every and (step % args.fid_every == 0 or step == args.max_steps):
+            evaluate_fid()
+        t0 += time.time() - t_pause
 
     bar.close()
     for s, handler in previous_handlers.items():
@@ -668,6 +740,7 @@ def train(args):
     elif args.sample_every == 0 or step % args.sample_every:
         save_samples()
     if distributed:
+        dist.barrier()  # nobody tears down the process group while a peer still uses it
         dist.destroy_process_group()
     return step
 
@@ -680,6 +753,14 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        # A DataLoader worker wraps a DataError in its own traceback: show just the data error.
+        lines = str(e).strip().splitlines()
+        if "Original Traceback" in str(e) and lines and lines[-1].startswith(("DataError", "data.DataError")):
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"error: {lines[-1].split(': ', 1)[1]}", file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

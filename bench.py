@@ -1,0 +1,468 @@
+"""
+Speed of the training methods, the samplers and the FID feature extractor, in one process and one run.
+
+    python bench.py --model DiT-S/2 --image-size 32 --batch-size 32 --device cpu \
+        --methods vanilla,dtr,rtr,ant-uw,ant-pcgrad,ant-nash,curriculum --warmup 2 --steps 5 --rounds 3 \
+        --sample --fid --json bench.json
+
+What it measures, per method (any '+'-joined train.py method; vanilla is always the baseline):
+- training step time, images/s and peak memory of `train.train_step` on a run built by
+  `train.build_run`, so precision (bf16 autocast on CUDA), --compile, the optimiser, gradient
+  clipping and the EMA are exactly those of train.py. Every run stays alive and the methods are
+  timed round-robin (a block of --steps steps of each method per round, the order rotated every
+  round), so a drifting machine moves all methods alike; each round gives a ratio to vanilla and
+  the table shows the median over rounds (and the range, to read the noise against);
+- backward passes per step: 1, except ANT-PCGrad (K, every step) and ANT-Nash (K on its update
+  steps, every --nash-every = 25 steps, 1 otherwise). Nash's update steps are timed on their own
+  each round and folded into an amortised step time ((every - 1) * plain + update) / every;
+- model FLOPs per image counted from the architecture (`dit_forward_flops`), the FLOP ratio a
+  method's backward passes imply, and on CUDA the model-FLOPs utilisation (MFU) against the GPU's
+  bf16 dense peak (`peak_tflops`, or --peak-tflops).
+Optional sections: --sample (images/s of sample.generate on the EMA model, DDIM-50 and DDPM-250
+with guidance 1.5 by default, once for the plain DiT and once for a routed DiT if DTR/R-TR is
+benchmarked) and --fid (images/s of fid.FIDInceptionV3 with random weights on images of the
+training size, resized to 299 inside the network as in a real evaluation).
+
+Data are synthetic (random uint8 images on the device -> data.to_model_input), so the data loader
+is not what is timed. Any other train.py flag (--depth, --hidden-size, --num-heads, --ant-clusters,
+--nash-every, --learn-sigma, ...) is passed through to train.parse_args.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import data as datasets
+import diffusion as gd
+import train
+from sample import generate
+
+# bf16 dense peaks (no sparsity) from the vendors' data sheets, TFLOP/s; first match on the name wins.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Model FLOPs
+# ----------------------------------------------------------------------------------------------
+
+def dit_forward_flops(input_size, patch_size, in_channels, hidden_size, depth, mlp_hidden, out_channels,
+                      frequency_embedding_size=256):
+    """FLOPs of one image's DiT forward pass, by part, counting 2 FLOPs per multiply-add.
+
+    Only the matrix products are counted: the patch convolution, the timestep MLP (the label is a
+    table lookup), per block the adaLN Linear, attention (QKV, scores Q K^T, A V, output
+    projection) and MLP, and the final layer (its adaLN Linear and output Linear). Norms,
+    activations, softmax, modulation, residuals and DTR's masks are O(L D) per block and left out,
+    as in the DiT paper's count (which reports multiply-adds: its 118.6 "Gflops" for DiT-XL/2 at
+    256 px are half the "total" here). A training step costs forward + backward = 3x forward.
+    """
+    L, D, p = (input_size // patch_size) ** 2, hidden_size, patch_size
+    parts = {
+        "patch_embed": 2 * L * (in_channels * p * p) * D,
+        "t_embed": 2 * (frequency_embedding_size * D + D * D),
+        "adaln": depth * 2 * D * (6 * D),
+        "attention": depth * (2 * L * D * (3 * D) + 2 * L * L * D + 2 * L * L * D + 2 * L * D * D),
+        "mlp": depth * 2 * (2 * L * D * mlp_hidden),
+        "final": 2 * D * (2 * D) + 2 * L * D * (p * p * out_channels),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def model_flops(model):
+    """dit_forward_flops for a built dit.DiT (so --depth / --hidden-size overrides count)."""
+    return dit_forward_flops(model.input_size, model.patch_size, model.in_channels, model.hidden_size,
+                             len(model.blocks), model.blocks[0].mlp.fc1.out_features, model.out_channels,
+                             model.t_embedder.frequency_embedding_size)
+
+
+def peak_tflops(device_name, override=None):
+    """bf16 dense peak in TFLOP/s for a torch.cuda.get_device_name() string, `override` if given,
+    None when unknown (then no MFU is reported)."""
+    if override is not None:
+        return float(override)
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Machine and timing helpers
+# ----------------------------------------------------------------------------------------------
+
+def machine(device):
+    """Device name, torch version and threads, for the table header and the JSON."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        name = f"{name}, {os.cpu_count()} cores"
+    return {"device": device.type, "name": name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """Seconds taken by fn(), with the device drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def parse_methods(spec):
+    """'vanilla,dtr,ant-uw+dtr' -> canonical method names, vanilla first (added if missing)."""
+    methods = []
+    for item in spec.split(","):
+        name = train.parse_method(item.strip())
+        if name in methods:
+            raise ValueError(f"--methods lists {name!r} twice")
+        methods.append(name)
+    return ["vanilla"] + [m for m in methods if m != "vanilla"]
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Training steps
+# ----------------------------------------------------------------------------------------------
+
+class MethodBench:
+    """One method's live run, its step counter and what was measured."""
+
+    def __init__(self, name, train_argv, num_classes, batch_size, device, out_dir):
+        args = train.parse_args(train_argv + ["--method", name, "--global-batch-size", str(batch_size)])
+        args.method = train.parse_method(args.method)
+        args.num_classes, args.out = num_classes, out_dir
+        torch.manual_seed(0)  # every method starts from the same weights
+        self.name = name
+        self.run = train.build_run(args, device, distributed=False, log=lambda msg: print(msg, file=sys.stderr))
+        self.device, self.step = device, 0
+        m = self.run.method
+        self.K = len(m.intervals) if m.intervals is not None else 1
+        self.every = m.nash.every if m.nash is not None else None
+        self.plain_ms, self.update_ms, self.peak_bytes = [], [], None
+        self.static_bytes = 0
+
+    def is_update(self, step):
+        """A Nash-MTL update step (K backward passes instead of 1)."""
+        return self.every is not None and self.every > 1 and self.run.method.nash.should_update(step)
+
+    def backward_passes(self):
+        """(per plain step, per update step or None, amortised over a Nash period)."""
+        if self.run.method.ant == "ant-pcgrad" or self.every == 1:
+            return self.K, None, float(self.K)
+        if self.every is not None:
+            return 1, self.K, ((self.every - 1) + self.K) / self.every
+        return 1, None, 1.0
+
+    def one_step(self, images, labels, step):
+        """train.py's loop body without its logging bookkeeping: the curriculum reads the loss at
+        once (a host sync, as train.py does to pace it); other methods' lagged read is free."""
+        terms, _, _, _ = train.train_step(self.run, datasets.to_model_input(images), labels, step)
+        if self.run.method.curriculum is not None:
+            self.run.method.after_step(step, float(terms["loss"].detach().mean()))
+
+    def steps(self, n, images, labels, update):
+        """Run n steps: plain ones (skipping Nash update steps) or, with update=True, update steps."""
+        for _ in range(n):
+            while self.is_update(self.step) != update:
+                self.step += 1
+            self.one_step(images, labels, self.step)
+            self.step += 1
+
+    def warm_up(self, n, images, labels):
+        """n steps with the run's natural counter (Nash's step 0 is an update), measuring the
+        memory the run keeps between steps on CUDA (weights, EMA, AdamW state)."""
+        for _ in range(n):
+            self.one_step(images, labels, self.step)
+            self.step += 1
+        sync(self.device)
+
+    def timed_block(self, n, images, labels, update=False):
+        """Mean ms per step over a block of n steps; on CUDA also the block's peak memory."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        seconds = timed(lambda: self.steps(n, images, labels, update), self.device)
+        if cuda:  # this block's peak above the live runs, plus this run's own resident memory
+            peak = torch.cuda.max_memory_allocated(self.device) - base + self.static_bytes
+            self.peak_bytes = max(self.peak_bytes or 0, peak)
+        return 1000.0 * seconds / n
+
+    def round_ms(self, r):
+        """Amortised ms per step in round r (Nash: (every - 1) plain steps and one update step)."""
+        if not self.update_ms:
+            return self.plain_ms[r]
+        return ((self.every - 1) * self.plain_ms[r] + self.update_ms[r]) / self.every
+
+
+def check_memory(num_params, methods, device):
+    """Refuse on CUDA when the runs alone (weights, EMA, grads, AdamW's two moments, PCGrad/Nash's
+    (K, P) gradient matrix) would not fit, before any of them is built."""
+    if device.type != "cuda":
+        return
+    need = sum(num_params * 4 * (5 + (5 if "pcgrad" in m or "nash" in m else 0)) for m in methods)
+    free = torch.cuda.mem_get_info(device)[0]
+    if need > free:
+        raise ValueError(f"the {len(methods)} runs need about {need / 2**30:.1f} GiB before activations, "
+                         f"but {free / 2**30:.1f} GiB are free; benchmark fewer --methods per call")
+
+
+def bench_training(benches, images, labels, warmup, steps, rounds, log):
+    """Warm every run up, then time them round-robin; fills each MethodBench's measurements."""
+    device = benches[0].device
+    for b in benches:
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        b.warm_up(warmup, images, labels)
+        if device.type == "cuda":
+            b.static_bytes = torch.cuda.memory_allocated(device) - before
+    for r in range(rounds):
+        order = benches[r % len(benches):] + benches[:r % len(benches)]  # rotate the starting method
+        for b in order:
+            b.plain_ms.append(b.timed_block(steps, images, labels))
+            if b.is_update(0):  # a Nash run with every > 1: time one update step too
+                b.update_ms.append(b.timed_block(1, images, labels, update=True))
+        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{b.name} {b.plain_ms[-1]:.1f}" for b in benches) + " ms/step")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Sampling and FID throughput
+# ----------------------------------------------------------------------------------------------
+
+def bench_sampling(benches, samplers, cfg_scale, batch_size, device, fwd_flops):
+    """images/s of sample.generate on each distinct network's EMA model (plain DiT, routed DiT)."""
+    networks = {}  # router kind (None: plain DiT) -> the first method with that network
+    for b in benches:
+        router = b.run.model.router
+        networks.setdefault(None if router is None else router.kind, b)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for kind, b in networks.items():
+        label = "DiT" if kind is None else f"DiT + {kind} router ({b.name})"
+        ema, diffusion = b.run.ema, b.run.diffusion
+        noise = torch.randn(batch_size, ema.in_channels, ema.input_size, ema.input_size, generator=gen).to(device)
+        y = torch.randint(ema.num_classes, (batch_size,), generator=gen).to(device)
+        sample = lambda steps: generate(ema, diffusion, y, noise, steps=steps, cfg_scale=cfg_scale, clip_denoised=True)
+        sample("ddim2")  # warm-up
+        for steps in samplers:
+            n_steps = len(gd.space_timesteps(diffusion.num_timesteps, steps))
+            seconds = timed(lambda: sample(steps), device)
+            evals = n_steps * (2 if cfg_scale != 1.0 else 1)  # guidance runs the model on a doubled batch
+            rows.append({"network": label, "sampler": steps, "steps": n_steps, "cfg_scale": cfg_scale,
+                         "batch": batch_size, "seconds": seconds, "images_per_s": batch_size / seconds,
+                         "ms_per_step": 1000.0 * seconds / n_steps,
+                         "gflops_per_image": evals * fwd_flops / 1e9})
+    return rows
+
+
+def bench_fid(batch_size, image_size, rounds, device):
+    """images/s of FID feature extraction (FIDInceptionV3, random weights) on uint8 images of the
+    generated size; fid.extract_features resizes them to 299 as in a real evaluation."""
+    import fid
+    net = fid.FIDInceptionV3().requires_grad_(False).eval().to(device)
+    if device.type == "cpu":
+        net = net.to(memory_format=torch.channels_last)  # as fid.load_inception does on the CPU
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=gen, dtype=torch.uint8).to(device)
+    extract = lambda: fid.extract_features(images, net, batch_size=batch_size, progress=False)
+    extract()  # warm-up
+    seconds = statistics.median(timed(extract, device) for _ in range(max(1, rounds)))
+    return {"batch": batch_size, "image_size": image_size, "seconds": seconds, "images_per_s": batch_size / seconds}
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Report
+# ----------------------------------------------------------------------------------------------
+
+def summarise(benches, batch_size, fwd_flops, peak):
+    """Per-method numbers: medians over rounds of step time and of the ratio to vanilla."""
+    base = benches[0]
+    out = {}
+    for b in benches:
+        rounds_ms = [b.round_ms(r) for r in range(len(b.plain_ms))]
+        ratios = [ms / base.round_ms(r) for r, ms in enumerate(rounds_ms)]
+        ms = statistics.median(rounds_ms)
+        plain, update, passes = b.backward_passes()
+        flops_per_image = (1 + 2 * passes) * fwd_flops  # one forward, each backward about 2 forwards
+        images_per_s = batch_size / (ms / 1000.0)
+        out[b.name] = {
+            "ms_per_step": ms, "images_per_s": images_per_s,
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ms_per_round": rounds_ms, "ratio_per_round": ratios,
+            "backward_passes": passes, "backward_passes_plain": plain, "backward_passes_update": update,
+            "flop_ratio": (1 + 2 * passes) / 3, "train_flops_per_image": flops_per_image,
+            "peak_memory_mb": None if b.peak_bytes is None else b.peak_bytes / 2**20,
+            "mfu": None if peak is None else flops_per_image * images_per_s / (peak * 1e12),
+        }
+        if b.update_ms:
+            out[b.name].update(plain_ms=statistics.median(b.plain_ms), update_ms=statistics.median(b.update_ms),
+                               update_every=b.every)
+    return out
+
+
+def print_report(result):
+    """The readable table on stdout."""
+    c, m = result["config"], result["machine"]
+    print(f"machine: {m['device']} ({m['name']}), torch {m['torch']}, {m['threads']} threads")
+    fl = result["flops"]
+    print(f"model: {c['model']} at {c['image_size']}x{c['image_size']}x{c['in_channels']}, {c['num_params']:,} parameters, "
+          f"batch {c['batch_size']}, {c['precision']}{', compiled' if c['compile'] else ''}; "
+          f"{fl['forward_per_image'] / 1e9:.4g} GFLOP/image forward, {3 * fl['forward_per_image'] / 1e9:.4g} per training image")
+    print(f"timing: warm-up {c['warmup']} step(s) per method, then {c['rounds']} rounds x {c['steps']} steps, "
+          f"methods interleaved (order rotated each round); median over rounds\n")
+    head = f"{'method':<22}{'ms/step':>9}{'img/s':>9}{'x vanilla':>11}{'range':>15}{'bwd/step':>10}{'FLOP x':>8}{'peak MB':>9}{'MFU':>7}"
+    print(head)
+    print("-" * len(head))
+    for name, r in result["methods"].items():
+        mem = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        print(f"{name:<22}{r['ms_per_step']:>9.1f}{r['images_per_s']:>9.1f}{r['ratio']:>11.3f}"
+              f"{r['ratio_min']:>8.3f}-{r['ratio_max']:<6.3f}{r['backward_passes']:>10.2f}{r['flop_ratio']:>8.2f}"
+              f"{mem:>9}{mfu:>7}")
+    for name, r in result["methods"].items():
+        if "update_ms" in r:
+            print(f"{name}: plain step {r['plain_ms']:.1f} ms (1 backward), update step {r['update_ms']:.1f} ms "
+                  f"({r['backward_passes_update']} backward passes) every {r['update_every']} steps; amortised above")
+    print("\nx vanilla: step time over vanilla's in the same round (median, and range over rounds). bwd/step: backward "
+          "passes per step. FLOP x: the model-FLOP ratio those passes imply, (1 + 2 x bwd/step) / 3.")
+    print("Synthetic data (random uint8 images on the device -> data.to_model_input): no data loader, no logging "
+          "bookkeeping; the curriculum's per-step loss read (a host sync, as in train.py) is timed.")
+    if m["device"] == "cuda":
+        peak = c["peak_tflops"]
+        print(f"Peak memory: max_memory_allocated during a method's steps above the other live runs, plus its own "
+              f"weights, EMA and AdamW state. MFU: training FLOPs (forward + bwd/step backwards) x img/s over "
+              + (f"{peak:g} TFLOP/s (bf16 dense peak)." if peak else "an unknown peak: pass --peak-tflops."))
+    else:
+        print(f"Peak memory: n/a per method on the CPU (no allocator statistics; all runs share one process). "
+              f"Process max RSS with every run alive: {result['max_rss_mb']:.0f} MB."
+              + (f" MFU against the given {c['peak_tflops']:g} TFLOP/s." if c["peak_tflops"] else ""))
+    if result.get("sample"):
+        print(f"\n{'sampling (EMA model)':<44}{'sampler':>9}{'cfg':>6}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}")
+        for s in result["sample"]:
+            print(f"{s['network']:<44}{s['sampler']:>9}{s['cfg_scale']:>6g}{s['images_per_s']:>9.2f}"
+                  f"{s['ms_per_step']:>9.1f}{s['gflops_per_image']:>11.4g}")
+        print(f"(batch {result['sample'][0]['batch']} per call; guidance doubles the model batch)")
+    if result.get("fid"):
+        f = result["fid"]
+        print(f"\nFID features (Inception-v3, random weights, {f['image_size']}px -> 299px, batch {f['batch']}): "
+              f"{f['images_per_s']:.1f} images/s")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Main
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    """bench.py's own flags; the rest goes to train.parse_args (returned as a list)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    a = p.add_argument
+    a("--model", default="DiT-S/2", help="a dit.DiT_models name")
+    a("--image-size", type=int, default=32, help="training resolution (pixels, 3 channels)")
+    a("--batch-size", type=int, default=32, help="images per training step")
+    a("--device", default=None, help="default: cuda if available, else cpu")
+    a("--methods", default=",".join(train.METHOD_PARTS), help="comma-separated train.py methods, e.g. vanilla,dtr,dtr+ant-uw")
+    a("--num-classes", type=int, default=1000, help="label classes of the model (ImageNet: 1000)")
+    a("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast on CUDA, as train.py (CPU: fp32)")
+    a("--compile", action="store_true", help="torch.compile the model, as train.py")
+    a("--warmup", type=int, default=2, help="untimed steps per method first")
+    a("--steps", type=int, default=5, help="timed steps per method per round")
+    a("--rounds", type=int, default=3, help="round-robin rounds over the methods")
+    a("--peak-tflops", type=float, default=None, help="the accelerator's peak for MFU when its name is not known")
+    a("--sample", action="store_true", help="also time sampling on the EMA model")
+    a("--sample-batch-size", type=int, default=None, help="images per sampling / FID call (default: --batch-size)")
+    a("--sample-steps", nargs="+", default=["ddim50", "250"], help="samplers to time (sample.generate's steps)")
+    a("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale for --sample (papers: 1.5)")
+    a("--fid", action="store_true", help="also time FID feature extraction")
+    a("--json", default=None, help="write every number to this file")
+    args, rest = p.parse_known_args(argv)
+    args.sample_batch_size = args.sample_batch_size or args.batch_size
+    for name in ("batch_size", "sample_batch_size", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    train_argv = ["--model", args.model, "--image-size", str(args.image_size), "--precision", args.precision] + rest
+    if args.compile:
+        train_argv.append("--compile")
+    return args, train_argv
+
+
+def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+    """Run everything the flags ask for and return the result dict (also printed, and written to --json)."""
+    args, train_argv = parse_args(argv)
+    methods = parse_methods(args.methods)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
+    info = machine(device)
+    log(f"bench: {', '.join(methods)} on {info['name']}")
+    with tempfile.TemporaryDirectory() as out_dir:
+        benches = [MethodBench(methods[0], train_argv, args.num_classes, args.batch_size, device, out_dir)]
+        num_params = sum(p.numel() for p in benches[0].run.params)
+        check_memory(num_params, methods[1:], device)
+        benches += [MethodBench(m, train_argv, args.num_classes, args.batch_size, device, out_dir) for m in methods[1:]]
+    model = benches[0].run.model
+    fwd = model_flops(model)
+    peak = peak_tflops(info["name"], args.peak_tflops) if device.type == "cuda" else args.peak_tflops
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.batch_size, model.in_channels, args.image_size, args.image_size),
+                           generator=gen, dtype=torch.uint8).to(device)  # (B, 3, H, W)
+    labels = torch.randint(args.num_classes, (args.batch_size,), generator=gen).to(device)  # (B,)
+    bench_training(benches, images, labels, args.warmup, args.steps, args.rounds, log)
+
+    result = {
+        "machine": info,
+        "config": {"model": args.model, "image_size": args.image_size, "in_channels": model.in_channels,
+                   "batch_size": args.batch_size, "num_params": num_params, "precision": args.precision if device.type == "cuda" else "fp32",
+                   "compile": args.compile, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
+                   "peak_tflops": peak, "train_argv": train_argv},
+        "flops": {"forward_per_image": fwd["total"], "forward_parts": fwd},
+        "methods": summarise(benches, args.batch_size, fwd["total"], peak),
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+    }
+    if args.sample:
+        log("bench: sampling")
+        result["sample"] = bench_sampling(benches, args.sample_steps, args.cfg_scale, args.sample_batch_size, device,
+                                          fwd["total"])
+        if peak:
+            for s in result["sample"]:
+                s["mfu"] = s["gflops_per_image"] * 1e9 * s["images_per_s"] / (peak * 1e12)
+    if args.fid:
+        log("bench: FID features")
+        result["fid"] = bench_fid(args.sample_batch_size, args.image_size, args.rounds, device)
+    print_report(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=float)
+    return result
+
+
+def main(argv=None):
+    try:
+        bench(argv)
+    except (ValueError, train.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
