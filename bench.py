@@ -113,8 +113,14 @@ def machine(device):
 
 
 def sync(device):
+    """Wait for the device's queued work (CUDA); the CPU runs synchronously."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def allocated(device):
+    """Bytes held by tensors on a CUDA device; 0 on the CPU (no allocator statistics)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def timed(fn, device):
@@ -149,18 +155,20 @@ class MethodBench:
         args.method = train.parse_method(args.method)
         args.num_classes, args.out = num_classes, out_dir
         torch.manual_seed(0)  # every method starts from the same weights
+        before = allocated(device)
         self.name = name
         self.run = train.build_run(args, device, distributed=False, log=lambda msg: print(msg, file=sys.stderr))
+        self.static_bytes = allocated(device) - before  # weights and EMA; warm_up adds AdamW's state
         self.device, self.step = device, 0
         m = self.run.method
         self.K = len(m.intervals) if m.intervals is not None else 1
         self.every = m.nash.every if m.nash is not None else None
+        self.nash_period = self.every if self.every is not None and self.every > 1 else None
         self.plain_ms, self.update_ms, self.peak_bytes = [], [], None
-        self.static_bytes = 0
 
     def is_update(self, step):
-        """A Nash-MTL update step (K backward passes instead of 1)."""
-        return self.every is not None and self.every > 1 and self.run.method.nash.should_update(step)
+        """A Nash-MTL update step (K backward passes instead of 1) of a run that has plain steps too."""
+        return self.nash_period is not None and self.run.method.nash.should_update(step)
 
     def backward_passes(self):
         """(per plain step, per update step or None, amortised over a Nash period)."""
@@ -186,12 +194,14 @@ class MethodBench:
             self.step += 1
 
     def warm_up(self, n, images, labels):
-        """n steps with the run's natural counter (Nash's step 0 is an update), measuring the
-        memory the run keeps between steps on CUDA (weights, EMA, AdamW state)."""
+        """n untimed steps with the run's natural counter (Nash's step 0 is an update); on CUDA
+        adds the memory they leave resident (AdamW's moments) to static_bytes."""
+        before = allocated(self.device)
         for _ in range(n):
             self.one_step(images, labels, self.step)
             self.step += 1
         sync(self.device)
+        self.static_bytes += allocated(self.device) - before
 
     def timed_block(self, n, images, labels, update=False):
         """Mean ms per step over a block of n steps; on CUDA also the block's peak memory."""
@@ -209,7 +219,7 @@ class MethodBench:
         """Amortised ms per step in round r (Nash: (every - 1) plain steps and one update step)."""
         if not self.update_ms:
             return self.plain_ms[r]
-        return ((self.every - 1) * self.plain_ms[r] + self.update_ms[r]) / self.every
+        return ((self.nash_period - 1) * self.plain_ms[r] + self.update_ms[r]) / self.nash_period
 
 
 def check_memory(num_params, methods, device):
@@ -226,17 +236,13 @@ def check_memory(num_params, methods, device):
 
 def bench_training(benches, images, labels, warmup, steps, rounds, log):
     """Warm every run up, then time them round-robin; fills each MethodBench's measurements."""
-    device = benches[0].device
     for b in benches:
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         b.warm_up(warmup, images, labels)
-        if device.type == "cuda":
-            b.static_bytes = torch.cuda.memory_allocated(device) - before
     for r in range(rounds):
         order = benches[r % len(benches):] + benches[:r % len(benches)]  # rotate the starting method
         for b in order:
             b.plain_ms.append(b.timed_block(steps, images, labels))
-            if b.is_update(0):  # a Nash run with every > 1: time one update step too
+            if b.nash_period:  # Nash with plain steps in between: time one update step too
                 b.update_ms.append(b.timed_block(1, images, labels, update=True))
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{b.name} {b.plain_ms[-1]:.1f}" for b in benches) + " ms/step")
 

@@ -5,9 +5,14 @@ Every dataset yields (image, label) with image a uint8 tensor (3, H, W), already
 and resized like ADM/DiT (`center_crop_arr`), and label an int64 class index (0 for every image of
 an unconditional set). Random flips and the scaling to [-1, 1] happen on the device in train.py
 (`to_model_input`), so the same code path serves a DataLoader and a dataset held on the GPU.
+
+The exception is a latent folder written by `latents.py encode` (`LatentFolder`): it yields float16
+VAE latents (C, h, w), already scaled (and with --flip both stored in both orientations), which
+train.py uses as they are.
 """
 
 import io
+import json
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+MANIFEST = "manifest.json"  # marks a latent folder (latents.py)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 SHAPES = ("circle", "square", "triangle", "cross")
 
@@ -228,8 +234,50 @@ class ArrayDataset(torch.utils.data.Dataset):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), int(self.labels[i])
 
 
+class LatentFolder(torch.utils.data.Dataset):
+    """A folder written by `latents.py encode`: latents.npy (rows, C, h, w) float16 VAE latents,
+    already scaled, labels.npy (rows,) and manifest.json (see latents.py). Yields (float16 (C, h, w),
+    label); the latents are memory-mapped, opened on first use in each process."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            with open(os.path.join(self.path, MANIFEST)) as f:
+                self.manifest = json.load(f)
+            self.labels = np.load(os.path.join(self.path, "labels.npy"))
+            shape = np.load(os.path.join(self.path, "latents.npy"), mmap_mode="r").shape
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.path} is not a readable latent folder ({e}); write it with latents.py encode") from None
+        m = self.manifest
+        if not m.get("complete"):
+            raise DataError(f"{self.path}: the latents.py encode that writes it has not finished; "
+                            "rerun the same `latents.py encode` command to resume it")
+        if shape != (m["count"], m["channels"], m["latent_size"], m["latent_size"]) or self.labels.shape != shape[:1]:
+            raise DataError(f"{self.path}: latents {shape} and labels {self.labels.shape} do not match the manifest; re-encode it")
+        self.num_classes, self.skipped, self.num_upsized = m["num_classes"], [], 0
+        self._latents = None
+
+    def array(self):
+        """The (rows, C, h, w) float16 memory map."""
+        if self._latents is None:
+            self._latents = np.load(os.path.join(self.path, "latents.npy"), mmap_mode="r")
+        return self._latents
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.array()[i])), int(self.labels[i])
+
+    def __getstate__(self):  # DataLoader workers open their own map instead of receiving a copy
+        state = self.__dict__.copy()
+        state["_latents"] = None
+        return state
+
+
 def load_dataset(path, image_size, skip_bad=False, shapes_size=10000, seed=0):
-    """The dataset behind --data: None or "shapes" (built-in), a folder, a .zip or an .npz."""
+    """The dataset behind --data: None or "shapes" (built-in), a folder, a .zip, an .npz, or a
+    latent folder (a folder with manifest.json, from latents.py encode)."""
     if path in (None, "shapes"):
         return ShapesDataset(image_size, shapes_size, seed)
     path = str(path)
@@ -237,13 +285,15 @@ def load_dataset(path, image_size, skip_bad=False, shapes_size=10000, seed=0):
         raise DataError(f"data path {path} does not exist; give a folder, .zip or .npz, or omit --data for the built-in shapes")
     if path.endswith(".npz"):
         return ArrayDataset(path, image_size)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return LatentFolder(path)
     if os.path.isdir(path) or path.endswith(".zip"):
         return ImageFiles(path, image_size, skip_bad=skip_bad)
     raise DataError(f"cannot use {path} as data: expected a folder, a .zip or an .npz")
 
 
 def dataset_to_tensor(dataset, num_workers=0):
-    """Decode a whole dataset once: (uint8 (N, 3, H, W), int64 (N,)). For small sets held on the GPU."""
+    """Decode a whole dataset once: (uint8 (N, 3, H, W) or float16 latents, int64 (N,)). For sets held on the GPU."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers)
     images, labels = zip(*loader)
     return torch.cat(images), torch.cat([torch.as_tensor(y) for y in labels])

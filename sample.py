@@ -8,7 +8,9 @@ Samples are split exactly across ranks (rank r makes samples r, r + W, r + 2W, .
 numbering, so N samples total and no duplicates whatever W is). Writes `OUT/samples.npz` with
 arr_0 (N, H, W, 3) uint8 and arr_1 (N,) labels in the ADM evaluator's format, a PNG grid of the
 first 64, and the individual PNGs with --save-png. The network (and its router, for DTR) and the
-diffusion are rebuilt from the arguments saved in the checkpoint.
+diffusion are rebuilt from the arguments saved in the checkpoint. A DiT trained on VAE latents
+(train.py on a latents.py folder) samples latents without clipping and decodes them through the
+VAE saved in the checkpoint (or --vae), so the .npz holds images either way.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import diffusion as gd
+import latents
 from dit import DiT_models
 
 
@@ -45,10 +48,12 @@ def build_router(args, hidden_size):
 
 
 def build_model(args):
-    """The DiT described by a training-argument dict (train.py's vars(args))."""
+    """The DiT described by a training-argument dict (train.py's vars(args)). Its input is the image,
+    or for a latent run (args["latent"]) the latent: 32x32 for 256 px images and the SD VAE."""
     if args["model"] not in DiT_models:
         raise ValueError(f"unknown model {args['model']!r}; choose one of {', '.join(DiT_models)}")
-    kwargs = dict(input_size=args["image_size"], in_channels=args["in_channels"], num_classes=args["num_classes"],
+    input_size = args["latent"]["size"] if args.get("latent") else args["image_size"]
+    kwargs = dict(input_size=input_size, in_channels=args["in_channels"], num_classes=args["num_classes"],
                   class_dropout_prob=args["class_dropout_prob"], learn_sigma=args["learn_sigma"])
     for key in ("depth", "hidden_size", "num_heads"):  # optional overrides of the named config (small test models)
         if args.get(key):
@@ -92,12 +97,12 @@ def generate(model, diffusion, labels, noise, steps="250", cfg_scale=1.0, clip_d
 
 
 def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, steps="250", cfg_scale=1.0,
-                   clip_denoised=True, guided_channels=None, class_labels=None, progress=False):
+                   clip_denoised=True, guided_channels=None, class_labels=None, progress=False, decode=None):
     """Samples number `indices` of a global numbering: (uint8 (n, H, W, 3), labels (n,)) on the CPU.
 
     Sample i draws its noise and (uniform random, or class_labels[i % len]) label from a generator
     seeded with (seed, i), so the result does not depend on how indices are split across ranks
-    or batches."""
+    or batches. For a latent model, `decode` (a latents.Decoder) turns the samples into images."""
     images, labels = [], []
     for start in range(0, len(indices), batch_size):
         idx = indices[start: start + batch_size]
@@ -109,10 +114,11 @@ def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, ste
             y = torch.cat([torch.randint(model.num_classes, (1,), generator=g) for g in gens])
         x = generate(model, diffusion, y.to(device), noise.to(device), steps, cfg_scale, clip_denoised=clip_denoised,
                      guided_channels=guided_channels, progress=progress)
-        images.append(to_uint8(x))
+        images.append(to_uint8(x if decode is None else decode(x)))
         labels.append(y)
     if not images:
-        return torch.zeros(0, model.input_size, model.input_size, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+        side = model.input_size * (1 if decode is None else decode.factor)
+        return torch.zeros(0, side, side, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     return torch.cat(images), torch.cat(labels)
 
 
@@ -151,6 +157,7 @@ def parse_args(argv=None):
     p.add_argument("--save-png", action="store_true", help="also write every sample as a PNG")
     p.add_argument("--fid-ref", default=None, help="score the samples against this reference (folder, zip, npz or stats)")
     p.add_argument("--inception", default=None, help="path to pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--vae", default=None, help="latent models: the VAE to decode with (default: the one saved in the checkpoint)")
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
 
@@ -172,11 +179,18 @@ def main(argv=None):
     if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:
         sys.exit("error: this model was trained without label dropout, so it has no null class for guidance; use --cfg-scale 1")
 
+    decode = None
+    if targs.get("latent"):  # a latent DiT: samples go through the VAE decoder to images
+        try:
+            decode = latents.load_decoder(targs["latent"], device, args.vae)
+        except latents.LatentError as e:
+            sys.exit(f"error: {e}")
+
     mine = list(range(rank, args.num_samples, world))  # global sample i is made by rank i % W
     labels = None if args.class_labels is None else [int(c) for c in args.class_labels.split(",")]
     images, labels = sample_indices(model, diffusion, mine, device, args.seed, args.batch_size, args.steps, args.cfg_scale,
                                     clip_denoised=targs.get("latent") is None, guided_channels=args.guided_channels,
-                                    class_labels=labels, progress=rank == 0)
+                                    class_labels=labels, progress=rank == 0, decode=decode)
 
     # Each rank writes its shard (no gathering of 50K images through the process group); rank 0 merges.
     os.makedirs(args.out, exist_ok=True)

@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -25,7 +26,9 @@ from PIL import Image
 import data as datasets
 import diffusion as gd
 import fid
+import latents
 import negative_transfer as nt
+import sample
 import train
 from curriculum import Curriculum, check_clusters, main as curriculum_main, stage_interval, timestep_clusters
 from dit import DiT, DiT_models
@@ -264,7 +267,6 @@ def _write_images(folder, n_per_class, classes=("a", "b"), size=20):
     for c in classes:
         (folder / c).mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
-            from PIL import Image
             Image.fromarray(rng.integers(0, 255, (size, size + 4, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
 
 
@@ -372,7 +374,6 @@ def test_resume_is_bitwise_identical(tmp_path):
 def test_sample_py_writes_npz_in_adm_format(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
     ckpt = sorted((out / "checkpoints").glob("*.pt"))[-1]
-    import sample
     sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "s"), "--num-samples", "5", "--batch-size", "2",
                  "--steps", "ddim3", "--cfg-scale", "1.5"])
     arr = np.load(tmp_path / "s" / "samples.npz")
@@ -393,7 +394,6 @@ def test_two_process_sampling_splits_exactly(tmp_path):
     r = torchrun("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path / "s2"), "--num-samples", "5", "--steps", "ddim2",
                  "--batch-size", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    import sample
     sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "s1"), "--num-samples", "5", "--steps", "ddim2", "--batch-size", "3"])
     two, one = np.load(tmp_path / "s2" / "samples.npz"), np.load(tmp_path / "s1" / "samples.npz")
     assert two["arr_0"].shape[0] == 5
@@ -2237,3 +2237,233 @@ def test_torchrun_max_restarts_recovers_from_a_crashed_worker(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "0000004.pt at step 4" in r.stdout
     assert last_checkpoint(tmp_path / "el")["step"] == 8
+
+
+# ==============================================================================================
+#                                   latents.py (latent diffusion)
+# ==============================================================================================
+# A tiny randomly initialised AutoencoderKL (2 blocks: downsampling factor 2, not the SD VAE's 8)
+# saved with save_pretrained stands in for sd-vae-ft-ema, so nothing is downloaded. Tests that need
+# diffusers skip without it (pip install diffusers).
+
+
+LATENT_REPO = Path(latents.__file__).resolve().parent
+LATENT_TINY = ["--model", "DiT-S/4", "--depth", "2", "--hidden-size", "64", "--num-heads", "2", "--num-workers", "0", "--sample-every", "0", "--log-every", "1", "--global-batch-size", "4",
+               "--sample-steps", "ddim2"]
+# Stops a process in the middle of a batch: after the latents of batch 2 are written, before its
+# labels and its progress record. Counts the images each process encodes.
+CRASHING_ENCODE = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import latents
+calls, limit = [0], int(os.environ["CRASH_AT_WRITE"])
+real_write, real_encode = latents.pwrite_rows, latents.encode_batch
+
+def pwrite_rows(*args):
+    if calls[0] == limit:
+        os._exit(3)
+    calls[0] += 1
+    real_write(*args)
+
+def encode_batch(vae, x, rows, *args):
+    with open(os.environ["COUNT_FILE"] + os.environ["RANK"], "a") as f:
+        f.write(f"{{len(rows) // 2}}\\n")
+    return real_encode(vae, x, rows, *args)
+
+latents.pwrite_rows, latents.encode_batch = pwrite_rows, encode_batch
+latents.main()
+"""
+
+
+def _tiny_vae(folder, blocks=(8, 16)):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=blocks, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                        up_block_types=("UpDecoderBlock2D",) * len(blocks), layers_per_block=1, latent_channels=4,
+                        sample_size=32, norm_num_groups=8)
+    vae.save_pretrained(folder)
+    return vae.eval()
+
+
+def _image_folder(folder, n_per_class=5):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latent_setup(tmp_path_factory):
+    """(root, VAE folder, image folder, latent folder encoded in this process, flip both)."""
+    pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp("latents")
+    _tiny_vae(root / "vae")
+    images = _image_folder(root / "images")
+    latents.main(["encode", "--data", str(images), "--out", str(root / "lat"), "--vae", str(root / "vae"),
+                  "--image-size", "16", "--batch-size", "3", "--num-workers", "0"])
+    return root, root / "vae", images, root / "lat"
+
+
+def _expected_rows(vae_folder, images, flip_rows=True):
+    """Latents computed directly: image i at row 2i, its mirror at row 2i + 1."""
+    vae = latents.load_vae(str(vae_folder))
+    ds = datasets.load_dataset(str(images), 16)
+    x = datasets.to_model_input(torch.stack([ds[i][0] for i in range(len(ds))]), flip=False)  # (N, 3, 16, 16)
+    x = torch.stack([x, x.flip(-1)], 1).flatten(0, 1)  # (2N, 3, 16, 16)
+    return latents.encode_batch(vae, x, np.arange(len(x)), "sample", 0), np.repeat([ds[i][1] for i in range(len(ds))], 2)
+
+
+def test_missing_diffusers_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    monkeypatch.setitem(sys.modules, "diffusers.models", None)
+    with pytest.raises(latents.LatentError, match="pip install diffusers"):
+        latents.load_vae("stabilityai/sd-vae-ft-ema")
+
+
+def test_factor_scale_and_posterior_follow_the_vae_config(tmp_path):
+    pytest.importorskip("diffusers")
+    vae2, vae4 = _tiny_vae(tmp_path / "v2"), _tiny_vae(tmp_path / "v4", blocks=(8, 8, 16))
+    assert latents.vae_factor(vae2) == 2 and latents.vae_factor(vae4) == 4
+    assert latents.vae_scale_shift(vae2) == (pytest.approx(0.18215), 0.0)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    q = vae2.encode(x).latent_dist
+    mean = latents.encode_batch(vae2, x, [0, 1, 2], "mean")
+    torch.testing.assert_close(mean, q.mean * 0.18215)
+    drawn = latents.encode_batch(vae2, x, [7, 8, 9], "sample", seed=1)  # (3, 4, 8, 8)
+    eps = (drawn / 0.18215 - q.mean) / q.std
+    assert eps.std().item() == pytest.approx(1.0, abs=0.25)
+    # each row's draw depends only on (seed, row), not on the batch it was encoded in
+    torch.testing.assert_close(latents.encode_batch(vae2, x[2:], [9], "sample", seed=1), drawn[2:])
+    decoder = latents.Decoder(vae2, 0.18215)
+    torch.testing.assert_close(decoder(mean), vae2.decode(q.mean).sample)
+    assert decoder.factor == 2
+
+
+def test_two_process_encode_resumes_after_a_crash_without_duplicates(tmp_path):
+    pytest.importorskip("diffusers")
+    _tiny_vae(tmp_path / "vae")
+    images = _image_folder(tmp_path / "images")  # 10 images: each process takes 5, in batches of 2, 2, 1
+    out = tmp_path / "lat"
+    (tmp_path / "crashing.py").write_text(CRASHING_ENCODE.format(repo=str(LATENT_REPO)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "crashing.py"),
+           "encode", "--data", str(images), "--out", str(out), "--vae", str(tmp_path / "vae"), "--image-size", "16",
+           "--batch-size", "2", "--num-workers", "0"]
+
+    def run(crash_at, count_file):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CRASH_AT_WRITE": str(crash_at), "COUNT_FILE": str(count_file)}
+        return subprocess.run(cmd, cwd=LATENT_REPO, capture_output=True, text=True, timeout=300, env=env)
+
+    first = run(3, tmp_path / "first")  # batch 1 complete; batch 2's latents written, then the crash
+    assert first.returncode != 0
+    assert json.loads((out / datasets.MANIFEST).read_text())["complete"] is False
+    np.testing.assert_array_equal(np.flatnonzero(latents.done_images(str(out), 10)), [0, 1, 5, 6])
+    with pytest.raises(datasets.DataError, match="resume"):
+        datasets.load_dataset(str(out), 16)
+
+    second = run(-1, tmp_path / "second")
+    assert second.returncode == 0, second.stderr[-3000:]
+    encoded = sum(int(n) for r in range(2) for n in (tmp_path / f"second{r}").read_text().split())
+    assert encoded == 6  # only the 10 - 4 images not recorded; finished batches are not encoded again
+    manifest = json.loads((out / datasets.MANIFEST).read_text())
+    assert manifest["complete"] and manifest["count"] == 20 and manifest["num_images"] == 10
+    assert (manifest["factor"], manifest["latent_size"], manifest["channels"]) == (2, 8, 4)
+    assert manifest["scale"] == pytest.approx(0.18215) and manifest["flip"] == "both" and manifest["classes"] == ["a", "b"]
+    assert not (out / "progress").exists()
+    ds = datasets.load_dataset(str(out), 16)
+    stored = ds.array()
+    assert isinstance(ds, datasets.LatentFolder) and stored.shape == (20, 4, 8, 8) and stored.dtype == np.float16
+    expected, labels = _expected_rows(tmp_path / "vae", images)
+    np.testing.assert_allclose(stored.astype(np.float32), expected.numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_array_equal(ds.labels, labels)
+
+
+def test_latent_folder_yields_float16_and_pickles_without_its_map(latent_setup):
+    _, _, _, folder = latent_setup
+    ds = datasets.load_dataset(str(folder), 16)
+    x, y = ds[3]
+    assert x.dtype == torch.float16 and x.shape == (4, 8, 8) and y == 0 and len(ds) == 20 and ds.num_classes == 2
+    assert len(pickle.dumps(ds)) < 4096  # DataLoader workers map the file themselves
+
+
+def test_train_on_latents_vanilla_with_fid_and_dtr_then_sample_decodes(latent_setup, tmp_path, monkeypatch):
+    root, vae, images, folder = latent_setup
+    import fid
+
+    class PoolNet(torch.nn.Module):  # stands in for Inception: (N, 3, H, W) in [0, 1] -> 6-d pool features
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            pool = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+            return {"pool": pool, "spatial": pool, "logits": pool}
+
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": PoolNet())
+    clips = []
+    real_generate = sample.generate
+
+    def generate(*args, clip_denoised=True, **kw):
+        clips.append(clip_denoised)
+        return real_generate(*args, clip_denoised=clip_denoised, **kw)
+
+    monkeypatch.setattr(train, "generate", generate)
+    monkeypatch.setattr(sample, "generate", generate)
+    base = LATENT_TINY + ["--data", str(folder), "--image-size", "16", "--max-steps", "2"]
+    train.main(base + ["--out", str(tmp_path / "vanilla"), "--fid-every", "2", "--fid-samples", "4", "--fid-steps", "ddim2",
+                       "--fid-batch-size", "4", "--fid-ref", str(images)])
+    train.main(base + ["--out", str(tmp_path / "dtr"), "--method", "dtr"])
+    assert clips and not any(clips)  # latents are never clipped to [-1, 1]
+    for name in ("vanilla", "dtr"):
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "0000002.pt", map_location="cpu", weights_only=False)
+        a = ckpt["args"]
+        assert a["in_channels"] == 4 and a["image_size"] == 16
+        assert a["latent"]["size"] == 8 and a["latent"]["factor"] == 2 and a["latent"]["vae"] == str(vae)
+        assert ckpt["model"]["x_embedder.proj.weight"].shape[1] == 4
+        assert Image.open(tmp_path / name / "samples_0000002.png").size == (74, 74)  # 4 x 4 decoded 16 px images
+    records = [json.loads(line) for line in (tmp_path / "vanilla" / "metrics.jsonl").read_text().splitlines()]
+    assert any(np.isfinite(r.get("fid", np.nan)) for r in records)
+    model, _, _ = sample.load_model(str(tmp_path / "dtr" / "checkpoints" / "0000002.pt"))
+    assert model.input_size == 8 and model.router is not None
+    sample.main(["--ckpt", str(tmp_path / "dtr" / "checkpoints" / "0000002.pt"), "--out", str(tmp_path / "s"),
+                 "--num-samples", "3", "--batch-size", "2", "--steps", "ddim2", "--cfg-scale", "1.5"])
+    arr = np.load(tmp_path / "s" / "samples.npz")
+    assert arr["arr_0"].shape == (3, 16, 16, 3) and arr["arr_0"].dtype == np.uint8 and arr["arr_1"].shape == (3,)
+
+
+def test_decode_cli_writes_adm_npz_from_a_folder_or_an_npz(latent_setup, tmp_path):
+    root, vae, _, folder = latent_setup
+    latents.main(["decode", "--latents", str(folder), "--out", str(tmp_path / "rec"), "--num", "4"])
+    rec = np.load(tmp_path / "rec" / "images.npz")
+    assert rec["arr_0"].shape == (4, 16, 16, 3) and rec["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(rec["arr_1"], np.load(folder / "labels.npy")[:4])
+    assert (tmp_path / "rec" / "grid.png").exists()
+    z = np.load(folder / "latents.npy")[:3].astype(np.float32)
+    np.savez(tmp_path / "z.npz", arr_0=z)
+    latents.main(["decode", "--latents", str(tmp_path / "z.npz"), "--vae", str(vae), "--out", str(tmp_path / "rec2")])
+    np.testing.assert_array_equal(np.load(tmp_path / "rec2" / "images.npz")["arr_0"], rec["arr_0"][:3])
+
+
+def _exit_message(capsys, fn, argv):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip()
+
+
+def test_latent_mistakes_give_one_line_errors(latent_setup, tmp_path, capsys):
+    root, vae, images, folder = latent_setup
+    base = LATENT_TINY + ["--max-steps", "1", "--out", str(tmp_path / "o")]
+    err = _exit_message(capsys, train.main, base + ["--data", str(folder), "--image-size", "32"])
+    assert "holds latents of 16px images" in err and "--image-size 16" in err
+    err = _exit_message(capsys, train.main, base + ["--data", str(folder), "--image-size", "16", "--fid-every", "1"])
+    assert "--fid-ref" in err
+    err = _exit_message(capsys, train.main, base + ["--data", str(images), "--image-size", "16", "--vae", str(vae)])
+    assert "--vae is for latent folders" in err
+    err = _exit_message(capsys, latents.main, ["encode", "--data", str(images), "--out", str(folder), "--vae", str(vae),
+                                               "--image-size", "16", "--flip", "none"])
+    assert "other settings" in err and "flip" in err
+    err = _exit_message(capsys, latents.main, ["decode", "--latents", str(folder), "--out", str(tmp_path / "d"),
+                                               "--vae", str(tmp_path / "missing-vae")])
+    assert "cannot load the VAE" in err and "internet" in err

@@ -3,6 +3,7 @@ Train a DiT, plain or with the papers' multi-task methods, on one CPU, one GPU o
 
     python train.py                                               # built-in shapes, one process
     torchrun --nproc_per_node=8 train.py --model DiT-B/2 --data imagenet.zip --method dtr+ant-uw
+    torchrun --nproc_per_node=8 train.py --model DiT-L/2 --data latents/in256 --image-size 256   # VAE latents (latents.py)
 
 `--method` joins parts with '+':
     vanilla                         the DiT recipe
@@ -27,7 +28,6 @@ import glob
 import hashlib
 import io
 import json
-import math
 import os
 import signal
 import sys
@@ -41,15 +41,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datasets
+import latents
 from dit import DiT_models
 from sample import build_diffusion, build_model, generate, method_parts, sample_indices, save_grid, to_uint8
 
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
 ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
 # Settings that must match between a checkpoint and the flags of a resumed run.
-MODEL_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "image_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob", "method",
-                  "num_timesteps", "schedule", "dtr_alpha", "dtr_beta", "rtr_seed", "ant_clusters", "ant_objective",
-                  "curriculum_clusters", "curriculum_order", "curriculum_pacing")
+MODEL_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "image_size", "in_channels", "num_classes",
+                  "learn_sigma", "class_dropout_prob", "method", "num_timesteps", "schedule", "dtr_alpha", "dtr_beta",
+                  "rtr_seed", "ant_clusters", "ant_objective", "curriculum_clusters", "curriculum_order",
+                  "curriculum_pacing")
 
 
 class ConfigError(ValueError):
@@ -156,7 +158,7 @@ class Method:
         else:
             flat = self.nt.pcgrad(G, self.order_gen)  # (P,)
         self.nt.write_flat_grad(params, flat)
-        loss = L.sum() if self.nash is None else self.nash.loss(L)
+        loss = L.mean() if self.nash is None else self.nash.loss(L)
         return loss.detach(), {"L": L.detach()} if self.nash is None else {"L": L.detach(), "w": self.nash.alpha_tensor(L)}
 
     def uses_own_gradients(self, step):
@@ -228,7 +230,7 @@ class StreamSampler:
 
 
 def batches(dataset, sampler, args, device):
-    """Infinite iterator of (uint8 images (B, 3, H, W), labels (B,)) on the device."""
+    """Infinite iterator of (uint8 images (B, 3, H, W) or float16 latents, labels (B,)) on the device."""
     if args.data_on_device:
         images, labels = datasets.dataset_to_tensor(dataset, args.num_workers)
         images, labels = images.to(device), labels.to(device)
@@ -330,7 +332,7 @@ def build_run(args, device, distributed, log=print):
 
 
 def train_step(run, x, y, step):
-    """One optimisation step on a batch x (B, 3, H, W) in [-1, 1], labels y (B,), for the 0-based
+    """One optimisation step on a batch x (B, C, H, W) (images in [-1, 1] or latents), labels y (B,), for the 0-based
     step `step`. Returns (per-sample loss terms, t, per-step method tensors, bad) where `bad` is a
     device bool: the loss or gradient was not finite and the update (and EMA) was skipped."""
     args, method = run.args, run.method
@@ -360,8 +362,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # data and model
-    a("--data", default="shapes", help="image folder, .zip, .npz (arr_0, arr_1) or 'shapes' (built-in, offline)")
-    a("--image-size", type=int, default=32, help="training resolution (centre crop + resize like ADM)")
+    a("--data", default="shapes", help="image folder, .zip, .npz (arr_0, arr_1), 'shapes' (built-in, offline), "
+                                       "or a latent folder from latents.py encode")
+    a("--image-size", type=int, default=32, help="training resolution in pixels (centre crop + resize like ADM); for a "
+                                                 "latent folder, the pixel size it was encoded at (the DiT sees image_size / 8 for the SD VAE)")
+    a("--vae", default=None, help="latent folders: the VAE that decodes grids and FID samples (default: the one in its manifest)")
     a("--model", default="DiT-S/2", help=f"one of {', '.join(DiT_models)}")
     a("--depth", type=int, default=None, help="override the config's depth (small models for CPU runs and tests)")
     a("--hidden-size", type=int, default=None, help="override the config's width")
@@ -462,6 +467,8 @@ def train(args):
         raise ConfigError(f"--image-size {args.image_size} is not divisible by the patch size {patch} of {args.model}")
     if args.global_batch_size % world:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
+    if args.curriculum_clusters == 0 and "curriculum" in args.method and "ant" not in args.method:
+        raise ConfigError("--curriculum-clusters 0 means 'the ANT clusters', which needs an ANT method (e.g. curriculum+ant-uw)")
     if args.ant_objective == "gradient" and "ant" in args.method and not args.ant_tas:
         raise ConfigError("--ant-objective gradient needs --ant-tas (make one with: python negative_transfer.py affinity ...)")
     batch = args.global_batch_size // world
@@ -483,7 +490,27 @@ def train(args):
     args.num_classes = dataset.num_classes
     if args.num_classes == 1:
         args.class_dropout_prob = 0.0  # unconditional: no null class, no guidance
-    log(f"data: {args.data} ({len(dataset)} images, {dataset.num_classes} classes, {args.image_size}px)")
+    if isinstance(dataset, datasets.LatentFolder):
+        # DiT on VAE latents: the model's input is the latent (32x32x4 for 256 px and the SD VAE). The
+        # latents are stored scaled and in both flips, so batches skip to_model_input below.
+        m = dataset.manifest
+        if args.image_size != m["image_size"]:
+            raise ConfigError(f"{args.data} holds latents of {m['image_size']}px images ({m['latent_size']}x{m['latent_size']}x{m['channels']}); "
+                              f"pass --image-size {m['image_size']}")
+        if m["latent_size"] % patch:
+            raise ConfigError(f"the latent size {m['latent_size']} of {args.data} is not divisible by the patch size {patch} of {args.model}")
+        args.in_channels = m["channels"]
+        args.latent = {"vae": args.vae or m["vae"], "scale": m["scale"], "shift": m["shift"], "factor": m["factor"],
+                       "size": m["latent_size"], "channels": m["channels"], "flip": m["flip"], "posterior": m["posterior"]}
+        if args.fid_every and not args.fid_ref:
+            raise ConfigError("FID on a latent folder needs --fid-ref (images, or statistics such as ADM's VIRTUAL_imagenet256_labeled.npz)")
+        latents.require_diffusers()  # the grids and FID decode through the VAE: fail now, not after training
+        log(f"data: {args.data} ({len(dataset)} latents {m['channels']}x{m['latent_size']}x{m['latent_size']} of {args.image_size}px "
+            f"images, flip {m['flip']}, {dataset.num_classes} classes; VAE {args.latent['vae']}, scale {m['scale']})")
+    elif args.vae:
+        raise ConfigError(f"--vae is for latent folders (latents.py encode); {args.data} holds images")
+    else:
+        log(f"data: {args.data} ({len(dataset)} images, {dataset.num_classes} classes, {args.image_size}px)")
     if getattr(dataset, "skipped", None):
         log(f"data: skipped {len(dataset.skipped)} unreadable images, e.g. {dataset.skipped[0]}")
     if getattr(dataset, "num_upsized", 0):
@@ -533,7 +560,8 @@ def train(args):
 
     # Fixed noise and labels for the sample grids.
     grid_gen = torch.Generator().manual_seed(args.global_seed)
-    grid_noise = torch.randn(16, 3, args.image_size, args.image_size, generator=grid_gen).to(device)
+    side = args.image_size if args.latent is None else args.latent["size"]
+    grid_noise = torch.randn(16, args.in_channels, side, side, generator=grid_gen).to(device)
     grid_labels = (torch.arange(16) % args.num_classes).to(device)
 
     def save_checkpoint():
@@ -588,12 +616,22 @@ def train(args):
                                                   limit=args.fid_ref_limit, batch_size=args.fid_batch_size)
             log(f"FID reference: {args.fid_ref or args.data} ({ref_stats.get('n', '?')} images)")
 
+    decoder = None
+
+    def pixels():
+        """None for pixel runs; for latent runs the VAE decoder, loaded on first use (grids and FID)."""
+        nonlocal decoder
+        if args.latent is not None and decoder is None:
+            decoder = latents.load_decoder(args.latent, device)
+        return decoder
+
     def evaluate_fid():
         """FID of fixed-seed EMA samples: each rank samples and featurises its share, rank 0 scores."""
         t_start = time.time()
         mine = list(range(rank, args.fid_samples, world))
         images, _ = sample_indices(ema, diffusion, mine, device, seed=args.global_seed + 1, batch_size=args.fid_batch_size,
-                                   steps=args.fid_steps, cfg_scale=args.fid_cfg, clip_denoised=True)
+                                   steps=args.fid_steps, cfg_scale=args.fid_cfg, clip_denoised=args.latent is None,
+                                   decode=pixels())
         feats = fid.extract_features(images, fid_net, keys=("pool",), batch_size=args.fid_batch_size, progress=False)["pool"]
         gathered = [feats]
         if distributed:
@@ -609,7 +647,9 @@ def train(args):
     def save_samples():
         if master:
             x = generate(ema, diffusion, grid_labels, grid_noise, steps=args.sample_steps, cfg_scale=args.sample_cfg,
-                         clip_denoised=True)
+                         clip_denoised=args.latent is None)
+            if pixels() is not None:
+                x = pixels()(x)  # latents -> images in [-1, 1]
             path = os.path.join(args.out, f"samples_{step:07d}.png")
             save_grid(to_uint8(x), path, nrow=4)
             log(f"saved sample grid {path}")
@@ -667,7 +707,8 @@ def train(args):
     keep_going = True
     while step < args.max_steps and keep_going:
         x, y = next(data_iter)
-        terms, t, extra, bad = train_step(run, datasets.to_model_input(x), y, step)
+        x = datasets.to_model_input(x) if args.latent is None else x.float()  # latents: scaled, flips stored
+        terms, t, extra, bad = train_step(run, x, y, step)
         step += 1
 
         # Bookkeeping on the device; read back only at log steps (and the lagged flags below).
