@@ -24,7 +24,10 @@ benchmarked) and --fid (images/s of fid.FIDInceptionV3 with random weights on im
 training size, resized to 299 inside the network as in a real evaluation).
 
 Data are synthetic (random uint8 images on the device -> data.to_model_input), so the data loader
-is not what is timed. Any other train.py flag (--depth, --hidden-size, --num-heads, --ant-clusters,
+is not what is timed; pixel-space runs only (a latent DiT of the same shape costs the same per
+step: pass --image-size 32 for 256 px latents, though the input then has 3 channels, not 4). On a
+CPU shared with other jobs, set OMP_NUM_THREADS=1: with more threads than free cores every step
+waits on the slowest thread and the timings swing by tens of percent. Any other train.py flag (--depth, --hidden-size, --num-heads, --ant-clusters,
 --nash-every, --learn-sigma, ...) is passed through to train.parse_args.
 """
 
@@ -222,12 +225,12 @@ class MethodBench:
         return ((self.nash_period - 1) * self.plain_ms[r] + self.update_ms[r]) / self.nash_period
 
 
-def check_memory(num_params, methods, device):
+def check_memory(num_params, methods, num_clusters, device):
     """Refuse on CUDA when the runs alone (weights, EMA, grads, AdamW's two moments, PCGrad/Nash's
     (K, P) gradient matrix) would not fit, before any of them is built."""
     if device.type != "cuda":
         return
-    need = sum(num_params * 4 * (5 + (5 if "pcgrad" in m or "nash" in m else 0)) for m in methods)
+    need = sum(num_params * 4 * (5 + (num_clusters if "pcgrad" in m or "nash" in m else 0)) for m in methods)
     free = torch.cuda.mem_get_info(device)[0]
     if need > free:
         raise ValueError(f"the {len(methods)} runs need about {need / 2**30:.1f} GiB before activations, "
@@ -322,6 +325,11 @@ def summarise(benches, batch_size, fwd_flops, peak):
     return out
 
 
+def _num(x):
+    """A throughput for the table: one decimal from 10 up, three significant digits below."""
+    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
 def print_report(result):
     """The readable table on stdout."""
     c, m = result["config"], result["machine"]
@@ -351,18 +359,19 @@ def print_report(result):
           "bookkeeping; the curriculum's per-step loss read (a host sync, as in train.py) is timed.")
     if m["device"] == "cuda":
         peak = c["peak_tflops"]
-        print(f"Peak memory: max_memory_allocated during a method's steps above the other live runs, plus its own "
-              f"weights, EMA and AdamW state. MFU: training FLOPs (forward + bwd/step backwards) x img/s over "
+        print("Peak memory: max_memory_allocated during a method's steps above the other live runs, plus its own "
+              "weights, EMA and AdamW state. MFU: training FLOPs (forward + bwd/step backwards) x img/s over "
               + (f"{peak:g} TFLOP/s (bf16 dense peak)." if peak else "an unknown peak: pass --peak-tflops."))
     else:
         print(f"Peak memory: n/a per method on the CPU (no allocator statistics; all runs share one process). "
               f"Process max RSS with every run alive: {result['max_rss_mb']:.0f} MB."
               + (f" MFU against the given {c['peak_tflops']:g} TFLOP/s." if c["peak_tflops"] else ""))
     if result.get("sample"):
-        print(f"\n{'sampling (EMA model)':<44}{'sampler':>9}{'cfg':>6}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}")
+        print(f"\n{'sampling (EMA model)':<44}{'sampler':>9}{'cfg':>6}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}{'MFU':>7}")
         for s in result["sample"]:
-            print(f"{s['network']:<44}{s['sampler']:>9}{s['cfg_scale']:>6g}{s['images_per_s']:>9.2f}"
-                  f"{s['ms_per_step']:>9.1f}{s['gflops_per_image']:>11.4g}")
+            mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else "n/a"
+            print(f"{s['network']:<44}{s['sampler']:>9}{s['cfg_scale']:>6g}{_num(s['images_per_s']):>9}"
+                  f"{s['ms_per_step']:>9.1f}{s['gflops_per_image']:>11.4g}{mfu:>7}")
         print(f"(batch {result['sample'][0]['batch']} per call; guidance doubles the model batch)")
     if result.get("fid"):
         f = result["fid"]
@@ -423,7 +432,7 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     with tempfile.TemporaryDirectory() as out_dir:
         benches = [MethodBench(methods[0], train_argv, args.num_classes, args.batch_size, device, out_dir)]
         num_params = sum(p.numel() for p in benches[0].run.params)
-        check_memory(num_params, methods[1:], device)
+        check_memory(num_params, methods[1:], benches[0].run.args.ant_clusters, device)
         benches += [MethodBench(m, train_argv, args.num_classes, args.batch_size, device, out_dir) for m in methods[1:]]
     model = benches[0].run.model
     fwd = model_flops(model)

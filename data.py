@@ -294,6 +294,7 @@ def load_dataset(path, image_size, skip_bad=False, shapes_size=10000, seed=0):
 
 def dataset_to_tensor(dataset, num_workers=0):
     """Decode a whole dataset once: (uint8 (N, 3, H, W) or float16 latents, int64 (N,)). For sets held on the GPU."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers,
+                                         generator=torch.Generator())  # leaves the global RNG (and resume) alone
     images, labels = zip(*loader)
     return torch.cat(images), torch.cat([torch.as_tensor(y) for y in labels])

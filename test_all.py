@@ -22,7 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
+import bench
 import data as datasets
 import diffusion as gd
 import fid
@@ -2467,3 +2470,105 @@ def test_latent_mistakes_give_one_line_errors(latent_setup, tmp_path, capsys):
     err = _exit_message(capsys, latents.main, ["decode", "--latents", str(folder), "--out", str(tmp_path / "d"),
                                                "--vae", str(tmp_path / "missing-vae")])
     assert "cannot load the VAE" in err and "internet" in err
+
+
+# ==============================================================================================
+#                                   bench.py
+# ==============================================================================================
+
+BENCH_TINY = ["--model", "DiT-S/4", "--depth", "2", "--hidden-size", "64", "--num-heads", "2", "--image-size", "16",
+        "--num-classes", "10", "--device", "cpu"]
+
+
+def test_flops_match_dit_paper_gflops():
+    # DiT paper, Table 4: Gflops (multiply-adds) at 256 px = 32x32x4 latents; ours counts 2 per multiply-add.
+    for name, depth, width, patch, gmacs in [("XL/2", 28, 1152, 2, 118.64), ("L/2", 24, 1024, 2, 80.71),
+                                             ("B/2", 12, 768, 2, 23.01), ("S/2", 12, 384, 2, 6.06)]:
+        flops = bench.dit_forward_flops(32, patch, 4, width, depth, 4 * width, 8)["total"]
+        assert flops / 2e9 == pytest.approx(gmacs, rel=2e-3), name
+
+
+def test_flops_match_torch_flop_counter_on_a_built_model():
+    model = DiT_models["DiT-S/4"](input_size=16, in_channels=3, num_classes=10, depth=2, hidden_size=64, num_heads=2)
+    x, t, y = torch.randn(3, 3, 16, 16), torch.randint(0, 1000, (3,)), torch.randint(0, 10, (3,))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA: counted bmm's
+        model(x, t, y)
+    assert bench.model_flops(model)["total"] * 3 == counter.get_total_flops()
+
+
+def test_peak_tflops_known_gpus_override_and_unknown():
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_tflops("NVIDIA GeForce RTX 4090") is None
+    assert bench.peak_tflops("NVIDIA GeForce RTX 4090", override=165.0) == 165.0
+
+
+def test_methods_are_canonicalised_with_vanilla_first():
+    assert bench.parse_methods("ant-uw+dtr,rtr") == ["vanilla", "dtr+ant-uw", "rtr"]
+    assert bench.parse_methods("dtr,vanilla") == ["vanilla", "dtr"]
+    with pytest.raises(ValueError, match="twice"):
+        bench.parse_methods("dtr+ant-uw,ant-uw+dtr")
+    with pytest.raises(ValueError, match="unknown method part"):
+        bench.parse_methods("vanilla,dtrr")
+
+
+def test_bad_counts_are_refused():
+    with pytest.raises(ValueError, match="--steps"):
+        bench.parse_args(BENCH_TINY + ["--steps", "0"])
+
+
+def test_bench_times_every_method_and_writes_the_table_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    result = bench.bench(BENCH_TINY + ["--batch-size", "10", "--methods", "vanilla,dtr,ant-pcgrad,ant-nash,curriculum,dtr+ant-uw",
+                                 "--warmup", "1", "--steps", "2", "--rounds", "2", "--sample", "--sample-steps", "ddim2",
+                                 "--sample-batch-size", "2", "--fid", "--json", str(path)], log=lambda msg: None)
+    out = capsys.readouterr().out
+    assert json.loads(path.read_text())["methods"].keys() == result["methods"].keys()
+    methods = result["methods"]
+    assert list(methods) == ["vanilla", "dtr", "ant-pcgrad", "ant-nash", "curriculum", "dtr+ant-uw"]
+    for name, r in methods.items():
+        assert name in out
+        assert len(r["ratio_per_round"]) == 2 and all(math.isfinite(v) and v > 0 for v in r["ratio_per_round"])
+        assert r["images_per_s"] == pytest.approx(10 / (r["ms_per_step"] / 1000))
+        assert r["peak_memory_mb"] is None and r["mfu"] is None  # CPU, no peak given: honest n/a
+    assert methods["vanilla"]["ratio"] == 1.0
+    K = 5  # --ant-clusters default
+    assert methods["ant-pcgrad"]["backward_passes"] == K
+    assert methods["ant-pcgrad"]["flop_ratio"] == pytest.approx((1 + 2 * K) / 3)
+    nash = methods["ant-nash"]  # update steps timed apart and amortised over the 25-step period
+    assert nash["backward_passes_update"] == K and nash["update_every"] == 25
+    amortised = (24 * nash["plain_ms"] + nash["update_ms"]) / 25  # exact: the median of 2 rounds is their mean
+    assert nash["ms_per_step"] == pytest.approx(amortised, rel=1e-9)
+    assert nash["backward_passes"] == pytest.approx((24 + K) / 25)
+    assert result["flops"]["forward_per_image"] > 0 and "GFLOP/image" in out
+    # sampling once per distinct network: the plain DiT and the DTR-routed one
+    assert [s["network"].split(" (")[0] for s in result["sample"]] == ["DiT", "DiT + dtr router"]
+    assert all(s["steps"] == 2 and s["images_per_s"] > 0 for s in result["sample"])
+    assert result["fid"]["images_per_s"] > 0
+
+
+def test_data_on_device_gives_the_same_run_as_the_loader(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", arr_0=rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), arr_1=np.arange(12) % 3)
+    flags = ["--data", str(tmp_path / "d.npz"), "--global-batch-size", "5", "--max-steps", "4"]
+    a = last_checkpoint(run_train(tmp_path, *flags, name="loader"))
+    b = last_checkpoint(run_train(tmp_path, *flags, "--data-on-device", name="device"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("steps", ["ddim50", "ddim10", "250", "50"])
+def test_samplers_recover_the_data_point_with_an_oracle_model(steps):
+    # With a one-image data set the optimal epsilon is known in closed form; both samplers must land on the image.
+    d = gd.Diffusion(learn_sigma=True)
+    target = torch.rand(2, 3, 8, 8) * 2 - 1
+    abar = torch.from_numpy(d.alphas_cumprod)
+
+    def oracle(x, t):
+        a = abar[t].float().view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * target) / (1 - a).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], 1)
+
+    torch.manual_seed(0)
+    assert (d.sample(oracle, torch.randn(2, 3, 8, 8), steps=steps) - target).abs().max() < 1e-4

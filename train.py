@@ -565,7 +565,7 @@ def train(args):
     grid_labels = (torch.arange(16) % args.num_classes).to(device)
 
     def save_checkpoint():
-        if distributed:  # replicas and method state must agree bit for bit across ranks
+        if world > 1:  # replicas and method state must agree bit for bit across ranks
             digest = hashlib.sha256()
             for p in model_params:
                 digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
