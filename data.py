@@ -85,8 +85,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         colour = tuple(int(v) for v in rng.integers(120, 256, 3))
         img = Image.new("RGB", (S, S), background)
         draw = ImageDraw.Draw(img)
-        r = S * rng.uniform(0.18, 0.32)
-        cx, cy = (S * rng.uniform(0.35, 0.65) for _ in range(2))
+        r = S * rng.uniform(0.26, 0.36)  # large and near the centre: the outline is what tells classes apart
+        cx, cy = (S * rng.uniform(0.42, 0.58) for _ in range(2))
         if SHAPES[label] == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
         elif SHAPES[label] == "square":
