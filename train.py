@@ -406,7 +406,7 @@ def parse_args(argv=None):
     a("--global-seed", type=int, default=0)
     a("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on CUDA (CPU always runs fp32)")
     a("--compile", action="store_true", help="torch.compile the model")
-    a("--num-workers", type=int, default=4, help="DataLoader workers per rank")
+    a("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers per rank")
     a("--data-on-device", action="store_true", help="decode the dataset once and keep it on the device (small sets)")
     a("--skip-bad-images", action="store_true", help="skip unreadable images (counted at start) instead of stopping")
     a("--skip-nonfinite", type=int, default=0, help="tolerate this many non-finite steps (skipped) before stopping")
