@@ -187,10 +187,10 @@ def main(argv=None):
             sys.exit(f"error: {e}")
 
     mine = list(range(rank, args.num_samples, world))  # global sample i is made by rank i % W
-    labels = None if args.class_labels is None else [int(c) for c in args.class_labels.split(",")]
+    choices = None if args.class_labels is None else [int(c) for c in args.class_labels.split(",")]
     images, labels = sample_indices(model, diffusion, mine, device, args.seed, args.batch_size, args.steps, args.cfg_scale,
                                     clip_denoised=targs.get("latent") is None, guided_channels=args.guided_channels,
-                                    class_labels=labels, progress=rank == 0, decode=decode)
+                                    class_labels=choices, progress=rank == 0, decode=decode)
 
     # Each rank writes its shard (no gathering of 50K images through the process group); rank 0 merges.
     os.makedirs(args.out, exist_ok=True)

@@ -648,8 +648,9 @@ def train(args):
         if master:
             x = generate(ema, diffusion, grid_labels, grid_noise, steps=args.sample_steps, cfg_scale=args.sample_cfg,
                          clip_denoised=args.latent is None)
-            if pixels() is not None:
-                x = pixels()(x)  # latents -> images in [-1, 1]
+            decode = pixels()
+            if decode is not None:
+                x = decode(x)  # latents -> images in [-1, 1]
             path = os.path.join(args.out, f"samples_{step:07d}.png")
             save_grid(to_uint8(x), path, nrow=4)
             log(f"saved sample grid {path}")
