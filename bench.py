@@ -46,7 +46,7 @@ import torch
 import data as datasets
 import diffusion as gd
 import train
-from sample import generate
+from sample import generate, resolve_device
 
 # bf16 dense peaks (no sparsity) from the vendors' data sheets, TFLOP/s; first match on the name wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
@@ -423,7 +423,7 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     """Run everything the flags ask for and return the result dict (also printed, and written to --json)."""
     args, train_argv = parse_args(argv)
     methods = parse_methods(args.methods)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py

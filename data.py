@@ -16,6 +16,7 @@ import json
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -142,9 +143,14 @@ class ImageFiles(torch.utils.data.Dataset):
         if not names:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.path}")
         self._zip = None
-        # One pass over the headers (or, with skip_bad, a full decode) before training starts.
+        # One pass over the headers (or, with skip_bad, a full decode) before training starts, in
+        # contiguous chunks, one per thread. Each chunk opens its own ZipFile: one handle shared by
+        # several threads races on the file position (Python >= 3.12 then reports "Overlapped
+        # entries" or a bad CRC for intact files).
+        size = -(-len(names) // num_threads)
+        chunks = [names[i:i + size] for i in range(0, len(names), size)]
         with ThreadPoolExecutor(num_threads) as pool:
-            checks = list(pool.map(lambda n: self._check(n, full=skip_bad), names))
+            checks = [c for chunk in pool.map(lambda ch: self._check_all(ch, full=skip_bad), chunks) for c in chunk]
         bad = [(n, err) for n, (err, _) in zip(names, checks) if err]
         if bad and not skip_bad:
             name, err = bad[0]
@@ -162,17 +168,25 @@ class ImageFiles(torch.utils.data.Dataset):
     def _where(self, name):
         return f"{self.path}:{name}" if self.is_zip else os.path.join(self.path, name)
 
-    def _open(self, name):
+    def _open(self, name, zf=None):
+        """The image `name`, read from `zf` (a ZipFile) if given, else from this dataset's own handle."""
         if self.is_zip:
-            if self._zip is None:
-                self._zip = zipfile.ZipFile(self.path)
-            return Image.open(io.BytesIO(self._zip.read(name)))
+            if zf is None:
+                if self._zip is None:
+                    self._zip = zipfile.ZipFile(self.path)
+                zf = self._zip
+            return Image.open(io.BytesIO(zf.read(name)))
         return Image.open(os.path.join(self.path, name))
 
-    def _check(self, name, full):
+    def _check_all(self, names, full):
+        """_check for each name, through one zip handle of this thread's own."""
+        with zipfile.ZipFile(self.path) if self.is_zip else nullcontext() as zf:
+            return [self._check(n, full, zf) for n in names]
+
+    def _check(self, name, full, zf=None):
         """(error message or None, whether the image is smaller than the target size)."""
         try:
-            with self._open(name) as img:
+            with self._open(name, zf) as img:
                 if full:
                     img.load()
                 return None, min(img.size) < self.image_size

@@ -87,6 +87,17 @@ def load_model(ckpt_path, device="cpu", use_ema=True):
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def resolve_device(name=None):
+    """torch.device for a --device flag: None picks this process's GPU (cuda:LOCAL_RANK under torchrun)
+    or the CPU; a bare "cuda" also gets the LOCAL_RANK index, which torch.cuda.set_device needs."""
+    if name is None and not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device(name or "cuda")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
 def generate(model, diffusion, labels, noise, steps="250", cfg_scale=1.0, clip_denoised=True, guided_channels=None,
              progress=False):
     """Images in [-1, 1] (N, C, H, W) for the given labels (N,) and starting noise (N, C, H, W)."""
@@ -168,7 +179,7 @@ def main(argv=None):
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -1,6 +1,7 @@
 """The whole test suite: `pytest -q test_all.py`. CPU only, a few minutes on 2 cores."""
 
 import copy
+import functools
 import itertools
 import json
 import math
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import zipfile
@@ -294,6 +296,25 @@ def test_folder_zip_and_npz_datasets(tmp_path):
     assert len(dn) == 5 and dn.num_classes == 3
 
 
+def test_zip_scan_gives_each_thread_its_own_handle(tmp_path, monkeypatch):
+    # A ZipFile read from several threads at once races on the file position: on Python >= 3.12
+    # intact members then fail with "Overlapped entries" or a bad CRC (seen on CIFAR-10's zip).
+    _write_images(tmp_path / "imgs", 20)
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        for p in sorted((tmp_path / "imgs").rglob("*.png")):
+            zf.write(p, str(p.relative_to(tmp_path / "imgs")))
+    users, read = {}, zipfile.ZipFile.read
+
+    def tracked_read(self, name, pwd=None):
+        users.setdefault(id(self), set()).add(threading.get_ident())
+        return read(self, name, pwd)
+
+    monkeypatch.setattr(zipfile.ZipFile, "read", tracked_read)
+    ds = datasets.ImageFiles(tmp_path / "imgs.zip", 16, num_threads=4)
+    assert len(ds) == 40 and ds.num_classes == 2
+    assert len(users) == 4 and all(len(threads) == 1 for threads in users.values())
+
+
 def test_folder_without_class_folders_is_unconditional(tmp_path):
     _write_images(tmp_path / "u", 2, classes=("only",))
     ds = datasets.load_dataset(tmp_path / "u", 16)
@@ -372,6 +393,17 @@ def test_resume_is_bitwise_identical(tmp_path):
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_device_flag_gets_an_index(monkeypatch):
+    # torch.cuda.set_device refuses a bare "cuda" (bench.py --device cuda once failed on an H100).
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert sample.resolve_device("cuda") == torch.device("cuda", 0)
+    assert sample.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert sample.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert sample.resolve_device("cuda") == torch.device("cuda", 3)
+    assert sample.resolve_device(None) == (torch.device("cuda", 3) if torch.cuda.is_available() else torch.device("cpu"))
 
 
 def test_sample_py_writes_npz_in_adm_format(tmp_path):
@@ -2089,6 +2121,12 @@ def test_curriculum_stages_follow_the_fixed_schedule_in_training(tmp_path):
     assert all(r["curriculum/t_min"] <= 250 for r in logged)
 
 
+def test_curriculum_smoothing_flag_reaches_the_pacer():
+    args = train.parse_args([*TINY, "--method", "curriculum", "--curriculum-smoothing", "0.9"])
+    method = train.Method(args, sample.build_diffusion(vars(args)), torch.device("cpu"))
+    assert method.curriculum.smoothing == 0.9 and method.curriculum.warmup == 10  # one EMA time constant
+
+
 @pytest.mark.parametrize("method", ["ant-pcgrad", "ant-nash", "dtr+curriculum", "ant-uw"])
 def test_two_process_methods_keep_replicas_and_decisions_identical(tmp_path, method):
     r = torchrun("train.py", *TINY, "--method", method, "--global-batch-size", "10", "--max-steps", "4", "--ckpt-every", "2",
@@ -2547,6 +2585,17 @@ def test_bench_times_every_method_and_writes_the_table_and_json(tmp_path, capsys
     assert [s["network"].split(" (")[0] for s in result["sample"]] == ["DiT", "DiT + dtr router"]
     assert all(s["steps"] == 2 and s["images_per_s"] > 0 for s in result["sample"])
     assert result["fid"]["images_per_s"] > 0
+
+
+def test_compiled_pcgrad_and_nash_can_backpropagate_once_per_cluster(monkeypatch):
+    # AOTAutograd hands the saved activations to the first backward ("donated buffers") unless told
+    # not to; PCGrad and Nash's update steps backpropagate through the same graph K times.
+    import torch._functorch.config as functorch_config
+    monkeypatch.setattr(functorch_config, "donated_buffer", True)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))  # fast, same autograd
+    result = bench.bench(BENCH_TINY + ["--batch-size", "10", "--methods", "vanilla,ant-pcgrad,ant-nash", "--compile",
+                                       "--nash-every", "1", "--warmup", "1", "--steps", "1", "--rounds", "1"], log=lambda msg: None)
+    assert result["methods"]["ant-pcgrad"]["backward_passes"] == 5 and result["methods"]["ant-nash"]["backward_passes"] == 5
 
 
 def test_data_on_device_gives_the_same_run_as_the_loader(tmp_path):
