@@ -183,7 +183,7 @@ class ImageFiles(torch.utils.data.Dataset):
         with zipfile.ZipFile(self.path) if self.is_zip else nullcontext() as zf:
             return [self._check(n, full, zf) for n in names]
 
-    def _check(self, name, full, zf=None):
+    def _check(self, name, full, zf):
         """(error message or None, whether the image is smaller than the target size)."""
         try:
             with self._open(name, zf) as img:

@@ -86,7 +86,6 @@ def load_model(ckpt_path, device="cpu", use_ema=True):
 #                                   Sampling
 # ----------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def resolve_device(name=None):
     """torch.device for a --device flag: None picks this process's GPU (cuda:LOCAL_RANK under torchrun)
     or the CPU; a bare "cuda" also gets the LOCAL_RANK index, which torch.cuda.set_device needs."""
@@ -98,6 +97,7 @@ def resolve_device(name=None):
     return device
 
 
+@torch.no_grad()
 def generate(model, diffusion, labels, noise, steps="250", cfg_scale=1.0, clip_denoised=True, guided_channels=None,
              progress=False):
     """Images in [-1, 1] (N, C, H, W) for the given labels (N,) and starting noise (N, C, H, W)."""

@@ -649,9 +649,10 @@ def train(args):
         if master:
             mu, sigma = fid.feature_statistics(np.concatenate(gathered))
             value = fid.frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
+            t_end = time.time()
             log(f"step {step}: FID {value:.3f} ({args.fid_samples} EMA samples, {args.fid_steps}, cfg {args.fid_cfg}; "
-                f"{time.time() - t_start:.0f} s: sampling {t_sampled - t_start:.0f}, Inception {t_featurised - t_sampled:.0f}, "
-                f"statistics and distance {time.time() - t_featurised:.0f})")
+                f"{t_end - t_start:.0f} s: sampling {t_sampled - t_start:.0f}, Inception {t_featurised - t_sampled:.0f}, "
+                f"statistics and distance {t_end - t_featurised:.0f})")
             write_metrics({"step": step, "fid": value, "fid_samples": args.fid_samples})
 
     def save_samples():
