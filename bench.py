@@ -23,9 +23,14 @@ with guidance 1.5 by default, once for the plain DiT and once for a routed DiT i
 benchmarked) and --fid (images/s of fid.FIDInceptionV3 with random weights on images of the
 training size, resized to 299 inside the network as in a real evaluation).
 
-Data are synthetic (random uint8 images on the device -> data.to_model_input), so the data loader
-is not what is timed; pixel-space runs only (a latent DiT of the same shape costs the same per
-step: pass --image-size 32 for 256 px latents, though the input then has 3 channels, not 4). On a
+With --profile N, N more plain steps of each method run under torch.profiler, and a table says
+where a step's time goes: on CUDA the GPU kernels by their own time, grouped into matmul/conv,
+attention, Inductor's fused elementwise kernels, the multi-tensor kernels (AdamW, EMA, clipping) and
+the rest, with the share of the wall time the GPU was busy; on the CPU the aten ops by self time.
+
+Data are synthetic, so the data loader is not what is timed: random uint8 images on the device ->
+data.to_model_input (--in-channels 3, pixel space), or N(0, 1) latents (--in-channels 4: the DiT
+papers' 32x32x4 inputs of 256 px images, with --image-size 32). On a
 CPU shared with other jobs, set OMP_NUM_THREADS=1: with more threads than free cores every step
 waits on the slowest thread and the timings swing by tens of percent. Any other train.py flag (--depth, --hidden-size, --num-heads, --ant-clusters,
 --nash-every, --learn-sigma, ...) is passed through to train.parse_args.
@@ -47,6 +52,18 @@ import data as datasets
 import diffusion as gd
 import train
 from sample import generate, resolve_device
+
+# Kernel families of --profile, first match on the lower-cased kernel (CUDA) or op (CPU) name wins. A
+# heuristic over the usual names: cuBLAS (gemm, xmma, nvjet), cuDNN, flash / memory-efficient / cuDNN
+# attention, Triton templates and kernels from Inductor, aten ops on the CPU (where Inductor's C++
+# kernels run inside its "## Call CompiledFxGraph ##" ranges).
+KERNEL_FAMILIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul/conv", ("gemm", "xmma", "nvjet", "cutlass", "triton_tem", "cudnn", "conv", "aten::mm", "aten::addmm",
+                     "aten::bmm")),
+    ("multi-tensor (AdamW, EMA, clip)", ("multi_tensor", "adam", "foreach", "lerp")),
+    ("fused elementwise/norm (Inductor)", ("triton_", "cpp_fused", "compiledfxgraph")),
+)
 
 # bf16 dense peaks (no sparsity) from the vendors' data sheets, TFLOP/s; first match on the name wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
@@ -153,10 +170,10 @@ def parse_methods(spec):
 class MethodBench:
     """One method's live run, its step counter and what was measured."""
 
-    def __init__(self, name, train_argv, num_classes, batch_size, device, out_dir):
+    def __init__(self, name, train_argv, num_classes, in_channels, batch_size, device, out_dir):
         args = train.parse_args(train_argv + ["--method", name, "--global-batch-size", str(batch_size)])
         args.method = train.parse_method(args.method)
-        args.num_classes, args.out = num_classes, out_dir
+        args.num_classes, args.in_channels, args.out = num_classes, in_channels, out_dir
         torch.manual_seed(0)  # every method starts from the same weights
         before = allocated(device)
         self.name = name
@@ -184,7 +201,8 @@ class MethodBench:
     def one_step(self, images, labels, step):
         """train.py's loop body without its logging bookkeeping: the curriculum reads the loss at
         once (a host sync, as train.py does to pace it); other methods' lagged read is free."""
-        terms, _, _, _ = train.train_step(self.run, datasets.to_model_input(images), labels, step)
+        x = datasets.to_model_input(images) if images.dtype == torch.uint8 else images  # latents go in as they are
+        terms, _, _, _ = train.train_step(self.run, x, labels, step)
         if self.run.method.curriculum is not None:
             self.run.method.after_step(step, float(terms["loss"].detach().mean()))
 
@@ -223,6 +241,43 @@ class MethodBench:
         if not self.update_ms:
             return self.plain_ms[r]
         return ((self.nash_period - 1) * self.plain_ms[r] + self.update_ms[r]) / self.nash_period
+
+
+def family(name):
+    """The KERNEL_FAMILIES group of a kernel or op name ("other" if none matches)."""
+    low = name.lower()
+    return next((fam for fam, keys in KERNEL_FAMILIES if any(k in low for k in keys)), "other")
+
+
+def profile_method(b, n, images, labels):
+    """Where n plain steps of one method spend their time, from torch.profiler: on CUDA the GPU
+    kernels by their own time (and the share of the wall time the GPU was busy), on the CPU the
+    aten ops by self CPU time. Returns wall and busy ms per step, the time per KERNEL_FAMILIES
+    group and the top 12 kernels or ops."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = b.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        wall = timed(lambda: b.steps(n, images, labels, update=False), b.device)
+    # record_function ranges (the optimizer's, compiled regions') would count their contents again
+    events = [e for e in prof.key_averages() if not getattr(e, "is_user_annotation", False)]
+    if cuda:  # kernels only: an aten op's device time is its kernels' again
+        rows = [(e.key, e.self_device_time_total, e.count) for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in events]
+    rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+    busy_us = sum(us for _, us, _ in rows)
+    families = {}
+    for name, us, _ in rows:
+        families[family(name)] = families.get(family(name), 0.0) + us / 1000.0 / n
+    return {
+        "steps": n, "wall_ms_per_step": 1000.0 * wall / n, "busy_ms_per_step": busy_us / 1000.0 / n,
+        "families_ms_per_step": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+        "top": [{"name": name, "ms_per_step": us / 1000.0 / n, "share": us / busy_us, "calls_per_step": count / n}
+                for name, us, count in rows[:12]],
+    }
 
 
 def check_memory(num_params, methods, num_clusters, device):
@@ -267,7 +322,8 @@ def bench_sampling(benches, samplers, cfg_scale, batch_size, device, fwd_flops):
         ema, diffusion = b.run.ema, b.run.diffusion
         noise = torch.randn(batch_size, ema.in_channels, ema.input_size, ema.input_size, generator=gen).to(device)
         y = torch.randint(ema.num_classes, (batch_size,), generator=gen).to(device)
-        sample = lambda steps: generate(ema, diffusion, y, noise, steps=steps, cfg_scale=cfg_scale, clip_denoised=True)
+        sample = lambda steps: generate(ema, diffusion, y, noise, steps=steps, cfg_scale=cfg_scale,
+                                        clip_denoised=ema.in_channels == 3, precision=b.run.args.precision)
         sample("ddim2")  # warm-up
         for steps in samplers:
             n_steps = len(gd.space_timesteps(diffusion.num_timesteps, steps))
@@ -330,13 +386,28 @@ def _num(x):
     return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
 
 
+def print_profile(profiles, device_type):
+    """The --profile tables on stdout."""
+    what = "GPU kernels (own time)" if device_type == "cuda" else "aten ops (self CPU time)"
+    for name, p in profiles.items():
+        busy = (f", GPU busy {100 * p['busy_ms_per_step'] / p['wall_ms_per_step']:.1f}% of it" if device_type == "cuda"
+                else "")
+        print(f"\nprofile of {name}, {p['steps']} steps: {p['wall_ms_per_step']:.1f} ms/step wall under the profiler, "
+              f"{p['busy_ms_per_step']:.1f} ms/step in {what}{busy}")
+        print("  " + " | ".join(f"{fam} {100 * ms / p['busy_ms_per_step']:.1f}%"
+                                for fam, ms in p["families_ms_per_step"].items()))
+        print(f"  {'ms/step':>8}{'share':>7}{'calls':>7}  name")
+        for r in p["top"]:
+            print(f"  {r['ms_per_step']:>8.2f}{100 * r['share']:>6.1f}%{r['calls_per_step']:>7.0f}  {r['name'][:100]}")
+
+
 def print_report(result):
     """The readable table on stdout."""
     c, m = result["config"], result["machine"]
     print(f"machine: {m['device']} ({m['name']}), torch {m['torch']}, {m['threads']} threads")
     fl = result["flops"]
     print(f"model: {c['model']} at {c['image_size']}x{c['image_size']}x{c['in_channels']}, {c['num_params']:,} parameters, "
-          f"batch {c['batch_size']}, {c['precision']}{', compiled' if c['compile'] else ''}; "
+          f"batch {c['batch_size']}, {c['precision']}{', compiled (' + c['compile_mode'] + ')' if c['compile'] else ''}; "
           f"{fl['forward_per_image'] / 1e9:.4g} GFLOP/image forward, {3 * fl['forward_per_image'] / 1e9:.4g} per training image")
     print(f"timing: warm-up {c['warmup']} step(s) per method, then {c['rounds']} rounds x {c['steps']} steps, "
           f"methods interleaved (order rotated each round); median over rounds\n")
@@ -355,7 +426,7 @@ def print_report(result):
                   f"({r['backward_passes_update']} backward passes) every {r['update_every']} steps; amortised above")
     print("\nx vanilla: step time over vanilla's in the same round (median, and range over rounds). bwd/step: backward "
           "passes per step. FLOP x: the model-FLOP ratio those passes imply, (1 + 2 x bwd/step) / 3.")
-    print("Synthetic data (random uint8 images on the device -> data.to_model_input): no data loader, no logging "
+    print(f"Synthetic data ({'random uint8 images on the device -> data.to_model_input' if c['in_channels'] == 3 else 'N(0, 1) latents on the device'}): no data loader, no logging "
           "bookkeeping; the curriculum's per-step loss read (a host sync, as in train.py) is timed.")
     if m["device"] == "cuda":
         peak = c["peak_tflops"]
@@ -377,6 +448,8 @@ def print_report(result):
         f = result["fid"]
         print(f"\nFID features (Inception-v3, random weights, {f['image_size']}px -> 299px, batch {f['batch']}): "
               f"{f['images_per_s']:.1f} images/s")
+    if result.get("profile"):
+        print_profile(result["profile"], m["device"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,7 +462,8 @@ def parse_args(argv=None):
                                 allow_abbrev=False)
     a = p.add_argument
     a("--model", default="DiT-S/2", help="a dit.DiT_models name")
-    a("--image-size", type=int, default=32, help="training resolution (pixels, 3 channels)")
+    a("--image-size", type=int, default=32, help="the DiT's input resolution (pixels, or latent size with --in-channels 4)")
+    a("--in-channels", type=int, default=3, choices=(3, 4), help="3: pixel images; 4: VAE latents (32x32x4 = 256 px images)")
     a("--batch-size", type=int, default=32, help="images per training step")
     a("--device", default=None, help="default: cuda if available, else cpu")
     a("--methods", default=",".join(train.METHOD_PARTS), help="comma-separated train.py methods, e.g. vanilla,dtr,dtr+ant-uw")
@@ -405,14 +479,16 @@ def parse_args(argv=None):
     a("--sample-steps", nargs="+", default=["ddim50", "250"], help="samplers to time (sample.generate's steps)")
     a("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale for --sample (papers: 1.5)")
     a("--fid", action="store_true", help="also time FID feature extraction")
+    a("--profile", type=int, default=0, metavar="N", help="also profile N plain steps per method: where the time goes")
     a("--json", default=None, help="write every number to this file")
     args, rest = p.parse_known_args(argv)
     args.sample_batch_size = args.sample_batch_size or args.batch_size
     for name in ("batch_size", "sample_batch_size", "steps", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    for name in ("warmup", "profile"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
     train_argv = ["--model", args.model, "--image-size", str(args.image_size), "--precision", args.precision] + rest
     if args.compile:
         train_argv.append("--compile")
@@ -430,17 +506,21 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     info = machine(device)
     log(f"bench: {', '.join(methods)} on {info['name']}")
     with tempfile.TemporaryDirectory() as out_dir:
-        benches = [MethodBench(methods[0], train_argv, args.num_classes, args.batch_size, device, out_dir)]
+        benches = [MethodBench(methods[0], train_argv, args.num_classes, args.in_channels, args.batch_size, device, out_dir)]
         num_params = sum(p.numel() for p in benches[0].run.params)
         check_memory(num_params, methods[1:], benches[0].run.args.ant_clusters, device)
-        benches += [MethodBench(m, train_argv, args.num_classes, args.batch_size, device, out_dir) for m in methods[1:]]
+        benches += [MethodBench(m, train_argv, args.num_classes, args.in_channels, args.batch_size, device, out_dir)
+                    for m in methods[1:]]
     model = benches[0].run.model
     fwd = model_flops(model)
     peak = peak_tflops(info["name"], args.peak_tflops) if device.type == "cuda" else args.peak_tflops
 
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.batch_size, model.in_channels, args.image_size, args.image_size),
-                           generator=gen, dtype=torch.uint8).to(device)  # (B, 3, H, W)
+    shape = (args.batch_size, model.in_channels, args.image_size, args.image_size)
+    if args.in_channels == 3:
+        images = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)  # (B, 3, H, W) pixels
+    else:
+        images = torch.randn(shape, generator=gen).to(device)  # (B, 4, H, W) latents, scaled to unit variance
     labels = torch.randint(args.num_classes, (args.batch_size,), generator=gen).to(device)  # (B,)
     bench_training(benches, images, labels, args.warmup, args.steps, args.rounds, log)
 
@@ -448,7 +528,7 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         "machine": info,
         "config": {"model": args.model, "image_size": args.image_size, "in_channels": model.in_channels,
                    "batch_size": args.batch_size, "num_params": num_params, "precision": args.precision if device.type == "cuda" else "fp32",
-                   "compile": args.compile, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
+                   "compile": args.compile, "compile_mode": benches[0].run.args.compile_mode, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
                    "peak_tflops": peak, "train_argv": train_argv},
         "flops": {"forward_per_image": fwd["total"], "forward_parts": fwd},
         "methods": summarise(benches, args.batch_size, fwd["total"], peak),
@@ -461,6 +541,9 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         if peak:
             for s in result["sample"]:
                 s["mfu"] = s["gflops_per_image"] * 1e9 * s["images_per_s"] / (peak * 1e12)
+    if args.profile:
+        log("bench: profiling")
+        result["profile"] = {b.name: profile_method(b, args.profile, images, labels) for b in benches}
     if args.fid:
         log("bench: FID features")
         result["fid"] = bench_fid(args.sample_batch_size, args.image_size, args.rounds, device)

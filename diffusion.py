@@ -57,7 +57,10 @@ def space_timesteps(num_timesteps, section_counts):
         if not 1 <= count <= size:
             raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
         stride = (size - 1) / (count - 1) if count > 1 else 1
-        steps += [start + round(stride * j) for j in range(count)]
+        position = 0.0
+        for _ in range(count):  # a running float sum, as the official respace.py: at exact .5 ties
+            steps.append(start + round(position))  # it can round differently from round(stride * j)
+            position += stride
         start += size
     return sorted(set(steps))
 
@@ -85,6 +88,9 @@ class Diffusion:
         betas = get_beta_schedule(schedule, num_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D array in (0, 1]")
+        if len(betas) < 2:
+            raise ValueError("a diffusion needs at least 2 timesteps (the t = 0 variance is clipped to t = 1's); "
+                             "sample with 2 or more steps")
         self.betas = betas  # (T,) float64, and so is every array below
         self.num_timesteps = len(betas)
         self.timestep_map = np.arange(self.num_timesteps, dtype=np.int64) if timestep_map is None else np.asarray(timestep_map, dtype=np.int64)
@@ -232,21 +238,27 @@ class Diffusion:
     # -------------------------------------------------------------------- sampling
 
     @torch.no_grad()
-    def ddpm_sample(self, model_fn, noise, clip_denoised=True, progress=False):
+    def ddpm_sample(self, model_fn, noise, clip_denoised=True, progress=False, noise_fn=None):
         """Ancestral sampling x_{t-1} ~ p(x_{t-1} | x_t) over this diffusion's steps (DDPM alg. 2).
 
-        model_fn(x, t_original) -> raw model output; noise: (N, C, H, W) x_T."""
+        model_fn(x, t_original) -> raw model output; noise: (N, C, H, W) x_T. noise_fn(x) draws each
+        step's N(0, I) noise shaped like x: torch.randn_like (the global RNG) by default; pass one
+        with its own generators to keep the global stream untouched and a sample independent of its
+        batch (sample.sample_indices)."""
+        draw = torch.randn_like if noise_fn is None else noise_fn
         x = noise
         for i in _steps(self.num_timesteps, progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             out = model_fn(x, self.original_timesteps(t)).float()
             mean, log_var, _ = self.p_mean_variance(out, x, t, clip_denoised)
-            x = mean + (i > 0) * torch.exp(0.5 * log_var) * torch.randn_like(x)
+            x = mean + (i > 0) * torch.exp(0.5 * log_var) * draw(x)
         return x
 
     @torch.no_grad()
-    def ddim_sample(self, model_fn, noise, clip_denoised=True, eta=0.0, progress=False):
-        """DDIM sampling (Song et al. 2021, eq. 12); eta = 0 is deterministic."""
+    def ddim_sample(self, model_fn, noise, clip_denoised=True, eta=0.0, progress=False, noise_fn=None):
+        """DDIM sampling (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta > 0 draws step
+        noise with noise_fn as ddpm_sample does."""
+        draw = torch.randn_like if noise_fn is None else noise_fn
         x = noise
         for i in _steps(self.num_timesteps, progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
@@ -258,15 +270,16 @@ class Diffusion:
             sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
             x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
             if i > 0 and eta > 0:
-                x = x + sigma * torch.randn_like(x)
+                x = x + sigma * draw(x)
         return x
 
-    def sample(self, model_fn, noise, steps="250", clip_denoised=True, progress=False):
-        """Sample with respaced steps: "250" (or any section counts) for DDPM, "ddim50" for DDIM."""
+    def sample(self, model_fn, noise, steps="250", clip_denoised=True, progress=False, noise_fn=None):
+        """Sample with respaced steps: "250" (or any section counts) for DDPM, "ddim50" for DDIM;
+        noise_fn as in ddpm_sample."""
         sampler = self.respace(steps)
         if str(steps).startswith("ddim"):
-            return sampler.ddim_sample(model_fn, noise, clip_denoised, progress=progress)
-        return sampler.ddpm_sample(model_fn, noise, clip_denoised, progress=progress)
+            return sampler.ddim_sample(model_fn, noise, clip_denoised, progress=progress, noise_fn=noise_fn)
+        return sampler.ddpm_sample(model_fn, noise, clip_denoised, progress=progress, noise_fn=noise_fn)
 
 
 def _steps(n, progress):

@@ -276,9 +276,11 @@ class DiT(nn.Module):
         epsilon channel (the first in_channels) is guided; guided_channels=3 reproduces the official
         DiT code, which guides only the first three. Learned-variance channels are never guided.
         """
+        k = self.in_channels if guided_channels is None else guided_channels
+        if not 1 <= k <= self.in_channels:
+            raise ValueError(f"guided_channels must be in 1..{self.in_channels} (the epsilon channels), got {k}")
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, y)  # (N, C_out, H, W)
-        k = self.in_channels if guided_channels is None else guided_channels
         eps, rest = out[:, :k], out[:, k:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

@@ -193,12 +193,12 @@ class TaskRouter(nn.Module):
     def forward(self, t):
         """
         Mask rows for a batch of ORIGINAL timesteps t (N,) in 0..T-1 (integer, or float holding
-        integral values, e.g. from a respaced sampler's index map). Returns (N, C) float32.
-        No host sync, so it traces under torch.compile.
+        integral values, e.g. from a respaced sampler's index map; rounded, so 998.9999 is 999).
+        Returns (N, C) float32. No host sync, so it traces under torch.compile.
         """
         if t.ndim != 1:
             raise ValueError(f"t must be a 1-D tensor of timesteps (N,), got shape {tuple(t.shape)}")
-        return self.masks[t.long()]  # (N, C)
+        return self.masks[(t.round() if t.is_floating_point() else t).long()]  # (N, C)
 
     def route(self, block, x, c, m):
         """

@@ -34,6 +34,7 @@ Where we depart from the ADM evaluator, and why:
 
 CLI:  python fid.py SAMPLES REFERENCE [--metrics fid,sfid,is,pr] [--json]
       python fid.py SAMPLES --save-stats stats.npz
+      python fid.py curves RUN [RUN ...] --out fid.png    (FID against step of train.py runs)
 SAMPLES / REFERENCE: an image folder (recursive), a .zip of images, an .npz sample batch
 (`arr_0`: N x H x W x 3 uint8) or a statistics .npz (`mu`, `sigma`, optional `mu_s`, `sigma_s`,
 `pool`; ADM reference batches hold both `arr_0` and the statistics).
@@ -43,6 +44,7 @@ import argparse
 import json
 import os
 import struct
+import sys
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -742,6 +744,137 @@ def evaluate(samples, reference, net, metrics=("fid",), batch_size=50, num_worke
 
 
 # ----------------------------------------------------------------------------------------------
+#                          FID during training: a table and a plot over runs
+# ----------------------------------------------------------------------------------------------
+
+def read_fid_curve(run):
+    """FID against training step of one train.py run: {step: (fid, n_samples)} from the
+    {"step", "fid", "fid_samples"} records of RUN/metrics.jsonl (or of the given metrics.jsonl).
+    A step scored twice (a run resumed from a checkpoint before its last evaluation) keeps the
+    later value, which is the one the checkpoint lineage leads to."""
+    path = Path(run)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"{run}: no metrics.jsonl there; give a train.py run folder or its metrics.jsonl")
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} has a line that is not JSON ({e}); is it a train.py metrics.jsonl?") from None
+    curve = {int(r["step"]): (float(r["fid"]), r.get("fid_samples"))  # later records overwrite earlier ones
+             for r in records if isinstance(r, dict) and "fid" in r and "step" in r}
+    if not curve:
+        raise ValueError(f"{path} holds no FID records; train with --fid-every N to score the EMA model during training")
+    return dict(sorted(curve.items()))
+
+
+def fid_table(curves):
+    """Markdown table of FID per evaluated step (rows) and run (columns) for {label: curve} as
+    read_fid_curve returns; the lowest FID of each row in bold, '-' where a run has no value."""
+    steps = sorted({s for curve in curves.values() for s in curve})
+    lines = ["| step | " + " | ".join(curves) + " |", "|---:|" + "---:|" * len(curves)]
+    for s in steps:
+        values = {label: curve[s][0] for label, curve in curves.items() if s in curve}
+        best = min(values.values()) if len(values) > 1 else None
+        cells = ["-" if label not in values else
+                 (f"**{values[label]:.2f}**" if values[label] == best else f"{values[label]:.2f}") for label in curves]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    counts = sorted({str(n) for curve in curves.values() for _, n in curve.values()})
+    lines.append("")
+    lines.append(f"FID of {' / '.join(counts)} EMA samples per evaluation" + (
+        " (the runs differ in sample count, and FID is biased upward for fewer samples: compare with care)"
+        if len(counts) > 1 else "") + ".")
+    return "\n".join(lines)
+
+
+# Line colours of plot_fid_curves, distinguishable in colour and for the common colour blindnesses
+# (Okabe and Ito's palette), cycled beyond eight runs.
+CURVE_COLOURS = ((0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (213, 94, 0), (0, 114, 178),
+                 (204, 121, 167), (240, 228, 66))
+
+
+def _round_ticks(lo, hi, count=5):
+    """About `count` tick values 1, 2 or 5 times a power of ten apart, inside [lo, hi]."""
+    spacing = 10.0 ** np.floor(np.log10(max(hi - lo, 1e-12) / count))
+    spacing *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (spacing * m) <= count)
+    return [v for v in np.arange(np.ceil(lo / spacing), np.floor(hi / spacing) + 1) * spacing]
+
+
+def plot_fid_curves(curves, out_path, title="FID of the EMA model during training", size=(900, 520)):
+    """Draw FID against training step for {label: curve} (read_fid_curve), one coloured line with
+    dots per run and a legend, and save a PNG at out_path (pillow only)."""
+    from PIL import ImageDraw, ImageFont
+
+    if not curves:
+        raise ValueError("no runs to plot")
+    width, height = size
+    left, right, top, bottom = 70, 190, 40, 50  # the legend lives in the right margin
+    x0, x1, y0, y1 = left, width - right, top, height - bottom
+    steps = [s for curve in curves.values() for s in curve]
+    fids = [v for curve in curves.values() for v, _ in curve.values()]
+    s_hi = max(steps)
+    f_lo, f_hi = min(fids), max(fids)
+    pad = 0.05 * (f_hi - f_lo) or 0.05 * f_hi or 1.0
+    f_lo, f_hi = max(0.0, f_lo - pad), f_hi + pad
+
+    def xy(step, value):
+        return x0 + (x1 - x0) * step / s_hi, y1 - (y1 - y0) * (value - f_lo) / (f_hi - f_lo)
+
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    draw.text((x0, 12), title, fill="black", font=font)
+    for v in _round_ticks(0, s_hi):
+        x, _ = xy(v, f_lo)
+        draw.line([x, y0, x, y1], fill=(230, 230, 230))
+        draw.text((x - 12, y1 + 6), f"{v:g}", fill="black", font=font)
+    for v in _round_ticks(f_lo, f_hi):
+        _, y = xy(0, v)
+        draw.line([x0, y, x1, y], fill=(230, 230, 230))
+        draw.text((8, y - 6), f"{v:g}", fill="black", font=font)
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+    draw.text((x1 - 80, y1 + 26), "training step", fill="black", font=font)
+    draw.text((8, y0 - 20), "FID", fill="black", font=font)
+    for i, (label, curve) in enumerate(curves.items()):
+        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
+        points = [xy(s, v) for s, (v, _) in curve.items()]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        ly = y0 + 8 + 18 * i
+        draw.line([x1 + 14, ly + 6, x1 + 40, ly + 6], fill=colour, width=2)
+        draw.text((x1 + 46, ly), label, fill="black", font=font)
+    img.save(out_path)
+
+
+def curves_main(argv=None):
+    """CLI: python fid.py curves RUN [RUN ...] [--labels a,b,...] [--out fid.png] prints the
+    markdown table of FID per step and run and draws the plot."""
+    parser = argparse.ArgumentParser(prog="fid.py curves",
+                                     description="Table and plot of FID against training step for train.py runs "
+                                                 "trained with --fid-every.")
+    parser.add_argument("runs", nargs="+", help="run folders (or their metrics.jsonl)")
+    parser.add_argument("--labels", default=None, help="comma-separated names for the runs (default: folder names)")
+    parser.add_argument("--out", default="fid_curves.png", help="PNG to write")
+    parser.add_argument("--title", default="FID of the EMA model during training", help="the plot's title")
+    args = parser.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [Path(r).name if Path(r).is_dir() else Path(r).parent.name
+                                                         for r in args.runs]
+    if len(labels) != len(args.runs):
+        parser.error(f"--labels names {len(labels)} runs, but {len(args.runs)} were given")
+    if len(set(labels)) != len(labels):
+        parser.error(f"the runs need distinct labels, got {labels}; pass --labels")
+    try:
+        curves = {label: read_fid_curve(run) for label, run in zip(labels, args.runs)}
+        plot_fid_curves(curves, args.out, title=args.title)
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"fid.py curves: error: {e}\n")
+    print(fid_table(curves))
+    print(f"\nwrote {args.out}")
+    return curves
+
+
+# ----------------------------------------------------------------------------------------------
 #                                            CLI
 # ----------------------------------------------------------------------------------------------
 
@@ -749,10 +882,14 @@ LABELS = {"fid": "FID", "sfid": "sFID", "is": "Inception Score", "precision": "P
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["curves"]:
+        return curves_main(argv[1:])
     parser = argparse.ArgumentParser(
         description="FID / sFID / Inception Score / precision-recall of image samples (pytorch-fid "
                     "network, ADM evaluator metrics). Inputs: image folder, .zip, .npz sample batch "
-                    "(arr_0), or statistics .npz (mu, sigma[, mu_s, sigma_s, pool]).")
+                    "(arr_0), or statistics .npz (mu, sigma[, mu_s, sigma_s, pool]). "
+                    "'python fid.py curves RUN [RUN ...]' tabulates and plots the FID of train.py runs instead.")
     parser.add_argument("samples", help="the images to score (or to take statistics of with --save-stats)")
     parser.add_argument("reference", nargs="?", help="reference images or statistics .npz")
     parser.add_argument("--metrics", default="fid", help="comma-separated: fid,sfid,is,pr (ADM reports all four)")

@@ -480,7 +480,9 @@ def _nash_subproblem(A, alpha):
     the linearisation of phi(x) = sum_k log x_k + log (A x)_k at `alpha` over the convex set
     {x > 0, A x > 0, log x_k + log (A x)_k >= 0}. `alpha` must be feasible. Solved with scipy's
     trust-constr in variables z = x / alpha, from the strictly feasible start z = 1.05.
-    Returns the new alpha (K,) or None."""
+    The official cvxpy problem minimises sum(A x) plus this linearisation; we leave sum(A x) out.
+    The Nash solution alpha_k (A alpha)_k = 1 is a fixed point of either step, and the tests check
+    the final alpha against an independent solver. Returns the new alpha (K,) or None."""
     K = A.shape[0]
     grad_phi = 1.0 / alpha + A @ (1.0 / (A @ alpha))  # (K,) gradient of phi at alpha
     B = A * alpha[None, :]  # (K, K) A diag(alpha), so A x = B z
@@ -834,7 +836,7 @@ def _cluster_command(args):
 
 def _affinity_command(args):
     # Project modules are imported here only, so the module itself needs none of them.
-    from data import load_dataset
+    from data import LatentFolder, load_dataset, to_model_input
     from sample import load_model
 
     device = torch.device(args.device)
@@ -853,6 +855,9 @@ def _affinity_command(args):
         noise_gen = torch.Generator().manual_seed(args.seed)
         batches = []  # the same images and noise for every group: lower-variance comparisons
         for x0, y in itertools.islice(loader, args.batches):
+            # The training objective's input: uint8 images to [-1, 1] as train.py does (no flip:
+            # every group sees the same images); latents are stored ready to use.
+            x0 = x0.float() if isinstance(dataset, LatentFolder) else to_model_input(x0, flip=False)
             noise = torch.randn(x0.shape, generator=noise_gen)
             batches.append((x0.to(device), y.to(device), noise.to(device)))
         if len(batches) < args.batches:

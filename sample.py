@@ -99,21 +99,30 @@ def resolve_device(name=None):
 
 @torch.no_grad()
 def generate(model, diffusion, labels, noise, steps="250", cfg_scale=1.0, clip_denoised=True, guided_channels=None,
-             progress=False):
-    """Images in [-1, 1] (N, C, H, W) for the given labels (N,) and starting noise (N, C, H, W)."""
+             progress=False, noise_fn=None, precision="bf16"):
+    """Images in [-1, 1] (N, C, H, W) for the given labels (N,) and starting noise (N, C, H, W);
+    noise_fn draws the DDPM steps' noise (diffusion.Diffusion.ddpm_sample; default: global RNG).
+    On CUDA the network runs under bf16 autocast, or in fp32 (TF32 matmuls, as the official DiT
+    sampler) with precision="fp32"; the sampler's own arithmetic is fp32 either way."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     model_fn = gd.guided_model_fn(model, labels, cfg_scale, model.num_classes, guided_channels)
-    use_bf16 = noise.device.type == "cuda"
+    use_bf16 = noise.device.type == "cuda" and precision == "bf16"
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-        return diffusion.sample(model_fn, noise, steps=steps, clip_denoised=clip_denoised, progress=progress)
+        return diffusion.sample(model_fn, noise, steps=steps, clip_denoised=clip_denoised, progress=progress,
+                                noise_fn=noise_fn)
 
 
 def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, steps="250", cfg_scale=1.0,
-                   clip_denoised=True, guided_channels=None, class_labels=None, progress=False, decode=None):
+                   clip_denoised=True, guided_channels=None, class_labels=None, progress=False, decode=None,
+                   precision="bf16"):
     """Samples number `indices` of a global numbering: (uint8 (n, H, W, 3), labels (n,)) on the CPU.
 
-    Sample i draws its noise and (uniform random, or class_labels[i % len]) label from a generator
-    seeded with (seed, i), so the result does not depend on how indices are split across ranks
-    or batches. For a latent model, `decode` (a latents.Decoder) turns the samples into images."""
+    Sample i draws its starting noise, its (uniform random, or class_labels[i % len]) label and
+    then the DDPM steps' noise from a generator seeded with (seed, i), so the result does not
+    depend on how indices are split across ranks or batches, and the global RNG is not touched.
+    For a latent model, `decode` (a latents.Decoder) turns the samples into images; `precision` as
+    in generate."""
     images, labels = [], []
     for start in range(0, len(indices), batch_size):
         idx = indices[start: start + batch_size]
@@ -123,8 +132,12 @@ def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, ste
             y = torch.tensor([class_labels[i % len(class_labels)] for i in idx])
         else:
             y = torch.cat([torch.randint(model.num_classes, (1,), generator=g) for g in gens])
+
+        def step_noise(x, gens=gens):  # (n, C, H, W), row j from sample idx[j]'s own generator
+            return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+
         x = generate(model, diffusion, y.to(device), noise.to(device), steps, cfg_scale, clip_denoised=clip_denoised,
-                     guided_channels=guided_channels, progress=progress)
+                     guided_channels=guided_channels, progress=progress, noise_fn=step_noise, precision=precision)
         images.append(to_uint8(x if decode is None else decode(x)))
         labels.append(y)
     if not images:
@@ -169,6 +182,8 @@ def parse_args(argv=None):
     p.add_argument("--fid-ref", default=None, help="score the samples against this reference (folder, zip, npz or stats)")
     p.add_argument("--inception", default=None, help="path to pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--vae", default=None, help="latent models: the VAE to decode with (default: the one saved in the checkpoint)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                   help="CUDA: bf16 autocast (fast, as train.py), or fp32 with TF32 matmuls as the official DiT sampler")
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
 
@@ -201,7 +216,7 @@ def main(argv=None):
     choices = None if args.class_labels is None else [int(c) for c in args.class_labels.split(",")]
     images, labels = sample_indices(model, diffusion, mine, device, args.seed, args.batch_size, args.steps, args.cfg_scale,
                                     clip_denoised=targs.get("latent") is None, guided_channels=args.guided_channels,
-                                    class_labels=choices, progress=rank == 0, decode=decode)
+                                    class_labels=choices, progress=rank == 0, decode=decode, precision=args.precision)
 
     # Each rank writes its shard (no gathering of 50K images through the process group); rank 0 merges.
     os.makedirs(args.out, exist_ok=True)

@@ -146,6 +146,8 @@ def test_cfg_guides_all_channels_by_default_and_three_officially():
         k = 4 if k is None else k
         torch.testing.assert_close(out[:, :k], uncond[:, :k] + 4.0 * (cond[:, :k] - uncond[:, :k]))
         torch.testing.assert_close(out[:, k:], cond[:, k:])
+    with pytest.raises(ValueError, match="epsilon channels"):  # 5..8 are the learned-variance channels
+        model.forward_with_cfg(x, t, y, 4.0, guided_channels=8)
 
 
 def test_unconditional_model_has_one_label_row():
@@ -194,6 +196,10 @@ def test_space_timesteps_sections():
                                                          [50 + round(i * 49 / 4) for i in range(5)]))
     with pytest.raises(ValueError):
         gd.space_timesteps(100, "ddim45")
+    with pytest.raises(ValueError, match="at least 2 timesteps"):
+        gd.Diffusion().respace("1")
+    # the official running float sum: step 10 of "21" is 499.49999..., where round(10 * 999 / 20) gives 500
+    assert 499 in gd.space_timesteps(1000, "21") and 500 not in gd.space_timesteps(1000, "21")
 
 
 def test_sampler_model_sees_original_timesteps():
@@ -373,7 +379,9 @@ def test_training_reduces_loss_on_tiny_data(tmp_path):
 
 def test_train_writes_log_metrics_checkpoint_and_grid(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "3", "--sample-every", "3", "--sample-steps", "ddim5")
-    rec = metrics(out)
+    start, *rec = metrics(out)
+    assert start["event"] == "start" and start["step"] == 0 and start["args"]["global_batch_size"] == 8
+    assert start["world_size"] == 1 and start["device"] == "cpu"
     assert [r["step"] for r in rec] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rec)
     assert any(k.startswith("loss_t") for k in rec[0])
     assert (out / "samples_0000003.png").exists() and (out / "log.txt").exists()
@@ -384,9 +392,10 @@ def test_train_writes_log_metrics_checkpoint_and_grid(tmp_path):
 
 
 def test_resume_is_bitwise_identical(tmp_path):
-    common = ["--global-batch-size", "4", "--max-steps", "6", "--ckpt-every", "3"]
+    # with a DDPM grid at the checkpoint step: its step noise must not come from the training RNG
+    common = ["--global-batch-size", "4", "--max-steps", "6", "--ckpt-every", "3", "--sample-every", "3", "--sample-steps", "4"]
     straight = run_train(tmp_path, *common, name="straight")
-    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "3", name="split")
+    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "3", "--sample-every", "3", "--sample-steps", "4", name="split")
     resumed = run_train(tmp_path, *common, "--resume", "auto", name="split")
     a, b = last_checkpoint(straight), last_checkpoint(resumed)
     assert a["step"] == b["step"] == 6
@@ -426,10 +435,11 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
 def test_two_process_sampling_splits_exactly(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
     ckpt = sorted((out / "checkpoints").glob("*.pt"))[-1]
-    r = torchrun("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path / "s2"), "--num-samples", "5", "--steps", "ddim2",
+    # DDPM, so the steps' noise must come from each sample's own generator too (it once came from the global RNG)
+    r = torchrun("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path / "s2"), "--num-samples", "5", "--steps", "3",
                  "--batch-size", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "s1"), "--num-samples", "5", "--steps", "ddim2", "--batch-size", "3"])
+    sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "s1"), "--num-samples", "5", "--steps", "3", "--batch-size", "3"])
     two, one = np.load(tmp_path / "s2" / "samples.npz"), np.load(tmp_path / "s1" / "samples.npz")
     assert two["arr_0"].shape[0] == 5
     np.testing.assert_array_equal(two["arr_1"], one["arr_1"])
@@ -457,6 +467,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "no such file" in _train_error(tmp_path, capsys, "--resume", str(tmp_path / "missing.pt"))
     np.savez(tmp_path / "x.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
     assert "arr_0" in _train_error(tmp_path, capsys, "--data", str(tmp_path / "x.npz"))
+    assert "add --compile" in _train_error(tmp_path, capsys, "--compile-mode", "max-autotune-no-cudagraphs")
+    assert "CUDA graphs" in _train_error(tmp_path, capsys, "--compile", "--compile-mode", "reduce-overhead", "--method", "ant-pcgrad")
 
 
 def test_corrupt_image_is_named(tmp_path, capsys):
@@ -617,6 +629,7 @@ def test_router_forward_picks_rows_by_original_timestep():
     t = torch.tensor([0, 999, 500, 500, 17])
     assert torch.equal(router(t), table[t])
     assert torch.equal(router(t.double()), table[t])  # respaced samplers hand over float timesteps
+    assert torch.equal(router(t.double() - 1e-4), table[t])  # rounded, not truncated
     assert torch.equal(TaskRouter(32, 1000, beta=0.75, kind="random", seed=1)(t), random_masks(1000, 32, 0.75, 1)[t])
     with pytest.raises(ValueError):
         router(t[None])
@@ -1245,6 +1258,7 @@ def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch):
         alphas_cumprod = np.linspace(0.99, 0.01, T)
 
         def training_losses(self, model, x0, t, model_kwargs=None, noise=None):
+            seen.append(x0)
             abar = torch.tensor(self.alphas_cumprod, dtype=torch.float32)[t][:, None, None, None]
             x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
             return {"loss": ((model(x_t, t, **model_kwargs) - noise) ** 2).mean(dim=(1, 2, 3))}
@@ -1254,9 +1268,11 @@ def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch):
                                                                   {"image_size": 4})
     data = types.ModuleType("data")
     gen = torch.Generator().manual_seed(0)
-    data.load_dataset = lambda path, image_size: torch.utils.data.TensorDataset(
-        torch.rand(16, 3, image_size, image_size, generator=gen) * 2 - 1,
+    data.load_dataset = lambda path, image_size: torch.utils.data.TensorDataset(  # uint8, like the real loader
+        torch.randint(0, 256, (16, 3, image_size, image_size), generator=gen, dtype=torch.uint8),
         torch.zeros(16, dtype=torch.long))
+    data.LatentFolder, data.to_model_input = datasets.LatentFolder, datasets.to_model_input
+    seen = []
     monkeypatch.setitem(sys.modules, "sample", sample)
     monkeypatch.setitem(sys.modules, "data", data)
     out = tmp_path / "tas.npy"
@@ -1268,6 +1284,8 @@ def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch):
     assert np.all(tas <= 1.0) and tas.min() < 0.999  # the groups do differ
     intervals, _ = nt.cluster_timesteps(2, "gradient", tas=tas)
     assert intervals[0][0] == 0 and intervals[-1][1] == T
+    # the loss sees the training input, images scaled to [-1, 1] (it once got raw uint8 values)
+    assert all(x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1 and x.max() > 0.5 for x in seen)
 
 
 # ==============================================================================================
@@ -2018,6 +2036,49 @@ def test_cli_errors_exit_with_a_message(tmp_path, monkeypatch, capsys):
     assert "--save-stats" in capsys.readouterr().err
 
 
+def _fid_run(folder, fids, n=2500, resumed_at=None):
+    """A run folder whose metrics.jsonl has log records, a start event and {step: fid} records; a
+    resumed run re-scores `resumed_at` with a value 1 lower."""
+    folder.mkdir()
+    lines = [{"event": "start", "step": 0, "args": {"method": folder.name}}]
+    for step, value in fids.items():
+        lines += [{"step": step, "loss": 0.1}, {"step": step, "fid": value, "fid_samples": n}]
+    if resumed_at is not None:
+        lines += [{"event": "start", "step": resumed_at}, {"step": resumed_at, "fid": fids[resumed_at] - 1, "fid_samples": n}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return folder
+
+
+def test_fid_curves_table_and_plot(tmp_path, capsys):
+    a = _fid_run(tmp_path / "vanilla", {1000: 90.0, 2000: 60.0, 3000: 50.0}, resumed_at=2000)
+    b = _fid_run(tmp_path / "dtr", {1000: 80.0, 2000: 65.0})
+    out = tmp_path / "fid.png"
+    curves = fid.main(["curves", str(a), str(b / "metrics.jsonl"), "--out", str(out)])
+    assert curves["vanilla"] == {1000: (90.0, 2500), 2000: (59.0, 2500), 3000: (50.0, 2500)}  # the re-scored step
+    table = capsys.readouterr().out.splitlines()
+    assert table[:5] == ["| step | vanilla | dtr |", "|---:|---:|---:|",
+                         "| 1000 | 90.00 | **80.00** |", "| 2000 | **59.00** | 65.00 |", "| 3000 | 50.00 | - |"]
+    assert "2500 EMA samples" in table[6] and "differ" not in table[6]
+    img = Image.open(out)
+    assert img.size == (900, 520) and len(img.getcolors(1 << 16)) > 3  # axes, grid and two coloured curves
+    c = _fid_run(tmp_path / "c", {1000: 70.0}, n=1000)
+    assert "differ in sample count" in fid.fid_table({"a": fid.read_fid_curve(a), "c": fid.read_fid_curve(c)})
+
+
+def test_fid_curves_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.1}) + "\n")
+    for argv, message in ((["curves", str(empty)], "--fid-every"),
+                          (["curves", str(tmp_path / "nowhere")], "no metrics.jsonl"),
+                          (["curves", str(empty), str(empty)], "distinct labels"),
+                          (["curves", str(empty), "--labels", "a,b"], "names 2 runs")):
+        with pytest.raises(SystemExit) as exit_info:
+            fid.main(argv + ["--out", str(tmp_path / "x.png")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 # ==============================================================================================
 #                        The papers' methods inside the DiT and train.py
 # ==============================================================================================
@@ -2587,6 +2648,39 @@ def test_bench_times_every_method_and_writes_the_table_and_json(tmp_path, capsys
     assert result["fid"]["images_per_s"] > 0
 
 
+def test_bench_latent_inputs_compile_mode_and_profile(monkeypatch, capsys):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)  # the mode reaches it
+    result = bench.bench(BENCH_TINY + ["--batch-size", "4", "--methods", "vanilla,dtr", "--in-channels", "4", "--warmup", "0",
+                                       "--steps", "1", "--rounds", "1", "--profile", "2", "--compile",
+                                       "--compile-mode", "max-autotune-no-cudagraphs"], log=lambda msg: None)
+    out = capsys.readouterr().out
+    assert modes == ["max-autotune-no-cudagraphs"] * 2
+    assert result["config"]["in_channels"] == 4 and "16x16x4" in out and "N(0, 1) latents" in out
+    assert "compiled (max-autotune-no-cudagraphs)" in out
+    for name in ("vanilla", "dtr"):
+        p = result["profile"][name]
+        assert f"profile of {name}, 2 steps" in out and p["steps"] == 2 and 0 < p["busy_ms_per_step"]
+        assert sum(p["families_ms_per_step"].values()) == pytest.approx(p["busy_ms_per_step"])
+        assert "matmul/conv" in p["families_ms_per_step"] and p["top"][0]["ms_per_step"] >= p["top"][-1]["ms_per_step"]
+    with pytest.raises(ValueError, match="--profile"):
+        bench.parse_args(BENCH_TINY + ["--profile", "-1"])
+
+
+def test_kernel_families_of_usual_kernel_names():
+    for name, fam in [("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul/conv"),
+                      ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT", "matmul/conv"),
+                      ("triton_tem_fused_addmm_gelu_3", "matmul/conv"),
+                      ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+                      ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
+                      ("triton_red_fused_native_layer_norm_mul_add_7", "fused elementwise/norm (Inductor)"),
+                      ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+                       "multi-tensor (AdamW, EMA, clip)"),
+                      ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", "other"),
+                      ("aten::addmm", "matmul/conv")]:
+        assert bench.family(name) == fam, name
+
+
 def test_compiled_pcgrad_and_nash_can_backpropagate_once_per_cluster(monkeypatch):
     # AOTAutograd hands the saved activations to the first backward ("donated buffers") unless told
     # not to; PCGrad and Nash's update steps backpropagate through the same graph K times.
@@ -2605,6 +2699,21 @@ def test_data_on_device_gives_the_same_run_as_the_loader(tmp_path):
     a = last_checkpoint(run_train(tmp_path, *flags, name="loader"))
     b = last_checkpoint(run_train(tmp_path, *flags, "--data-on-device", name="device"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_ddpm_step_noise_can_come_from_a_noise_fn_and_precision_is_checked():
+    d, x_T = gd.Diffusion(learn_sigma=False), torch.randn(2, 3, 4, 4)
+    zero = lambda x, t: torch.zeros_like(x)
+    torch.manual_seed(0)
+    a = d.sample(zero, x_T, steps="5")
+    torch.manual_seed(0)
+    b = d.sample(zero, x_T, steps="5", noise_fn=lambda x: torch.randn_like(x))
+    state = torch.get_rng_state()
+    c = d.sample(zero, x_T, steps="5", noise_fn=lambda x: torch.zeros_like(x))  # no step noise: the posterior means
+    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(torch.get_rng_state(), state)
+    model = DiT(input_size=4, patch_size=2, in_channels=3, depth=1, hidden_size=32, num_heads=2, num_classes=2)
+    with pytest.raises(ValueError, match="precision"):
+        sample.generate(model, d, torch.tensor([0, 1]), x_T, steps="ddim2", precision="fp16")
 
 
 @pytest.mark.parametrize("steps", ["ddim50", "ddim10", "250", "50"])

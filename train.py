@@ -46,6 +46,7 @@ from dit import DiT_models
 from sample import (build_diffusion, build_model, generate, method_parts, resolve_device, sample_indices, save_grid,
                     to_uint8)
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's modes
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
 ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
 # Settings that must match between a checkpoint and the flags of a resumed run.
@@ -317,6 +318,13 @@ def init_distributed(backend):
 
 def build_run(args, device, distributed, log=print):
     """Model, EMA, diffusion, method and optimiser for `args`: what train() and bench.py step."""
+    if args.compile_mode != "default" and not args.compile:
+        raise ConfigError(f"--compile-mode {args.compile_mode} has no effect without --compile; add --compile")
+    if args.compile_mode in ("max-autotune", "reduce-overhead") and any(m in args.method for m in ("ant-pcgrad", "ant-nash")):
+        # CUDA graphs reuse their output buffers on the next replay, while PCGrad/Nash backpropagate
+        # through one forward K times; this pairing is untested, so it is refused rather than trusted.
+        raise ConfigError(f"--compile-mode {args.compile_mode} (CUDA graphs) is not supported with {args.method}; "
+                          f"use --compile-mode max-autotune-no-cudagraphs or default")
     model = build_model(vars(args)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     diffusion = build_diffusion(vars(args))
@@ -331,7 +339,7 @@ def build_run(args, device, distributed, log=print):
         # donated buffers free the saved activations after the first backward, so turn them off.
         import torch._functorch.config as functorch_config
         functorch_config.donated_buffer = False
-    fwd_model = torch.compile(model) if args.compile else model
+    fwd_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     ddp_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else fwd_model
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and args.precision == "bf16" else nullcontext
     return SimpleNamespace(args=args, model=model, ema=ema, diffusion=diffusion, method=method, opt=opt, params=params,
@@ -351,8 +359,9 @@ def train_step(run, x, y, step):
             terms = run.diffusion.training_losses(run.ddp_model, x, t, dict(y=y))
         loss, extra = method.backward(terms["loss"], cluster, run.params, step)
     if run.distributed and method.uw is not None:
-        for p in method.uw.parameters():
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        for p in method.uw.parameters():  # SUM then divide: gloo (CPU runs) has no AVG before torch 2.7
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(dist.get_world_size())
     max_norm = args.nash_max_norm if method.nash is not None else args.max_grad_norm  # Nash-MTL clips (official)
     if max_norm > 0:
         gnorm = torch.nn.utils.clip_grad_norm_(run.params, max_norm, foreach=True)
@@ -416,6 +425,9 @@ def parse_args(argv=None):
     a("--global-seed", type=int, default=0)
     a("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on CUDA (CPU always runs fp32)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile-mode", default="default", choices=COMPILE_MODES,
+      help="torch.compile mode with --compile: max-autotune-no-cudagraphs lets Inductor pick Triton matmul templates "
+           "and fuse the elementwise epilogues into them (minutes of compile time); the two others add CUDA graphs")
     a("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers per rank")
     a("--data-on-device", action="store_true", help="decode the dataset once and keep it on the device (small sets)")
     a("--skip-bad-images", action="store_true", help="skip unreadable images (counted at start) instead of stopping")
@@ -563,7 +575,11 @@ def train(args):
     def write_metrics(record):
         if master:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, default=str) + "\n")
+
+    # Each start (fresh or resumed) records the full settings, so a metrics.jsonl documents its own run.
+    write_metrics({"event": "start", "step": step, "args": vars(args), "world_size": world, "torch": torch.__version__,
+                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
 
     # Fixed noise and labels for the sample grids.
     grid_gen = torch.Generator().manual_seed(args.global_seed)
@@ -638,7 +654,7 @@ def train(args):
         mine = list(range(rank, args.fid_samples, world))
         images, _ = sample_indices(ema, diffusion, mine, device, seed=args.global_seed + 1, batch_size=args.fid_batch_size,
                                    steps=args.fid_steps, cfg_scale=args.fid_cfg, clip_denoised=args.latent is None,
-                                   decode=pixels())
+                                   decode=pixels(), precision=args.precision)
         t_sampled = time.time()
         feats = fid.extract_features(images, fid_net, keys=("pool",), batch_size=args.fid_batch_size, progress=False)["pool"]
         t_featurised = time.time()
@@ -656,9 +672,11 @@ def train(args):
             write_metrics({"step": step, "fid": value, "fid_samples": args.fid_samples})
 
     def save_samples():
-        if master:
+        if master:  # DDPM step noise from its own generator: the grid leaves the training RNG (and resume) alone
+            gen = torch.Generator().manual_seed(args.global_seed)
             x = generate(ema, diffusion, grid_labels, grid_noise, steps=args.sample_steps, cfg_scale=args.sample_cfg,
-                         clip_denoised=args.latent is None)
+                         clip_denoised=args.latent is None, precision=args.precision,
+                         noise_fn=lambda z: torch.randn(z.shape, generator=gen).to(z.device))
             decode = pixels()
             if decode is not None:
                 x = decode(x)  # latents -> images in [-1, 1]
