@@ -324,7 +324,7 @@ class ImageFiles(torch.utils.data.Dataset):
         self.path = Path(path)
         if self.path.is_dir():
             self.names = sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*")
-                                if p.is_file() and _is_image_name(p.name))
+                                if p.is_file() and _is_image_name(str(p.relative_to(self.path))))
         elif zipfile.is_zipfile(self.path):
             with zipfile.ZipFile(self.path) as zf:
                 self.names = sorted(n for n in zf.namelist() if not n.endswith("/") and _is_image_name(n))
@@ -344,8 +344,11 @@ class ImageFiles(torch.utils.data.Dataset):
             if self._zip is None or self._zip_pid != os.getpid():  # one handle per worker process
                 self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
             file = self._zip.open(self.names[i])
-        with file, Image.open(file) as img:
-            return torch.from_numpy(np.array(_to_rgb(img), dtype=np.uint8))  # (H, W, 3)
+        try:
+            with file, Image.open(file) as img:
+                return torch.from_numpy(np.array(_to_rgb(img), dtype=np.uint8))  # (H, W, 3)
+        except OSError as e:  # PIL's UnidentifiedImageError, truncated files
+            raise ValueError(f"cannot decode {self.path / self.names[i]}: {e}; remove or replace that file") from None
 
     def __getstate__(self):  # zip handles do not cross process boundaries
         return {**self.__dict__, "_zip": None, "_zip_pid": None}
@@ -402,8 +405,8 @@ def _collate(items):
     if all(x.shape == xs[0].shape and x.dtype == xs[0].dtype for x in xs):
         return torch.stack(xs)
     resized = [F.interpolate(_to_float(x[None]), size=(299, 299), mode="bilinear", align_corners=False,
-                             antialias=False) for x in xs]  # each (1, 3, 299, 299)
-    return torch.cat(resized)
+                             antialias=False).clamp_(0, 1) for x in xs]  # each (1, 3, 299, 299)
+    return torch.cat(resized)  # clamped: bilinear weights can take a white pixel to 1 + 1e-7
 
 
 def _to_float(batch):
@@ -532,6 +535,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"covariances must both be ({d}, {d}) to match the means, "
                          f"got {sigma1.shape} and {sigma2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("the statistics hold NaN or inf values (from NaN images or features?)")
     diff = mu1 - mu2  # (D,)
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # (D, D), maybe complex
     if not np.isfinite(covmean).all():
@@ -545,6 +550,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise ValueError(f"sqrtm(sigma1 sigma2) has a diagonal imaginary component of {imag:.3g}; "
                              f"the covariances are too ill-conditioned (too few samples?)")
         covmean = covmean.real
+    if not np.isfinite(covmean).all():  # still NaN after the retry: fail as ADM does, never return NaN
+        raise ValueError("sqrtm(sigma1 sigma2) is not finite even with eps on the diagonals; "
+                         "the covariances are too ill-conditioned (too few samples?)")
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
@@ -669,12 +677,13 @@ def load_or_compute_stats(source, net, cache_path=None, keep=(), **kwargs):
     statistics file without them is read for the statistics and its arr_0 images (ADM reference
     batches) are run through the network for the features; without images it is an error.
     kwargs: batch_size, num_workers, limit, progress, passed to compute_statistics.
-    The cache records the source path and limit and is recomputed (with a warning) when they or
-    the wanted features differ; for an array or Dataset source the cache is trusted as it is.
+    The cache records the source (a path, or the type and length of an array or Dataset) and the
+    limit, and is recomputed (with a warning) when they or the wanted features differ.
     """
-    tag = None
     if isinstance(source, (str, Path)):
         tag = f"{Path(source).resolve()}|limit={kwargs.get('limit')}"
+    else:
+        tag = f"<{type(source).__name__} of {len(source) if hasattr(source, '__len__') else '?'} images>|limit={kwargs.get('limit')}"
     if cache_path is not None and Path(cache_path).is_file():
         cached = read_statistics(cache_path)
         if cached.get("source") == tag and all(k in cached for k in keep):
@@ -693,8 +702,7 @@ def load_or_compute_stats(source, net, cache_path=None, keep=(), **kwargs):
             stats.update(extract_features(source, net, keys=missing, **kwargs))
     else:
         stats = compute_statistics(source, net, keep=keep, **kwargs)
-    if tag is not None:
-        stats["source"] = tag
+    stats["source"] = tag
     if cache_path is not None:
         save_statistics(cache_path, stats)
     return stats
@@ -778,9 +786,9 @@ def fid_table(curves):
         cells = ["-" if label not in values else
                  (f"**{values[label]:.2f}**" if values[label] == best else f"{values[label]:.2f}") for label in curves]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    counts = sorted({str(n) for curve in curves.values() for _, n in curve.values()})
+    counts = sorted({n for curve in curves.values() for _, n in curve.values()}, key=lambda n: (n is None, n or 0))
     lines.append("")
-    lines.append(f"FID of {' / '.join(counts)} EMA samples per evaluation" + (
+    lines.append(f"FID of {' / '.join('an unrecorded number of' if n is None else str(n) for n in counts)} EMA samples per evaluation" + (
         " (the runs differ in sample count, and FID is biased upward for fewer samples: compare with care)"
         if len(counts) > 1 else "") + ".")
     return "\n".join(lines)

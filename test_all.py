@@ -429,7 +429,7 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     out = tmp_path / "ddp"
     r = torchrun("train.py", *TINY, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("model replicas and method state identical on 2 ranks") == 2
+    assert r.stdout.count("model replicas, EMA and method state identical on 2 ranks") == 2
 
 
 def test_two_process_sampling_splits_exactly(tmp_path):
@@ -469,6 +469,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "arr_0" in _train_error(tmp_path, capsys, "--data", str(tmp_path / "x.npz"))
     assert "add --compile" in _train_error(tmp_path, capsys, "--compile-mode", "max-autotune-no-cudagraphs")
     assert "CUDA graphs" in _train_error(tmp_path, capsys, "--compile", "--compile-mode", "reduce-overhead", "--method", "ant-pcgrad")
+    assert "null class" in _train_error(tmp_path, capsys, "--sample-cfg", "4", "--class-dropout-prob", "0")
+    assert "--fid-steps ddimx" in _train_error(tmp_path, capsys, "--fid-steps", "ddimx")
 
 
 def test_corrupt_image_is_named(tmp_path, capsys):
@@ -1775,6 +1777,11 @@ def test_frechet_distance_retries_with_eps_when_sqrtm_is_not_finite(monkeypatch)
         value = fid.frechet_distance(np.zeros(4), a, np.zeros(4), b)
     np.testing.assert_allclose(calls[1], (a + 1e-6 * np.eye(4)) @ (b + 1e-6 * np.eye(4)))
     assert np.isfinite(value)
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda m: np.full(m.shape, np.nan + 0j))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="not finite even with eps"):
+        fid.frechet_distance(np.zeros(4), a, np.zeros(4), b)  # never a NaN FID
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fid.frechet_distance(np.zeros(4), np.full((4, 4), np.nan), np.zeros(4), b)
 
 
 def test_frechet_distance_imaginary_diagonal_above_1e3_is_an_error(monkeypatch):
@@ -1921,14 +1928,21 @@ def test_grey_palette_rgba_and_mixed_sizes_are_read_as_rgb(tmp_path):
     palette.putpalette([0, 0, 0, 200, 100, 50])
     palette.save(folder / "palette.png", transparency=0)
     Image.new("RGB", (40, 30), (1, 2, 3)).save(folder / "rgb.JPG", quality=100)
+    Image.new("RGB", (33, 47), (255, 255, 255)).save(folder / "white.png")  # resized alone: 1 + 1e-7 before clamping
+    (folder / "__MACOSX").mkdir()
+    (folder / "__MACOSX" / "._grey.png").write_bytes(b"resource fork, not an image")
     ds = fid.ImageFiles(folder)
+    assert "__MACOSX/._grey.png" not in ds.names
     items = {name: ds[i] for i, name in enumerate(ds.names)}
     assert all(x.dtype == torch.uint8 and x.ndim == 3 and x.shape[-1] == 3 for x in items.values())
     assert items["grey.png"].shape == (12, 20, 3) and (items["grey.png"] == 77).all()
     assert items["rgba.png"][0, 0].tolist() == [10, 20, 30]
     assert items["palette.png"][0, 0].tolist() == [200, 100, 50]
-    feats = fid.extract_features(folder, TinyNet(), batch_size=4, progress=False)  # one mixed-size batch
-    assert feats["pool"].shape == (4, 6)
+    feats = fid.extract_features(folder, TinyNet(), batch_size=5, progress=False)  # one mixed-size batch
+    assert feats["pool"].shape == (5, 6)
+    (folder / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot decode .*broken.png"):
+        fid.extract_features(folder, TinyNet(), batch_size=6, progress=False)
 
 
 def test_limit_takes_images_spread_evenly(tmp_path):
@@ -1997,6 +2011,11 @@ def test_reference_statistics_are_cached_and_reused(tmp_path):
         third = fid.load_or_compute_stats(tmp_path / "ref", net, cache_path=tmp_path / "run" / "ref_stats.npz",
                                           keep=("pool",), progress=False)
     assert net.calls > calls and third["pool"].shape == (8, 6)
+    # an array source (train.py's default reference is its Dataset): the cache follows the limit too
+    array_cache = tmp_path / "run" / "array_stats.npz"
+    assert fid.load_or_compute_stats(make_images(8), net, cache_path=array_cache, progress=False)["n"] == 8
+    with pytest.warns(UserWarning, match="recomputing"):
+        assert fid.load_or_compute_stats(make_images(8), net, cache_path=array_cache, limit=4, progress=False)["n"] == 4
 
 
 def test_is_warns_when_the_classifier_weights_are_zero():
@@ -2193,7 +2212,20 @@ def test_two_process_methods_keep_replicas_and_decisions_identical(tmp_path, met
     r = torchrun("train.py", *TINY, "--method", method, "--global-batch-size", "10", "--max-steps", "4", "--ckpt-every", "2",
                  *METHOD_FLAGS, "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("model replicas and method state identical on 2 ranks") == 2
+    assert r.stdout.count("model replicas, EMA and method state identical on 2 ranks") == 2
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="shared Inception weights absent")
+def test_two_process_fid_during_training_with_synced_emas(tmp_path):
+    # The EMA once started from each rank's own initialisation (DDP syncs only the model), so rank 1
+    # sampled its share of the FID images from a different network; the checksum now covers the EMA.
+    out = tmp_path / "fid2"
+    r = torchrun("train.py", *TINY, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "2", "--fid-every", "2",
+                 "--fid-samples", "6", "--fid-steps", "ddim2", "--fid-batch-size", "3", "--fid-ref-limit", "12",
+                 "--inception", str(SHARED_WEIGHTS), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("model replicas, EMA and method state identical on 2 ranks") == 1
+    assert [rec["step"] for rec in metrics(out) if "fid" in rec] == [2]
 
 
 # ==============================================================================================

@@ -24,6 +24,7 @@ the device (`found_inf`), and the run then stops, or skips up to --skip-nonfinit
 
 import argparse
 import copy
+import datetime
 import glob
 import hashlib
 import io
@@ -341,6 +342,8 @@ def build_run(args, device, distributed, log=print):
         functorch_config.donated_buffer = False
     fwd_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     ddp_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else fwd_model
+    with torch.no_grad():  # DDP has broadcast rank 0's weights into the model: the EMA starts from them too (official DiT)
+        torch._foreach_copy_(list(ema.parameters()), list(model.parameters()))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and args.precision == "bf16" else nullcontext
     return SimpleNamespace(args=args, model=model, ema=ema, diffusion=diffusion, method=method, opt=opt, params=params,
                            ddp_model=ddp_model, autocast=autocast, distributed=distributed,
@@ -549,6 +552,17 @@ def train(args):
     except ValueError as e:  # a paper module refused its settings; its message says which
         raise ConfigError(str(e)) from None
     model, ema, diffusion, method, opt = run.model, run.ema, run.diffusion, run.method, run.opt
+    # Grids and FID come long after the start: check their settings now, not at the first evaluation.
+    for flag, cfg in (("--sample-cfg", args.sample_cfg), ("--fid-cfg", args.fid_cfg)):
+        if cfg != 1.0 and args.class_dropout_prob == 0:
+            why = "the data have one class" if args.num_classes == 1 else "of --class-dropout-prob 0"
+            raise ConfigError(f"{flag} {cfg} needs the null class of label dropout, which this model lacks because {why}; "
+                              f"use {flag} 1")
+    for flag, steps in (("--sample-steps", args.sample_steps), ("--fid-steps", args.fid_steps)):
+        try:
+            diffusion.respace(steps)
+        except ValueError as e:
+            raise ConfigError(f"{flag} {steps}: {e}; use e.g. 250 (DDPM) or ddim50") from None
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -590,7 +604,7 @@ def train(args):
     def save_checkpoint():
         if world > 1:  # replicas and method state must agree bit for bit across ranks
             digest = hashlib.sha256()
-            for p in model_params:
+            for p in model_params + list(ema.parameters()):
                 digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             buffer = io.BytesIO()
             torch.save(method.state_dict(), buffer)
@@ -598,8 +612,8 @@ def train(args):
             digests = [None] * world
             dist.all_gather_object(digests, digest.hexdigest())
             if len(set(digests)) > 1:
-                raise RuntimeError(f"model or method state differs across ranks at step {step}: {digests}")
-            log(f"step {step}: model replicas and method state identical on {world} ranks ({digests[0][:12]})")
+                raise RuntimeError(f"model, EMA or method state differs across ranks at step {step}: {digests}")
+            log(f"step {step}: model replicas, EMA and method state identical on {world} ranks ({digests[0][:12]})")
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         rngs = [None] * world
         if distributed:
@@ -636,8 +650,12 @@ def train(args):
         if master:  # reference statistics once per run, cached next to it
             ref = args.fid_ref or dataset
             ref_stats = fid.load_or_compute_stats(ref, fid_net, cache_path=os.path.join(args.out, "fid_ref_stats.npz"),
-                                                  limit=args.fid_ref_limit, batch_size=args.fid_batch_size)
+                                                  limit=args.fid_ref_limit, batch_size=args.fid_batch_size,
+                                                  num_workers=args.num_workers)
             log(f"FID reference: {args.fid_ref or args.data} ({ref_stats.get('n', '?')} images)")
+        if distributed:  # the other ranks wait for that on a gloo barrier: an ImageNet-sized first pass
+            # outlasts NCCL's 10-minute collective timeout, which the first gradient all-reduce would hit
+            dist.barrier(group=dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6)))
 
     decoder = None
 
