@@ -44,7 +44,7 @@ def center_crop_arr(pil_image, image_size):
 
 
 def to_rgb(img):
-    """Grey, palette, CMYK and RGBA images to RGB (transparency composited on black, as PIL does)."""
+    """Grey, palette, CMYK and RGBA images to RGB; PIL drops the alpha channel (as ADM's convert("RGB"))."""
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")

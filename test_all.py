@@ -432,6 +432,15 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     assert r.stdout.count("model replicas, EMA and method state identical on 2 ranks") == 2
 
 
+def test_resume_on_another_number_of_processes(tmp_path):
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "2")
+    r = torchrun("train.py", *TINY, "--global-batch-size", "4", "--max-steps", "4", "--ckpt-every", "2",
+                 "--out", str(out), "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "written by 1 processes, now 2; new random streams from step 2" in r.stdout
+    assert last_checkpoint(out)["step"] == 4 and len(last_checkpoint(out)["rng"]) == 2
+
+
 def test_two_process_sampling_splits_exactly(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
     ckpt = sorted((out / "checkpoints").glob("*.pt"))[-1]
@@ -2294,6 +2303,11 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path, capsys
     proc.wait()
     assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["0000002.pt"]
     (out / "checkpoints" / "0000003.pt").write_bytes(b"truncated")  # a newer, broken checkpoint is skipped
+    with pytest.raises(SystemExit) as e:  # named explicitly, it is refused with a message, not a traceback
+        train.main(TINY + ["--out", str(out), *flags, "--resume", str(out / "checkpoints" / "0000003.pt")])
+    refused = capsys.readouterr()
+    assert e.value.code == 2 and "cannot be loaded" in refused.err
+    assert "a checkpoint write that never finished" in refused.out and not list((out / "checkpoints").glob("*.tmp*"))
     run_train(tmp_path, *flags, "--resume", "auto", name="killed")
     text = capsys.readouterr().out
     assert "skipping" in text and "0000003.pt" in text and "resumed from" in text and "0000002.pt at step 2" in text

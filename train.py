@@ -506,6 +506,9 @@ def train(args):
             os.remove(probe)
         except OSError as e:
             raise ConfigError(f"cannot write to the results folder {args.out}: {e}") from None
+        for stale in glob.glob(os.path.join(ckpt_dir, "*.pt.tmp*")):  # a write cut short by SIGKILL (atomic_save)
+            os.remove(stale)
+            log(f"removed {stale}, a checkpoint write that never finished")
 
     # ---------------------------------------------------------------- data
     dataset = datasets.load_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images, seed=args.global_seed)
@@ -540,9 +543,16 @@ def train(args):
 
     # ---------------------------------------------------------------- resume target
     resume_path = find_resume(args.resume, args.out, log) if args.resume else None
-    ckpt = torch.load(resume_path, map_location="cpu", weights_only=False) if resume_path else None
+    try:
+        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False) if resume_path else None
+    except Exception as e:  # noqa: BLE001 - truncated or not a checkpoint: say which file and what to do
+        raise ConfigError(f"--resume {resume_path} cannot be loaded ({type(e).__name__}: {e}); pass another "
+                          f"checkpoint, or --resume auto to take the newest one in {ckpt_dir} that loads") from None
     if ckpt is not None:
         check_compatible(ckpt["args"], args)
+        if ckpt["args"].get("global_batch_size") != args.global_batch_size:
+            log(f"warning: the checkpoint trained with --global-batch-size {ckpt['args'].get('global_batch_size')}, now "
+                f"{args.global_batch_size}; the data stream continues at step x batch, so some images are skipped or repeated")
 
     # ---------------------------------------------------------------- model, diffusion, method
     torch.manual_seed(args.global_seed * world + rank)
@@ -575,8 +585,9 @@ def train(args):
             torch.set_rng_state(rng[rank]["cpu"])
             if device.type == "cuda" and rng[rank].get("cuda") is not None:
                 torch.cuda.set_rng_state(rng[rank]["cuda"], device)
-        else:
-            log(f"resume: the checkpoint was written by {len(rng)} processes, now {world}; random streams restart")
+        else:  # new per-rank streams, seeded with the step too, so they do not replay the run's first draws
+            torch.manual_seed((args.global_seed * 1_000_003 + step) * world + rank)
+            log(f"resume: the checkpoint was written by {len(rng)} processes, now {world}; new random streams from step {step}")
         log(f"resumed from {resume_path} at step {step}")
     log(f"model: {args.model}, {sum(p.numel() for p in run.params):,} parameters; method: {args.method}; "
         f"{world} process(es) on {device.type}, batch {batch} per process")
