@@ -19,8 +19,8 @@ What it measures, per method (any '+'-joined train.py method; vanilla is always 
   method's backward passes imply, and on CUDA the model-FLOPs utilisation (MFU) against the GPU's
   bf16 dense peak (`peak_tflops`, or --peak-tflops).
 Optional sections: --sample (images/s of sample.generate on the EMA model, DDIM-50 and DDPM-250
-with guidance 1.5 by default, once for the plain DiT and once for a routed DiT if DTR/R-TR is
-benchmarked) and --fid (images/s of fid.FIDInceptionV3 with random weights on images of the
+with guidance 1.5 by default, once per distinct network among the
+methods: the plain DiT, and a DTR- or R-TR-routed DiT for each router kind benchmarked) and --fid (images/s of fid.FIDInceptionV3 with random weights on images of the
 training size, resized to 299 inside the network as in a real evaluation).
 
 With --profile N, N more plain steps of each method run under torch.profiler, and a table says

@@ -2314,6 +2314,29 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path, capsys
     assert last_checkpoint(out)["step"] == 6
 
 
+def test_a_failed_checkpoint_write_stops_with_the_previous_one_intact(tmp_path, monkeypatch, capsys):
+    real_save = train.atomic_save
+
+    def disk_full_at_step_4(obj, path):
+        if obj["step"] == 4:
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(train, "atomic_save", disk_full_at_step_4)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--out", str(tmp_path / "full"), "--global-batch-size", "4", "--max-steps", "6", "--ckpt-every", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "No space left" in err and "0000002.pt is intact" in err and "--resume auto" in err
+    assert [p.name for p in (tmp_path / "full" / "checkpoints").glob("*.pt")] == ["0000002.pt"]
+
+
+def test_resume_with_another_batch_size_warns(tmp_path, capsys):
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "2")
+    run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "3", "--resume", "auto")
+    assert "trained with --global-batch-size 4, now 8" in capsys.readouterr().out
+    assert last_checkpoint(out)["step"] == 3
+
+
 def test_keep_last_prunes_only_older_checkpoints(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "5", "--ckpt-every", "1", "--keep-last", "2")
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["0000004.pt", "0000005.pt"]
