@@ -8,7 +8,6 @@ import math
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -56,6 +55,19 @@ def run_train(tmp_path, *extra, name="run"):
 
 def last_checkpoint(out):
     return torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], map_location="cpu", weights_only=False)
+
+
+def same_state(a, b):
+    """Exact equality of nested checkpoint states (dicts, lists, tensors, numbers); not repr, which rounds."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    return a == b
 
 
 def metrics(out):
@@ -311,8 +323,8 @@ def test_zip_scan_gives_each_thread_its_own_handle(tmp_path, monkeypatch):
             zf.write(p, str(p.relative_to(tmp_path / "imgs")))
     users, read = {}, zipfile.ZipFile.read
 
-    def tracked_read(self, name, pwd=None):
-        users.setdefault(id(self), set()).add(threading.get_ident())
+    def tracked_read(self, name, pwd=None):  # keyed by the handle itself: an id() could be reused once it is freed
+        users.setdefault(self, set()).add(threading.get_ident())
         return read(self, name, pwd)
 
     monkeypatch.setattr(zipfile.ZipFile, "read", tracked_read)
@@ -1158,7 +1170,7 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
 import negative_transfer as nt
 rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+dist.init_process_group("gloo", init_method="file://{store}", rank=rank, world_size=2)
 G = torch.randn(3, 40, generator=torch.Generator().manual_seed(rank))
 nt.all_reduce_mean(G)
 nash = nt.NashMTL(3)
@@ -1172,11 +1184,8 @@ dist.destroy_process_group()
 def test_all_reduce_mean_gives_every_rank_the_same_decision(tmp_path):
     G = torch.randn(2, 3)
     assert nt.all_reduce_mean(G) is G  # no process group: identity
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(repo=str(REPO), port=port))
+    script = tmp_path / "rank.py"  # a file store: no port to race for
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO), store=str(tmp_path / "store")))
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / f"{r}.pt")])
              for r in range(2)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
@@ -2188,7 +2197,7 @@ def test_every_method_resumes_bitwise(tmp_path, method):
     a, b = last_checkpoint(straight), last_checkpoint(resumed)
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), f"{method}: {name} differs after resume"
-    assert repr(a["method"]) == repr(b["method"])
+    assert same_state(a["method"], b["method"]) and same_state(a["ema"], b["ema"])
     assert a["args"]["method"] == train.parse_method(method)
 
 
@@ -2263,18 +2272,40 @@ def _steps_logged(out):
     return max([json.loads(l).get("step", 0) for l in path.read_text().splitlines()], default=0) if path.exists() else 0
 
 
+SLOW_AFTER_5 = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import train
+real_step = train.train_step
+def slow_step(run, x, y, step):
+    if step >= 5:
+        time.sleep(0.2)  # leaves the test seconds to send SIGTERM before the run could end by itself
+    return real_step(run, x, y, step)
+train.train_step = slow_step
+train.main(sys.argv[1:])
+"""
+
+
 def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
-    flags = ["--global-batch-size", "4", "--max-steps", "40", "--ckpt-every", "1000"]
-    straight = run_train(tmp_path, *flags, name="straight")
-    proc, out = _spawn(tmp_path, "cut", *flags)
-    assert _wait_for(lambda: _steps_logged(out) >= 5)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
-    log = (tmp_path / "cut.log").read_text()
-    assert "stopped by a signal" in log and "--resume auto" in log
-    stopped_at = last_checkpoint(out)["step"]
-    assert 5 <= stopped_at < 40
-    run_train(tmp_path, *flags, "--resume", "auto", name="cut")
+    # Every leg on one thread, as the subprocess (bit-identical results need the same reduction order).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        flags = ["--global-batch-size", "4", "--max-steps", "40", "--ckpt-every", "1000"]
+        straight = run_train(tmp_path, *flags, name="straight")
+        script = tmp_path / "slow_after_5.py"
+        script.write_text(SLOW_AFTER_5.format(repo=str(REPO)))
+        proc, out = _spawn(tmp_path, "cut", *flags, script=script)
+        assert _wait_for(lambda: _steps_logged(out) >= 5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        log = (tmp_path / "cut.log").read_text()
+        assert "stopped by a signal" in log and "--resume auto" in log
+        stopped_at = last_checkpoint(out)["step"]
+        assert 5 <= stopped_at < 40
+        run_train(tmp_path, *flags, "--resume", "auto", name="cut")
+    finally:
+        torch.set_num_threads(threads)
     a, b = last_checkpoint(straight), last_checkpoint(out)
     assert b["step"] == 40 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
