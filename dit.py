@@ -292,16 +292,18 @@ class DiT(nn.Module):
 #                                   Positional embedding helpers
 # ----------------------------------------------------------------------------------------------
 # 2-D sin-cos embedding as in MAE (github.com/facebookresearch/mae/blob/main/util/pos_embed.py),
-# computed in float64: half the channels encode the row, half the column.
+# computed in float64: the first half of the channels encodes the column, the second half the row.
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """(grid_size**2, embed_dim) float64 array: [row features, column features] per position."""
+    """(grid_size**2, embed_dim) float64 array over row-major positions: [column features, row
+    features] per position. This is MAE's layout; MAE's variable names (emb_h first) suggest the
+    reverse, but its first half is computed from the column index."""
     grid_h = np.arange(grid_size, dtype=np.float64)
     grid_w = np.arange(grid_size, dtype=np.float64)
-    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, -1)  # (2, G*G), width first like MAE
-    emb_h = get_1d_sincos_pos_embed(embed_dim // 2, grid[0])  # (G*G, D/2)
-    emb_w = get_1d_sincos_pos_embed(embed_dim // 2, grid[1])  # (G*G, D/2)
-    return np.concatenate([emb_h, emb_w], axis=1)  # (G*G, D)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, -1)  # (2, G*G): column index, row index
+    emb_col = get_1d_sincos_pos_embed(embed_dim // 2, grid[0])  # (G*G, D/2)
+    emb_row = get_1d_sincos_pos_embed(embed_dim // 2, grid[1])  # (G*G, D/2)
+    return np.concatenate([emb_col, emb_row], axis=1)  # (G*G, D)
 
 
 def get_1d_sincos_pos_embed(embed_dim, pos):

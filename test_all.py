@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from scipy.stats import norm
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -35,7 +36,7 @@ import negative_transfer as nt
 import sample
 import train
 from curriculum import Curriculum, check_clusters, main as curriculum_main, stage_interval, timestep_clusters
-from dit import DiT, DiT_models
+from dit import DiT, DiT_models, LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
 from dtr import TaskRouter, main as dtr_main, mask_stats, random_masks, routing_masks
 from sample import load_model
 
@@ -174,6 +175,58 @@ def test_image_size_must_divide_by_patch():
         DiT_models["DiT-S/8"](input_size=20)
 
 
+# Hand-computed values of the official layout's helpers.
+
+def test_timestep_embedding_hand_values():
+    # half = 2, freqs = exp(-ln(10000) [0, 1] / 2) = [1, 0.01]; official DiT order is [cos, sin]
+    emb = TimestepEmbedder.timestep_embedding(torch.tensor([0.0, 1.0]), 4).double()
+    ref = torch.tensor([[1, 1, 0, 0], [math.cos(1), math.cos(0.01), math.sin(1), math.sin(0.01)]], dtype=torch.float64)
+    torch.testing.assert_close(emb, ref, rtol=1e-6, atol=1e-7)
+    assert TimestepEmbedder.timestep_embedding(torch.tensor([2.0]), 5).shape == (1, 5)  # odd dim: zero-padded
+    assert TimestepEmbedder.timestep_embedding(torch.tensor([2.0]), 5)[0, -1] == 0
+
+
+def test_2d_pos_embed_hand_values():
+    # MAE: meshgrid(w, h) puts the width coordinate first; with D/2 = 2 a coordinate p gives [sin p, cos p]
+    pe = get_2d_sincos_pos_embed(4, 2)  # positions row-major: (h, w) = (0,0), (0,1), (1,0), (1,1)
+    s, c = math.sin(1), math.cos(1)
+    np.testing.assert_allclose(pe, [[0, 1, 0, 1], [s, c, 0, 1], [0, 1, s, c], [s, c, s, c]], atol=1e-15)
+    # D = 8: omega = [1, 0.01] per half
+    pe8 = get_2d_sincos_pos_embed(8, 3)
+    np.testing.assert_allclose(pe8[3 * 2 + 1], [math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01),
+                                               math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02)], atol=1e-15)
+
+
+def test_unpatchify_hand_values():
+    # official DiT: reshape (N, h, w, p, p, c), einsum nhwpqc->nchpwq; token l = (row l // w, col l % w), k = (p, q, c)
+    model = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=8, depth=1, num_heads=1, num_classes=2,
+                learn_sigma=False)
+    tokens = (10 * torch.arange(4)[:, None] + torch.arange(4)[None]).float()[None]  # (1, 4, 4): token[l, k] = 10 l + k
+    img = model.unpatchify(tokens)
+    assert img.shape == (1, 1, 4, 4)
+    assert img[0, 0].tolist() == [[0, 1, 10, 11], [2, 3, 12, 13], [20, 21, 30, 31], [22, 23, 32, 33]]
+    # C = 2 (learn_sigma): the channel is the fastest index within a token
+    model2 = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=8, depth=1, num_heads=1, num_classes=2)
+    tokens2 = (10 * torch.arange(4)[:, None] + torch.arange(8)[None]).float()[None]  # (1, 4, 8)
+    img2 = model2.unpatchify(tokens2)
+    assert img2[0, 0, 0].tolist() == [0, 2, 10, 12] and img2[0, 1, 0].tolist() == [1, 3, 11, 13]
+
+
+def test_label_dropout_rate_train_only():
+    emb = LabelEmbedder(10, 1, 0.1)
+    with torch.no_grad():
+        emb.embedding_table.weight.copy_(torch.arange(11.0)[:, None])  # row i holds i: the output is the label used
+    torch.manual_seed(0)
+    labels = torch.randint(0, 10, (20000,))
+    used = emb(labels, train=True)[:, 0].long()
+    dropped = used == 10
+    assert 0.085 < dropped.float().mean().item() < 0.115
+    assert torch.equal(used[~dropped], labels[~dropped])
+    assert torch.equal(emb(labels, train=False)[:, 0].long(), labels)
+    force = (torch.arange(20000) % 2)
+    assert torch.equal(emb(labels, train=False, force_drop_ids=force)[:, 0].long(), torch.where(force == 1, 10, labels))
+
+
 # ==============================================================================================
 #                                   diffusion.py
 # ==============================================================================================
@@ -279,6 +332,136 @@ def test_ddpm_and_ddim_samplers_run_with_guidance():
     for steps in ("ddim5", "5"):
         x = d.sample(fn, torch.randn(2, 3, 16, 16), steps=steps)
         assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1.0 + 1e-6
+
+
+# Against independent references: Bayes' rule from the betas, torch.distributions, scipy's normal
+# CDF, the closed-form cosine schedule.
+
+T_CHECK = [1, 10, 500, 999]
+
+
+def _betas(schedule, T=1000):
+    # the schedules written out here, not taken from diffusion.py
+    if schedule == "linear":
+        return np.linspace(1000 / T * 1e-4, 1000 / T * 0.02, T)
+    f = lambda s: math.cos((s / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - f(i + 1) / f(i), 0.999) for i in range(T)])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_q_posterior_equals_bayes_from_betas(schedule):
+    # reference: the product of the Gaussians q(x_t | x_{t-1}) q(x_{t-1} | x_0), completed square, float64
+    d = gd.Diffusion(schedule=schedule, learn_sigma=True)
+    betas = _betas(schedule)
+    abar = np.cumprod(1 - betas)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    xt = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    mean, log_var = d.q_posterior(x0.float(), xt.float(), torch.tensor(T_CHECK))
+    for i, t in enumerate(T_CHECK):
+        beta, alpha, abar_prev = betas[t], 1 - betas[t], abar[t - 1]
+        var = 1 / (1 / (1 - abar_prev) + alpha / beta)
+        ref = var * (math.sqrt(abar_prev) * x0[i].numpy() / (1 - abar_prev) + math.sqrt(alpha) * xt[i].numpy() / beta)
+        np.testing.assert_allclose(mean[i].double().numpy(), ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(log_var[i].double().numpy().ravel(), math.log(var), rtol=1e-6)
+    # t = 0 has variance 0; its clipped log variance is t = 1's
+    _, lv = d.q_posterior(x0[:2].float(), xt[:2].float(), torch.tensor([0, 1]))
+    assert lv[0].item() == lv[1].item()
+    np.testing.assert_allclose(lv[0].item(), math.log(1 / (1 / betas[0] + (1 - betas[1]) / betas[1])), rtol=1e-6)
+
+
+def test_normal_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(1)
+    m1, m2, lv1, lv2 = (torch.randn(50, generator=g, dtype=torch.float64) * 2 for _ in range(4))
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, torch.exp(0.5 * lv1)),
+                                            torch.distributions.Normal(m2, torch.exp(0.5 * lv2)))
+    torch.testing.assert_close(gd.normal_kl(m1, lv1, m2, lv2), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mean,log_scale", [(0.0, -2.0), (0.3, -4.0), (-0.95, -1.0), (0.99, -3.0), (0.1, 0.5)])
+def test_discretized_gaussian_is_a_distribution_over_256_bins(mean, log_scale):
+    # the 256 pixel levels x_k = 2k/255 - 1; bins of width 2/255 with the two edge bins open-ended
+    x = torch.arange(256, dtype=torch.float64) * 2 / 255 - 1
+    ll = gd.discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, log_scale))
+    p = ll.exp().numpy()
+    assert abs(p.sum() - 1) < 1e-4
+    # reference: the exact normal CDF (the code's tanh approximation is within 1.8e-4 of it)
+    s = math.exp(log_scale)
+    hi = np.append(x.numpy()[:-1] + 1 / 255, np.inf)
+    lo = np.append(-np.inf, x.numpy()[1:] - 1 / 255)
+    np.testing.assert_allclose(p, norm.cdf(hi, mean, s) - norm.cdf(lo, mean, s), atol=5e-4)
+
+
+@pytest.mark.parametrize("v", [1.0, 0.0, -0.5])
+def test_vb_term_is_the_kl_between_posterior_and_learned_variance(v):
+    # reference: KL of two Gaussians with equal means, 0.5 (log s2 - log s1 + s1/s2 - 1), in bits, from betas alone
+    d = gd.Diffusion(learn_sigma=True)
+    betas = _betas("linear")
+    abar = np.cumprod(1 - betas)
+    t = torch.tensor([1, 5, 20, 60])
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1
+    noise = torch.randn(4, 3, 4, 4, generator=g)
+    model = lambda x, tt, y=None: torch.cat([noise, torch.full_like(x, v)], 1)  # true eps, constant v
+    vb = d.training_losses(model, x0, t, dict(y=None), noise=noise)["vb"].double().numpy()
+    tn = t.numpy()
+    post_var = betas[tn] * (1 - abar[tn - 1]) / (1 - abar[tn])
+    frac = (v + 1) / 2  # improved DDPM eq. 15: log var = frac log beta + (1 - frac) log post_var
+    log_var = frac * np.log(betas[tn]) + (1 - frac) * np.log(post_var)
+    ref = 0.5 * (log_var - np.log(post_var) + post_var / np.exp(log_var) - 1) / math.log(2)
+    np.testing.assert_allclose(vb, ref, rtol=1e-3, atol=1e-6)
+    if v == 1.0:
+        assert ref.min() > 1e-4  # the check has teeth: at these t beta and the posterior variance differ
+
+
+def test_fixed_large_variance_without_learn_sigma():
+    # "fixed large": beta_t for t >= 1, and at t = 0 the posterior variance of t = 1 (beta_0 would be too small)
+    d = gd.Diffusion(learn_sigma=False)
+    betas = _betas("linear")
+    t = torch.tensor([0, 1, 10, 500, 999])
+    xt = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    _, log_var, _ = d.p_mean_variance(torch.zeros_like(xt), xt, t)
+    pv1 = betas[1] * betas[0] / (1 - (1 - betas[0]) * (1 - betas[1]))  # beta_1 (1 - abar_0) / (1 - abar_1)
+    ref = np.log(np.append(pv1, betas[t.numpy()[1:]]))
+    assert log_var.shape == xt.shape
+    np.testing.assert_allclose(log_var.double().numpy()[:, 0, 0, 0], ref, rtol=1e-6)
+    assert torch.all(log_var == log_var[:, :1, :1, :1])
+
+
+def test_cosine_alphas_cumprod_is_the_closed_form():
+    # Nichol & Dhariwal eq. 17: abar_t = f(t+1) / f(0) (t = 0..T-1 here); clipping only bites at the very end
+    T = 1000
+    f = lambda s: np.cos((s / T + 0.008) / 1.008 * np.pi / 2) ** 2
+    d = gd.Diffusion(schedule="cosine")
+    t = np.arange(991)
+    np.testing.assert_allclose(d.alphas_cumprod[t], f(t + 1) / f(0), rtol=1e-9)
+    assert gd.get_beta_schedule("cosine", T)[-1] == 0.999  # the last beta (1 - f(T)/f(T-1) = 1) is clipped
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("T", [1000, 250])
+def test_negative_transfer_alphas_cumprod_mirrors_diffusion(schedule, T):
+    ref = np.cumprod(1 - gd.get_beta_schedule(schedule, T))
+    np.testing.assert_allclose(nt._alphas_cumprod(schedule, T), ref, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(nt._alphas_cumprod(schedule, T), np.cumprod(1 - _betas(schedule, T)), rtol=1e-12)
+
+
+def test_p2_and_min_snr_weights_by_formula():
+    abar = np.cumprod(1 - _betas("linear"))
+    snr = abar / (1 - abar)
+    # k = 2, gamma = 0.5 tells 1 / (k + snr)**gamma apart from 1 / (k + snr**gamma) and from 1 / (k + snr)
+    p2 = gd.Diffusion(learn_sigma=False, weighting="p2", p2_k=2.0, p2_gamma=0.5)
+    np.testing.assert_allclose(p2.loss_weight, 1 / np.sqrt(2 + snr), rtol=1e-10)
+    for gamma in (5.0, 1.0):
+        ms = gd.Diffusion(weighting="min-snr", min_snr_gamma=gamma)
+        np.testing.assert_allclose(ms.loss_weight, np.minimum(snr, gamma) / snr, rtol=1e-10)
+    # the weight training_losses reports, and a respaced diffusion keeps the knobs and the per-timestep weights
+    t = torch.tensor([0, 10, 500, 999])
+    x0 = torch.zeros(4, 1, 2, 2)
+    out = p2.training_losses(lambda x, tt, y=None: torch.zeros_like(x), x0, t, dict(y=None))
+    np.testing.assert_allclose(out["weight"].double().numpy(), 1 / np.sqrt(2 + snr[t.numpy()]), rtol=1e-6)
+    r = p2.respace("ddim50")
+    np.testing.assert_allclose(r.loss_weight, p2.loss_weight[r.timestep_map], rtol=1e-9)
 
 
 # ==============================================================================================
