@@ -58,17 +58,30 @@ def last_checkpoint(out):
     return torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], map_location="cpu", weights_only=False)
 
 
-def same_state(a, b):
-    """Exact equality of nested checkpoint states (dicts, lists, tensors, numbers); not repr, which rounds."""
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and np.array_equal(a, b)
-    return a == b
+def deep_equal(a, b, path="state"):
+    """Exact recursive comparison of method state dicts: tensors with torch.equal (dtype and shape too),
+    arrays with array_equal, floats with == (no rounding, unlike repr of a tensor, which elides
+    the middle of the 5056-byte generator state). Returns a list of the paths that differ."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            return [f"{path}: {type(a).__name__} vs {type(b).__name__}"]
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(a)} vs {sorted(b)}"]
+        return [d for k in a for d in deep_equal(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        if not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))) or len(a) != len(b):
+            return [f"{path}: {a!r} vs {b!r}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in deep_equal(x, y, f"{path}[{i}]")]
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        ok = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+              and a.shape == b.shape and torch.equal(a, b))
+        return [] if ok else [f"{path}: tensors differ"]
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        ok = np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b)
+        return [] if ok else [f"{path}: arrays differ"]
+    if type(a) is not type(b) or a != b:
+        return [f"{path}: {a!r} vs {b!r}"]
+    return []
 
 
 def metrics(out):
@@ -2380,7 +2393,7 @@ def test_every_method_resumes_bitwise(tmp_path, method):
     a, b = last_checkpoint(straight), last_checkpoint(resumed)
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), f"{method}: {name} differs after resume"
-    assert same_state(a["method"], b["method"]) and same_state(a["ema"], b["ema"])
+    assert deep_equal(a["method"], b["method"]) == [] and deep_equal(a["ema"], b["ema"]) == []
     assert a["args"]["method"] == train.parse_method(method)
 
 
@@ -2427,6 +2440,439 @@ def test_two_process_fid_during_training_with_synced_emas(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("model replicas, EMA and method state identical on 2 ranks") == 1
     assert [rec["step"] for rec in metrics(out) if "fid" in rec] == [2]
+
+
+# ==============================================================================================
+#               Inside train.py: EMA, data stream, the ANT seam, flags (independent references)
+# ==============================================================================================
+
+NUM_CLASSES = 4  # the built-in shapes data: circle, square, triangle, cross
+CPU = torch.device("cpu")
+
+
+def checkpoints(out):
+    return sorted((Path(out) / "checkpoints").glob("*.pt"))
+
+
+def make_run(*extra, seed=0, perturb=0.0):
+    """train.build_run for TINY + extra on the CPU, as train.train does for the shapes data (num_classes
+    from the dataset, canonical method spelling). perturb > 0 replaces the zero-initialised weights
+    by N(0, perturb^2) so that every parameter gets a gradient (and EMA == model)."""
+    args = train.parse_args(TINY + list(extra))
+    args.method = train.parse_method(args.method)
+    args.num_classes = NUM_CLASSES
+    torch.manual_seed(seed)
+    run = train.build_run(args, CPU, distributed=False, log=lambda msg: None)
+    if perturb:
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in run.model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * perturb)
+            for e, p in zip(run.ema.parameters(), run.model.parameters()):
+                e.copy_(p)
+    return run
+
+
+def batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 16, 16, generator=g) * 2 - 1, torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+
+def snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def flat_grads(params):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+
+def test_deep_equal_sees_what_repr_misses():
+    s = torch.Generator().manual_seed(0).get_state()
+    t = s.clone()
+    t[2000] ^= 1  # a byte in the elided middle of the printed tensor
+    assert repr({"g": s}) == repr({"g": t})
+    assert deep_equal({"g": s, "x": [1.0, {"y": 2}]}, {"g": t, "x": [1.0, {"y": 2}]}) == ["state.g: tensors differ"]
+    assert deep_equal({"x": 0.1 + 0.2}, {"x": 0.3}) == ["state.x: 0.30000000000000004 vs 0.3"]
+    assert deep_equal({"x": [1, 2]}, {"x": [1, 2]}) == []
+
+
+# ---------------------------------------------------------------------------------------------- EMA update and the skipped non-finite step in train.train_step
+
+def test_ema_is_decay_times_old_plus_one_minus_decay_times_new_model():
+    # decay 0.75 (not 0.5, where decay and 1 - decay coincide), and an EMA moved away from the model
+    # so that "lerp towards the model before the step" or "EMA = model" cannot pass either.
+    d = 0.75
+    run = make_run("--ema-decay", str(d), "--lr", "1e-2", "--global-batch-size", "6")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for e in run.ema.parameters():
+            e.add_(torch.randn(e.shape, generator=g) * 0.1)
+    ema_before, model_before = snapshot(run.ema.parameters()), snapshot(run.model.parameters())
+    x, y = batch(6)
+    torch.manual_seed(0)
+    _, _, _, bad = train.train_step(run, x, y, 0)
+    assert not bool(bad)
+    model_after = snapshot(run.model.parameters())
+    assert sum((a - b).abs().sum() for a, b in zip(model_after, model_before)) > 0.1  # the model did move
+    for e_after, e0, m1 in zip(run.ema.parameters(), ema_before, model_after):
+        torch.testing.assert_close(e_after.detach(), d * e0 + (1 - d) * m1, rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_loss_leaves_model_and_ema_unchanged(monkeypatch):
+    run = make_run("--ema-decay", "0.75", "--lr", "1e-2", "--global-batch-size", "6")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for e in run.ema.parameters():  # EMA != model, so a lerp with a non-zero weight would move it
+            e.add_(torch.randn(e.shape, generator=g) * 0.1)
+    original = run.diffusion.training_losses
+
+    def poisoned(*a, **k):
+        terms = original(*a, **k)
+        return {**terms, "loss": terms["loss"] * math.inf}
+
+    monkeypatch.setattr(run.diffusion, "training_losses", poisoned)
+    ema_before, model_before = snapshot(run.ema.parameters()), snapshot(run.model.parameters())
+    x, y = batch(6)
+    torch.manual_seed(0)
+    _, _, _, bad = train.train_step(run, x, y, 0)
+    assert bool(bad)
+    for p, p0 in zip(run.model.parameters(), model_before):
+        assert torch.equal(p.detach(), p0)
+    for e, e0 in zip(run.ema.parameters(), ema_before):
+        assert torch.equal(e.detach(), e0)
+    # and the next, finite step trains normally
+    monkeypatch.setattr(run.diffusion, "training_losses", original)
+    _, _, _, bad = train.train_step(run, x, y, 1)
+    assert not bool(bad)
+    assert any(not torch.equal(p.detach(), p0) for p, p0 in zip(run.model.parameters(), model_before))
+
+
+# ---------------------------------------------------------------------------------------------- StreamSampler
+
+def _documented_stream(n, seed, epochs):
+    """The documented stream: epoch e is torch.randperm(n) from a generator seeded seed * 100_003 + e."""
+    return torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))
+                      for e in range(epochs)]).tolist()
+
+
+def _take(sampler, steps):
+    it = iter(sampler)
+    return [next(it) for _ in range(steps)]
+
+
+def test_stream_sampler_interleaves_ranks_into_the_documented_stream():
+    n, B, W, seed, steps = 7, 3, 2, 5, 9  # 9 steps x 6 = 54 indices: 7+ epochs, the batches straddle epochs
+    stream = _documented_stream(n, seed, 8)
+    ranks = [_take(train.StreamSampler(n, B, r, W, seed), steps) for r in range(W)]
+    flat = [i for s in range(steps) for r in range(W) for i in ranks[r][s]]
+    assert flat == stream[: steps * W * B]
+    # by hand: global step 1 holds stream[6:12]; rank 1 gets stream[9:12], which spans epochs 1 and 1
+    assert ranks[1][1] == stream[9:12] and ranks[0][1] == stream[6:9]
+    # every epoch is a permutation: each index once per 7
+    for e in range(7):
+        assert sorted(flat[e * n:(e + 1) * n]) == list(range(n))
+    # one process with the whole global batch sees the same global stream
+    one = _take(train.StreamSampler(n, W * B, 0, 1, seed), steps)
+    assert [i for b in one for i in b] == flat
+    # a different seed gives a different stream
+    assert _take(train.StreamSampler(n, B, 0, W, seed + 1), steps) != ranks[0]
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_stream_sampler_start_step_continues_the_stream(k):
+    n, B, W, seed = 7, 3, 2, 5
+    stream = _documented_stream(n, seed, 8)
+    for r in range(W):
+        full = _take(train.StreamSampler(n, B, r, W, seed), 8)
+        resumed = _take(train.StreamSampler(n, B, r, W, seed, start_step=k), 8 - k)
+        assert resumed == full[k:]
+        assert resumed[0] == stream[(k * W + r) * B:(k * W + r + 1) * B]
+
+
+# ---------------------------------------------------------------------------------------------- ANT inside train.Method.backward
+
+def _reference_cluster_grads(loss_vec, cluster, K, params):
+    """G (K, P) float64: gradients of L_k / K, L_k = mean of the losses of cluster k, one autograd.grad each."""
+    rows = []
+    for k in range(K):
+        Lk = loss_vec[cluster == k].mean() / K
+        gs = torch.autograd.grad(Lk, params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                               for g, p in zip(gs, params)]))
+    return torch.stack(rows)
+
+
+def _reference_pcgrad(G, gen):
+    """PCGrad as the docs of nt.pcgrad describe it, in float64: order[k] = others[randperm(K-1)] drawn
+    for k = 0..K-1 from gen; g_k^PC -= (g_k^PC . g_j / |g_j|^2) g_j against the ORIGINAL g_j when
+    the dot product is negative; sum over k."""
+    K = G.shape[0]
+    out = torch.zeros(G.shape[1], dtype=torch.float64)
+    orders = []
+    for k in range(K):
+        others = [j for j in range(K) if j != k]
+        orders.append([others[i] for i in torch.randperm(K - 1, generator=gen).tolist()])
+    for k in range(K):
+        g = G[k].clone()
+        for j in orders[k]:
+            dot = g @ G[j]
+            if dot < 0 and G[j] @ G[j] > 0:
+                g = g - dot / (G[j] @ G[j]) * G[j]
+        out += g
+    return out
+
+
+def _forward(run, n, seed=0):
+    x, y = batch(n, seed)
+    t, cluster = run.method.timesteps(n)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 7))
+    loss_vec = run.diffusion.training_losses(run.model, x, t, dict(y=y), noise=noise)["loss"]
+    return loss_vec, cluster
+
+
+def test_ant_pcgrad_backward_writes_the_projected_gradient_sum():
+    run = make_run("--method", "ant-pcgrad", "--class-dropout-prob", "0", perturb=0.3, seed=2)  # conflicting clusters
+    method, params = run.method, run.params
+    K = len(method.intervals)
+    torch.manual_seed(0)
+    loss_vec, cluster = _forward(run, 10)
+    assert torch.bincount(cluster, minlength=K).tolist() == [2] * K
+    G = _reference_cluster_grads(loss_vec, cluster, K, params)
+    gen_copy = torch.Generator()
+    gen_copy.set_state(method.order_gen.get_state())
+    expected = _reference_pcgrad(G, gen_copy)
+    gram = G @ G.T
+    assert (gram < 0).any(), "no conflicting pair: the projection would be a no-op"
+    assert (expected - G.sum(0)).abs().max() > 1e-3 * G.sum(0).abs().max()  # projection changed the sum
+    for p in params:
+        p.grad = None
+    loss, extra = method.backward(loss_vec, cluster, params, 0)
+    got = flat_grads(params).double()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    # the returned objective is mean_k L_k, and the generator advanced exactly as the reference's copy
+    Ls = torch.stack([loss_vec[cluster == k].mean() for k in range(K)])
+    torch.testing.assert_close(loss, Ls.mean().detach())
+    torch.testing.assert_close(extra["L"], Ls.detach())
+    assert torch.equal(method.order_gen.get_state(), gen_copy.get_state())
+
+
+def test_ant_nash_update_step_writes_the_alpha_weighted_gradient():
+    run = make_run("--method", "ant-nash", "--class-dropout-prob", "0", perturb=0.02, seed=1)
+    method, params = run.method, run.params
+    K = len(method.intervals)
+    torch.manual_seed(0)
+    loss_vec, cluster = _forward(run, 10)
+    G = _reference_cluster_grads(loss_vec, cluster, K, params)
+    assert method.nash.should_update(0)
+    for p in params:
+        p.grad = None
+    loss, extra = method.backward(loss_vec, cluster, params, 0)
+    alpha = torch.as_tensor(method.nash.alpha, dtype=torch.float64)
+    assert method.nash.updates == 1 and not torch.allclose(alpha, torch.ones(K, dtype=torch.float64))  # the solver moved alpha
+    # alpha is the Nash bargaining solution: alpha_k (A alpha)_k = 1 with A = G G^T / |G G^T|_F (G of L_k/K:
+    # the scale cancels in A)
+    A = G @ G.T
+    A = A / torch.linalg.norm(A)
+    torch.testing.assert_close(alpha * (A @ alpha), torch.ones(K, dtype=torch.float64), rtol=1e-3, atol=0)
+    expected = (alpha[:, None] * G).sum(0)  # sum_k alpha_k grad(L_k / K)
+    got = flat_grads(params).double()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    Ls = torch.stack([loss_vec[cluster == k].mean() for k in range(K)]).detach().double()
+    torch.testing.assert_close(loss.double(), (alpha * Ls).sum() / K, rtol=1e-5, atol=0)
+    torch.testing.assert_close(extra["w"].double(), alpha)
+
+
+def test_ant_nash_off_update_step_uses_the_kept_alpha():
+    run = make_run("--method", "ant-nash", "--class-dropout-prob", "0", "--nash-every", "2", perturb=0.02, seed=1)
+    method, params = run.method, run.params
+    K = len(method.intervals)
+    method.nash.alpha = np.array([0.5, 1.0, 2.0, 3.0, 4.0])
+    method.nash._alpha_cache = None
+    torch.manual_seed(0)
+    loss_vec, cluster = _forward(run, 10)
+    G = _reference_cluster_grads(loss_vec, cluster, K, params)
+    for p in params:
+        p.grad = None
+    method.backward(loss_vec, cluster, params, 1)  # not an update step: plain backward of sum alpha_k L_k / K
+    assert method.nash.alpha.tolist() == [0.5, 1.0, 2.0, 3.0, 4.0]
+    alpha = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    expected = (alpha[:, None] * G).sum(0)
+    torch.testing.assert_close(flat_grads(params).double(), expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+
+
+class _ClipSpy:
+    """Wraps torch.nn.utils.clip_grad_norm_: records max_norm and the total norm after clipping."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        self.original = torch.nn.utils.clip_grad_norm_
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", self)
+
+    def __call__(self, parameters, max_norm, *a, **k):
+        parameters = list(parameters)
+        total = self.original(parameters, max_norm, *a, **k)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.double())
+                                                      for p in parameters if p.grad is not None]))
+        self.calls.append((max_norm, float(total), float(after)))
+        return total
+
+
+def test_nash_clips_the_gradient_to_nash_max_norm(monkeypatch):
+    spy = _ClipSpy(monkeypatch)
+    # --max-grad-norm 0.5 is not the clip Nash uses: --nash-max-norm wins
+    run = make_run("--method", "ant-nash", "--nash-max-norm", "0.01", "--max-grad-norm", "0.5",
+                   "--global-batch-size", "10", perturb=0.02, seed=1)
+    x, y = batch(10)
+    torch.manual_seed(0)
+    for step in (0, 1):  # an update step and (nash-every 25) a kept-alpha step
+        _, _, _, bad = train.train_step(run, x, y, step)
+        assert not bool(bad)
+    assert [c[0] for c in spy.calls] == [0.01, 0.01]
+    for max_norm, before, after in spy.calls:
+        assert before > 0.011  # the clip bit ...
+        assert after == pytest.approx(0.01, rel=1e-4)  # ... and the gradient the optimiser saw has norm 0.01
+
+
+def test_max_grad_norm_clips_plain_training_and_zero_means_off(monkeypatch):
+    spy = _ClipSpy(monkeypatch)
+    run = make_run("--max-grad-norm", "0.5", "--global-batch-size", "6", perturb=0.02, seed=1)
+    x, y = batch(6)
+    torch.manual_seed(0)
+    train.train_step(run, x, y, 0)
+    assert len(spy.calls) == 1 and spy.calls[0][0] == 0.5
+    max_norm, before, after = spy.calls[0]
+    assert after == pytest.approx(min(before, 0.5), rel=1e-4)
+    spy.calls.clear()
+    run = make_run("--global-batch-size", "6", perturb=0.02, seed=1)  # default 0: no clipping
+    train.train_step(run, x, y, 0)
+    assert spy.calls == []
+
+
+def test_max_grad_norm_reaches_train_main(tmp_path, monkeypatch):
+    spy = _ClipSpy(monkeypatch)
+    out = run_train(tmp_path, "--max-grad-norm", "0.5", "--global-batch-size", "4", "--max-steps", "1")
+    assert [c[0] for c in spy.calls] == [0.5]
+    assert last_checkpoint(out)["args"]["max_grad_norm"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------- curriculum + ant-uw: cluster labels of the curriculum's timesteps
+
+def test_curriculum_ant_uw_labels_each_timestep_with_its_ant_cluster(monkeypatch):
+    run = make_run("--method", "curriculum+ant-uw", "--ant-objective", "timestep", "--ant-clusters", "5")
+    method = run.method
+    assert method.intervals == [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
+    monkeypatch.setattr(method.curriculum, "sample_timesteps", lambda n, generator=None, device=None: torch.arange(1000))
+    t, cluster = method.timesteps(1000)
+    assert torch.equal(t, torch.arange(1000))
+    assert torch.equal(cluster, torch.arange(1000) // 200)
+    # and the first stage (t in [950, 1000) with 20 curriculum clusters) is all in the last ANT cluster
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    t, cluster = method.timesteps(64)
+    assert t.min() >= 950 and torch.equal(cluster, torch.full((64,), 4))
+
+
+def test_curriculum_ant_uw_with_uneven_clusters(monkeypatch):
+    # log-SNR clustering gives uneven intervals: every boundary timestep belongs to the cluster it starts
+    run = make_run("--method", "curriculum+ant-uw", "--ant-objective", "log-snr", "--ant-clusters", "4")
+    method = run.method
+    monkeypatch.setattr(method.curriculum, "sample_timesteps", lambda n, generator=None, device=None: torch.arange(1000))
+    t, cluster = method.timesteps(1000)
+    expected = torch.tensor([next(k for k, (lo, hi) in enumerate(method.intervals) if lo <= int(s) < hi) for s in t])
+    assert torch.equal(cluster, expected)
+
+
+# ---------------------------------------------------------------------------------------------- Flags end to end: schedule, weighting, learn-sigma; sample.py labels and --use-model
+
+def _hand_cosine_betas(T):
+    f = lambda s: math.cos((s / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - f(i + 1) / f(i), 0.999) for i in range(T)])
+
+
+def test_schedule_weighting_and_learn_sigma_flags_reach_the_checkpoint(tmp_path):
+    out = run_train(tmp_path, "--schedule", "cosine", "--weighting", "p2", "--p2-gamma", "0.5", "--p2-k", "2",
+                    "--learn-sigma", "0", "--global-batch-size", "4", "--max-steps", "1")
+    model, diffusion, args = sample.load_model(str(checkpoints(out)[-1]))
+    ref = gd.Diffusion(schedule="cosine", weighting="p2", p2_gamma=0.5, p2_k=2, learn_sigma=False)
+    np.testing.assert_array_equal(diffusion.betas, ref.betas)
+    np.testing.assert_array_equal(diffusion.loss_weight, ref.loss_weight)
+    # and by hand: cosine betas (Nichol & Dhariwal eq. 17), P2 weight (k + SNR)^-gamma
+    betas = _hand_cosine_betas(1000)
+    np.testing.assert_allclose(diffusion.betas, betas, rtol=1e-12)
+    abar = np.cumprod(1 - betas)
+    np.testing.assert_allclose(diffusion.loss_weight, (2 + abar / (1 - abar)) ** -0.5, rtol=1e-9)
+    assert diffusion.learn_sigma is False and diffusion.weighting == "p2"
+    assert model.in_channels == 3 and model.out_channels == 3
+    assert model.final_layer.linear.out_features == 4 * 4 * 3  # patch 4, no variance channels
+    # the vb term is zero without learn_sigma: the loss is exactly weight * mse
+    x, y = batch(3)
+    terms = diffusion.training_losses(model, x, torch.tensor([0, 500, 999]), dict(y=y))
+    assert torch.equal(terms["vb"], torch.zeros(3))
+    torch.testing.assert_close(terms["weight"], torch.tensor(ref.loss_weight[[0, 500, 999]], dtype=torch.float32))
+
+
+def test_sample_cycles_class_labels_and_use_model_takes_the_raw_weights(tmp_path):
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--ema-decay", "0.5", "--lr", "1e-2")
+    ckpt_path = str(checkpoints(out)[-1])
+    # batches of 3: the second batch holds samples 3 and 4, whose labels are 3 and 1 (cycled by sample index)
+    common = ["--ckpt", ckpt_path, "--num-samples", "5", "--batch-size", "3", "--steps", "ddim2", "--class-labels", "1,3"]
+    sample.main(common + ["--out", str(tmp_path / "ema")])
+    sample.main(common + ["--out", str(tmp_path / "raw"), "--use-model"])
+    ema, raw = np.load(tmp_path / "ema" / "samples.npz"), np.load(tmp_path / "raw" / "samples.npz")
+    assert ema["arr_1"].tolist() == [1, 3, 1, 3, 1] and raw["arr_1"].tolist() == [1, 3, 1, 3, 1]
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+    assert not np.array_equal(ema["arr_0"], raw["arr_0"])
+
+    # --use-model equals sampling by hand from a network loaded with ckpt["model"]; the default, ckpt["ema"]
+    def by_hand(key):
+        net = sample.build_model(ckpt["args"])
+        net.load_state_dict(ckpt[key])
+        images, labels = sample.sample_indices(net.eval(), sample.build_diffusion(ckpt["args"]), list(range(5)), CPU,
+                                               seed=0, batch_size=5, steps="ddim2", class_labels=[1, 3])
+        return images.numpy(), labels.numpy()
+
+    for key, got in (("model", raw), ("ema", ema)):
+        images, labels = by_hand(key)
+        assert labels.tolist() == [1, 3, 1, 3, 1]
+        assert np.abs(images.astype(int) - got["arr_0"].astype(int)).max() <= 1, key
+
+
+# ---------------------------------------------------------------------------------------------- Resume: the method state after 3 + 3 steps equals an uninterrupted 6-step run's, exactly
+
+@pytest.mark.parametrize("method", ["ant-pcgrad", "ant-nash", "curriculum", "curriculum-adaptive"])
+def test_method_state_resumes_exactly(tmp_path, method):
+    common = ["--method", method.replace("-adaptive", ""), "--global-batch-size", "10", *METHOD_FLAGS]
+    if method == "curriculum-adaptive":  # plateau pacing: the loss EMA, best and patience count carry over
+        common += ["--curriculum-pacing", "adaptive", "--curriculum-smoothing", "0.3", "--curriculum-patience", "3"]
+    straight = run_train(tmp_path, *common, "--max-steps", "6", "--ckpt-every", "3", name="straight")
+    run_train(tmp_path, *common, "--max-steps", "3", name="split")
+    resumed = run_train(tmp_path, *common, "--max-steps", "6", "--ckpt-every", "3", "--resume", "auto", name="split")
+    a, b = last_checkpoint(straight), last_checkpoint(resumed)
+    assert a["step"] == b["step"] == 6
+    assert deep_equal(a["method"], b["method"]) == []
+    # the state did move in those 6 steps (so equality is not trivially the initial state)
+    first = torch.load(checkpoints(straight)[0], map_location="cpu", weights_only=False)
+    assert first["step"] == 3 and deep_equal(first["method"], a["method"]) != []
+    if method == "ant-pcgrad":
+        fresh = torch.Generator().manual_seed(0)
+        for _ in range(6):  # 6 steps x K orders of K - 1 tasks from one generator seeded with --global-seed
+            for _ in range(5):
+                torch.randperm(4, generator=fresh)
+        assert torch.equal(a["method"]["order_gen"], fresh.get_state())
+    if method == "ant-nash":
+        assert a["method"]["nash"]["updates"] + a["method"]["nash"]["failures"] == 3  # steps 0, 2, 4
+        assert a["method"]["nash"]["steps"] == 6  # the saved counter follows the run
+    if method == "curriculum-adaptive":  # still in stage 1 at step 6, so what was resumed at step 3 reaches the end
+        c = a["method"]["curriculum"]
+        assert c["stage"] == 1 and c["stage_updates"] == 6 and c["ema_sum"] != 0 and c["best"] is not None
+        assert c["bad_updates"] > 0
+    if method == "curriculum":
+        assert a["method"]["curriculum"]["stage"] == 4  # advanced after steps 2, 4, 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
 
 
 # ==============================================================================================

@@ -107,6 +107,9 @@ class Method:
                 self.uw = nt.UncertaintyWeighting(args.ant_clusters).to(device)
             elif self.ant == "ant-nash":
                 self.nash = nt.NashMTL(args.ant_clusters, every=args.nash_every, max_norm=args.nash_max_norm)
+                if args.max_grad_norm > 0:
+                    log(f"note: ant-nash clips the gradient norm to --nash-max-norm {args.nash_max_norm} (official); "
+                        f"--max-grad-norm {args.max_grad_norm} is not used")
             # PCGrad's random order: one generator, seeded alike on every rank.
             self.order_gen = torch.Generator().manual_seed(args.global_seed)
             self.cluster_starts = torch.tensor([a for a, _ in self.intervals], device=device)
@@ -139,6 +142,8 @@ class Method:
             loss.backward()
             return loss.detach(), {}
         K = len(self.intervals)
+        if self.nash is not None:
+            self.nash.step()  # its saved counter follows the run; the decisions below use `step` itself
         L = self.nt.cluster_losses(loss_vec, cluster, K)  # (K,)
         if self.uw is not None:
             # (K,) all True unless a curriculum hides clusters. A scatter, not bincount: CUDA's bincount
