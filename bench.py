@@ -19,9 +19,10 @@ What it measures, per method (any '+'-joined train.py method; vanilla is always 
   method's backward passes imply, and on CUDA the model-FLOPs utilisation (MFU) against the GPU's
   bf16 dense peak (`peak_tflops`, or --peak-tflops).
 Optional sections: --sample (images/s of sample.generate on the EMA model, DDIM-50 and DDPM-250
-with guidance 1.5 by default, once per distinct network among the
-methods: the plain DiT, and a DTR- or R-TR-routed DiT for each router kind benchmarked) and --fid (images/s of fid.FIDInceptionV3 with random weights on images of the
-training size, resized to 299 inside the network as in a real evaluation).
+with guidance 1.5 by default, once per distinct network among the methods: the plain DiT, and a
+DTR- or R-TR-routed DiT for each router kind benchmarked) and --fid (images/s of
+fid.FIDInceptionV3 with random weights on images of the training size, resized to 299 inside the
+network as in a real evaluation).
 
 With --profile N, N more plain steps of each method run under torch.profiler, and a table says
 where a step's time goes: on CUDA the GPU kernels by their own time, grouped into matmul/conv,
@@ -30,10 +31,11 @@ the rest, with the share of the wall time the GPU was busy; on the CPU the aten 
 
 Data are synthetic, so the data loader is not what is timed: random uint8 images on the device ->
 data.to_model_input (--in-channels 3, pixel space), or N(0, 1) latents (--in-channels 4: the DiT
-papers' 32x32x4 inputs of 256 px images, with --image-size 32). On a
-CPU shared with other jobs, set OMP_NUM_THREADS=1: with more threads than free cores every step
-waits on the slowest thread and the timings swing by tens of percent. Any other train.py flag (--depth, --hidden-size, --num-heads, --ant-clusters,
---nash-every, --learn-sigma, ...) is passed through to train.parse_args.
+papers' 32x32x4 inputs of 256 px images, with --image-size 32). On a CPU shared with other jobs,
+set OMP_NUM_THREADS=1: with more threads than free cores every step waits on the slowest thread
+and the timings swing by tens of percent. Any other train.py flag (--depth, --hidden-size,
+--num-heads, --ant-clusters, --nash-every, --learn-sigma, --compile-mode, ...) is passed through
+to train.parse_args.
 """
 
 import argparse
@@ -271,7 +273,8 @@ def profile_method(b, n, images, labels):
     busy_us = sum(us for _, us, _ in rows)
     families = {}
     for name, us, _ in rows:
-        families[family(name)] = families.get(family(name), 0.0) + us / 1000.0 / n
+        fam = family(name)
+        families[fam] = families.get(fam, 0.0) + us / 1000.0 / n
     return {
         "steps": n, "wall_ms_per_step": 1000.0 * wall / n, "busy_ms_per_step": busy_us / 1000.0 / n,
         "families_ms_per_step": dict(sorted(families.items(), key=lambda kv: -kv[1])),
