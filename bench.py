@@ -21,8 +21,8 @@ What it measures, per method (any '+'-joined train.py method; vanilla is always 
 Optional sections: --sample (images/s of sample.generate on the EMA model, DDIM-50 and DDPM-250
 with guidance 1.5 by default, once per distinct network among the methods: the plain DiT, and a
 DTR- or R-TR-routed DiT for each router kind benchmarked) and --fid (images/s of
-fid.FIDInceptionV3 with random weights on images of the training size, resized to 299 inside the
-network as in a real evaluation).
+fid.FIDInceptionV3 with random weights on images of the generated size, i.e. 8x the latent size
+with --in-channels 4, resized to 299 inside the network as in a real evaluation).
 
 With --profile N, N more plain steps of each method run under torch.profiler, and a table says
 where a step's time goes: on CUDA the GPU kernels by their own time, grouped into matmul/conv,
@@ -59,12 +59,12 @@ from sample import generate, resolve_device
 # heuristic over the usual names: cuBLAS (gemm, xmma, nvjet), cuDNN, flash / memory-efficient / cuDNN
 # attention, Triton templates and kernels from Inductor, aten ops on the CPU (where Inductor's C++
 # kernels run inside its "## Call CompiledFxGraph ##" ranges).
-KERNEL_FAMILIES = (
+KERNEL_FAMILIES = (  # Inductor's own kernels first: their names list the aten ops they fuse ("..._convolution_backward")
+    ("fused elementwise/norm (Inductor)", ("triton_poi", "triton_red", "triton_per", "cpp_fused", "compiledfxgraph")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("matmul/conv", ("gemm", "xmma", "nvjet", "cutlass", "triton_tem", "cudnn", "conv", "aten::mm", "aten::addmm",
                      "aten::bmm")),
     ("multi-tensor (AdamW, EMA, clip)", ("multi_tensor", "adam", "foreach", "lerp")),
-    ("fused elementwise/norm (Inductor)", ("triton_", "cpp_fused", "compiledfxgraph")),
 )
 
 # bf16 dense peaks (no sparsity) from the vendors' data sheets, TFLOP/s; first match on the name wins.
@@ -549,7 +549,8 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         result["profile"] = {b.name: profile_method(b, args.profile, images, labels) for b in benches}
     if args.fid:
         log("bench: FID features")
-        result["fid"] = bench_fid(args.sample_batch_size, args.image_size, args.rounds, device)
+        pixels = args.image_size * (8 if args.in_channels == 4 else 1)  # latents decode to 8x (SD VAE)
+        result["fid"] = bench_fid(args.sample_batch_size, pixels, args.rounds, device)
     print_report(result)
     if args.json:
         with open(args.json, "w") as f:

@@ -668,7 +668,7 @@ def save_statistics(path, stats):
     np.savez(path, **{k: stats[k] for k in keys if k in stats})
 
 
-def load_or_compute_stats(source, net, cache_path=None, keep=(), **kwargs):
+def load_or_compute_stats(source, net, cache_path=None, keep=(), key=None, **kwargs):
     """Statistics of `source` for evaluate(): read from a statistics .npz, or computed from images
     (a folder, .zip, .npz sample batch, or an array/Dataset) and, when `cache_path` is given,
     saved there and reused on the next call (e.g. train.py's reference statistics, once per run).
@@ -677,13 +677,16 @@ def load_or_compute_stats(source, net, cache_path=None, keep=(), **kwargs):
     statistics file without them is read for the statistics and its arr_0 images (ADM reference
     batches) are run through the network for the features; without images it is an error.
     kwargs: batch_size, num_workers, limit, progress, passed to compute_statistics.
-    The cache records the source (a path, or the type and length of an array or Dataset) and the
-    limit, and is recomputed (with a warning) when they or the wanted features differ.
+    The cache records the source (a path, or the type and length of an array or Dataset, plus `key`:
+    e.g. train.py's data path and image size for its training set) and the limit, and is
+    recomputed (with a warning) when they or the wanted features differ.
     """
     if isinstance(source, (str, Path)):
         tag = f"{Path(source).resolve()}|limit={kwargs.get('limit')}"
     else:
         tag = f"<{type(source).__name__} of {len(source) if hasattr(source, '__len__') else '?'} images>|limit={kwargs.get('limit')}"
+    if key is not None:
+        tag += f"|{key}"
     if cache_path is not None and Path(cache_path).is_file():
         cached = read_statistics(cache_path)
         if cached.get("source") == tag and all(k in cached for k in keep):
@@ -769,7 +772,7 @@ def read_fid_curve(run):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} has a line that is not JSON ({e}); is it a train.py metrics.jsonl?") from None
     curve = {int(r["step"]): (float(r["fid"]), r.get("fid_samples"))  # later records overwrite earlier ones
-             for r in records if isinstance(r, dict) and "fid" in r and "step" in r}
+             for r in records if isinstance(r, dict) and r.get("fid") is not None and "step" in r}
     if not curve:
         raise ValueError(f"{path} holds no FID records; train with --fid-every N to score the EMA model during training")
     return dict(sorted(curve.items()))

@@ -134,7 +134,8 @@ def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, ste
             y = torch.cat([torch.randint(model.num_classes, (1,), generator=g) for g in gens])
 
         def step_noise(x, gens=gens):  # (n, C, H, W), row j from sample idx[j]'s own generator
-            return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+            z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])  # on the CPU
+            return z.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else z  # no host sync per step
 
         x = generate(model, diffusion, y.to(device), noise.to(device), steps, cfg_scale, clip_denoised=clip_denoised,
                      guided_channels=guided_channels, progress=progress, noise_fn=step_noise, precision=precision)

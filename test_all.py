@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -2298,6 +2299,26 @@ def test_fid_curves_table_and_plot(tmp_path, capsys):
     assert "differ in sample count" in fid.fid_table({"a": fid.read_fid_curve(a), "c": fid.read_fid_curve(c)})
 
 
+def test_fid_during_training_survives_a_failed_distance_and_keys_its_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
+    real, calls = fid.frechet_distance, []
+
+    def fails_once(*stats):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("sqrtm(sigma1 sigma2) is not finite even with eps on the diagonals")
+        return real(*stats)
+
+    monkeypatch.setattr(fid, "frechet_distance", fails_once)
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--fid-every", "1", "--fid-samples", "8",
+                    "--fid-steps", "ddim2", "--fid-batch-size", "8", "--fid-ref-limit", "16")
+    first, second = [r for r in metrics(out) if "fid" in r]
+    assert first["fid"] is None and "not finite" in first["fid_error"] and np.isfinite(second["fid"])
+    assert last_checkpoint(out)["step"] == 2  # the run went on
+    assert fid.read_fid_curve(out) == {2: (second["fid"], 8)}  # curves skip the failed evaluation
+    assert fid.read_statistics(out / "fid_ref_stats.npz")["source"].endswith("shapes|16px")  # the cache names its data
+
+
 def test_fid_curves_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -2440,6 +2461,27 @@ def test_two_process_fid_during_training_with_synced_emas(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("model replicas, EMA and method state identical on 2 ranks") == 1
     assert [rec["step"] for rec in metrics(out) if "fid" in rec] == [2]
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="shared Inception weights absent")
+def test_two_process_bad_fid_reference_stops_every_rank_at_once(tmp_path):
+    # Rank 0 fails on the reference; rank 1 must leave with it, not sit in the 6-hour gloo barrier. Two
+    # plain processes, not torchrun, whose agent would kill rank 1 anyway.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "train.py", *TINY, "--global-batch-size", "4", "--max-steps", "2", "--fid-every", "2",
+           "--fid-ref", str(tmp_path / "missing.npz"), "--inception", str(SHARED_WEIGHTS), "--out", str(tmp_path / "bad")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2]
+    assert "FID reference" in results[0][1] and "no such file" in results[0][1] and "Traceback" not in results[1][1]
 
 
 # ==============================================================================================

@@ -512,8 +512,11 @@ def train(args):
         except OSError as e:
             raise ConfigError(f"cannot write to the results folder {args.out}: {e}") from None
         for stale in glob.glob(os.path.join(ckpt_dir, "*.pt.tmp*")):  # a write cut short by SIGKILL (atomic_save)
-            os.remove(stale)
-            log(f"removed {stale}, a checkpoint write that never finished")
+            try:
+                os.remove(stale)
+                log(f"removed {stale}, a checkpoint write that never finished")
+            except OSError as e:
+                log(f"warning: cannot remove {stale}, a checkpoint write that never finished: {e}")
 
     # ---------------------------------------------------------------- data
     dataset = datasets.load_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images, seed=args.global_seed)
@@ -568,7 +571,7 @@ def train(args):
         raise ConfigError(str(e)) from None
     model, ema, diffusion, method, opt = run.model, run.ema, run.diffusion, run.method, run.opt
     # Grids and FID come long after the start: check their settings now, not at the first evaluation.
-    for flag, cfg in (("--sample-cfg", args.sample_cfg), ("--fid-cfg", args.fid_cfg)):
+    for flag, cfg in (("--sample-cfg", args.sample_cfg), ("--fid-cfg", args.fid_cfg if args.fid_every else 1.0)):
         if cfg != 1.0 and args.class_dropout_prob == 0:
             why = "the data have one class" if args.num_classes == 1 else "of --class-dropout-prob 0"
             raise ConfigError(f"{flag} {cfg} needs the null class of label dropout, which this model lacks because {why}; "
@@ -590,6 +593,8 @@ def train(args):
             torch.set_rng_state(rng[rank]["cpu"])
             if device.type == "cuda" and rng[rank].get("cuda") is not None:
                 torch.cuda.set_rng_state(rng[rank]["cuda"], device)
+            elif device.type == "cuda":  # a CPU checkpoint continued on a GPU: a fresh device stream for this step
+                torch.cuda.manual_seed((args.global_seed * 1_000_003 + step) * world + rank)
         else:  # new per-rank streams, seeded with the step too, so they do not replay the run's first draws
             torch.manual_seed((args.global_seed * 1_000_003 + step) * world + rank)
             log(f"resume: the checkpoint was written by {len(rng)} processes, now {world}; new random streams from step {step}")
@@ -663,15 +668,25 @@ def train(args):
             fid_net = fid.load_inception(args.inception, device)
         except (OSError, RuntimeError) as e:
             raise ConfigError(str(e)) from None
-        if master:  # reference statistics once per run, cached next to it
-            ref = args.fid_ref or dataset
-            ref_stats = fid.load_or_compute_stats(ref, fid_net, cache_path=os.path.join(args.out, "fid_ref_stats.npz"),
-                                                  limit=args.fid_ref_limit, batch_size=args.fid_batch_size,
-                                                  num_workers=args.num_workers)
-            log(f"FID reference: {args.fid_ref or args.data} ({ref_stats.get('n', '?')} images)")
-        if distributed:  # the other ranks wait for that on a gloo barrier: an ImageNet-sized first pass
-            # outlasts NCCL's 10-minute collective timeout, which the first gradient all-reduce would hit
-            dist.barrier(group=dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6)))
+        # Reference statistics once per run, on rank 0, cached next to it. The other ranks wait on a gloo
+        # group: an ImageNet-sized first pass outlasts NCCL's 10-minute timeout, which the first gradient
+        # all-reduce would hit. Rank 0's outcome is broadcast, so a failure stops every rank at once.
+        wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6)) if distributed else None
+        error = [None]
+        if master:
+            try:
+                key = None if args.fid_ref else f"{os.path.abspath(args.data)}|{args.image_size}px"  # the training set
+                ref_stats = fid.load_or_compute_stats(args.fid_ref or dataset, fid_net, key=key,
+                                                      cache_path=os.path.join(args.out, "fid_ref_stats.npz"),
+                                                      limit=args.fid_ref_limit, batch_size=args.fid_batch_size,
+                                                      num_workers=args.num_workers)
+                log(f"FID reference: {args.fid_ref or args.data} ({ref_stats.get('n', '?')} images)")
+            except (ValueError, OSError) as e:
+                error[0] = f"FID reference {args.fid_ref or args.data}: {e}"
+        if distributed:
+            dist.broadcast_object_list(error, src=0, group=wait_group)
+        if error[0]:
+            raise ConfigError(error[0])
 
     decoder = None
 
@@ -698,7 +713,12 @@ def train(args):
             dist.all_gather_object(gathered, feats)
         if master:
             mu, sigma = fid.feature_statistics(np.concatenate(gathered))
-            value = fid.frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
+            try:
+                value = fid.frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
+            except ValueError as e:  # ill-conditioned or NaN statistics: record it, never end the run for it
+                log(f"step {step}: no FID ({e})")
+                write_metrics({"step": step, "fid": None, "fid_samples": args.fid_samples, "fid_error": str(e)})
+                return
             t_end = time.time()
             log(f"step {step}: FID {value:.3f} ({args.fid_samples} EMA samples, {args.fid_steps}, cfg {args.fid_cfg}; "
                 f"{t_end - t_start:.0f} s: sampling {t_sampled - t_start:.0f}, Inception {t_featurised - t_sampled:.0f}, "
