@@ -3100,6 +3100,31 @@ train.main(sys.argv[1:])
 """
 
 
+DRIFT_ON_RANK_1 = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import train
+real_step = train.train_step
+def drifting_step(run, x, y, step):
+    out = real_step(run, x, y, step)
+    if step == 0 and os.environ["RANK"] == "1":
+        with torch.no_grad():
+            next(run.ema.parameters()).add_(1e-3)  # the EMA of one replica drifts
+    return out
+train.train_step = drifting_step
+train.main(sys.argv[1:])
+"""
+
+
+def test_replica_drift_stops_the_run_at_the_checkpoint(tmp_path):
+    script = tmp_path / "drift.py"
+    script.write_text(DRIFT_ON_RANK_1.format(repo=str(REPO)))
+    r = torchrun(str(script), *TINY, "--global-batch-size", "4", "--max-steps", "4", "--ckpt-every", "2",
+                 "--out", str(tmp_path / "drift"))
+    assert r.returncode != 0 and "differs across ranks at step 2" in r.stdout + r.stderr
+    assert not list((tmp_path / "drift" / "checkpoints").glob("*.pt"))  # nothing written from drifted replicas
+
+
 def test_torchrun_max_restarts_recovers_from_a_crashed_worker(tmp_path):
     script = tmp_path / "crash_once.py"
     script.write_text(CRASH_ONCE.format(repo=str(REPO)))
