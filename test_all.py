@@ -3526,3 +3526,36 @@ def test_samplers_recover_the_data_point_with_an_oracle_model(steps):
 
     torch.manual_seed(0)
     assert (d.sample(oracle, torch.randn(2, 3, 8, 8), steps=steps) - target).abs().max() < 1e-4
+
+
+def test_sampler_trajectories_with_an_oracle_model_step_by_step():
+    # The last step returns the oracle's x0 whatever the earlier coefficients were, so check every step:
+    # DDIM (eta = 0) keeps x_t on sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with one fixed eps; DDPM with zero
+    # step noise moves x_t to the posterior mean given x0, from Bayes' rule on the respaced chain.
+    abar = np.cumprod(1 - _betas("linear"))  # float64, independent of diffusion.py
+    target = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    for steps in ("ddim10", "10"):
+        seen = []
+
+        def oracle(x, t):
+            seen.append((int(t[0]), x.double()))
+            a = torch.tensor(abar)[t].float().view(-1, 1, 1, 1)
+            return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+        out = gd.Diffusion(learn_sigma=False).sample(oracle, x_T, steps=steps, clip_denoised=False,
+                                                     noise_fn=torch.zeros_like)
+        x0 = target.double()
+        ts = [t for t, _ in seen]
+        assert ts == sorted(ts, reverse=True) and len(ts) == 10
+        if steps == "ddim10":
+            eps = (seen[0][1] - math.sqrt(abar[ts[0]]) * x0) / math.sqrt(1 - abar[ts[0]])
+            for t, x in seen:
+                torch.testing.assert_close(x, math.sqrt(abar[t]) * x0 + math.sqrt(1 - abar[t]) * eps, rtol=0, atol=1e-4)
+        else:
+            for (t, x), (t_prev, x_next) in zip(seen, seen[1:] + [(None, out.double())]):
+                a_prev = abar[t_prev] if t_prev is not None else 1.0
+                beta = 1 - abar[t] / a_prev  # the respaced chain's beta at this step
+                var = 1 / (1 / (1 - a_prev) + (1 - beta) / beta) if t_prev is not None else 0.0
+                mean = x0 if t_prev is None else var * (math.sqrt(a_prev) * x0 / (1 - a_prev) + math.sqrt(1 - beta) * x / beta)
+                torch.testing.assert_close(x_next, mean, rtol=0, atol=1e-4)
