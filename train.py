@@ -347,12 +347,12 @@ def build_run(args, device, distributed, log=print):
         functorch_config.donated_buffer = False
     fwd_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     ddp_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else fwd_model
+    ema_pairs = (list(ema.parameters()), list(model.parameters()))
     with torch.no_grad():  # DDP has broadcast rank 0's weights into the model: the EMA starts from them too (official DiT)
-        torch._foreach_copy_(list(ema.parameters()), list(model.parameters()))
+        torch._foreach_copy_(*ema_pairs)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and args.precision == "bf16" else nullcontext
     return SimpleNamespace(args=args, model=model, ema=ema, diffusion=diffusion, method=method, opt=opt, params=params,
-                           ddp_model=ddp_model, autocast=autocast, distributed=distributed,
-                           ema_pairs=(list(ema.parameters()), list(model.parameters())))
+                           ddp_model=ddp_model, autocast=autocast, distributed=distributed, ema_pairs=ema_pairs)
 
 
 def train_step(run, x, y, step):
@@ -367,9 +367,8 @@ def train_step(run, x, y, step):
             terms = run.diffusion.training_losses(run.ddp_model, x, t, dict(y=y))
         loss, extra = method.backward(terms["loss"], cluster, run.params, step)
     if run.distributed and method.uw is not None:
-        for p in method.uw.parameters():  # SUM then divide: gloo (CPU runs) has no AVG before torch 2.7
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(dist.get_world_size())
+        for p in method.uw.parameters():  # SUM then divide inside: gloo (CPU runs) has no AVG before torch 2.7
+            method.nt.all_reduce_mean(p.grad)
     max_norm = args.nash_max_norm if method.nash is not None else args.max_grad_norm  # Nash-MTL clips (official)
     if max_norm > 0:
         gnorm = torch.nn.utils.clip_grad_norm_(run.params, max_norm, foreach=True)
@@ -589,14 +588,15 @@ def train(args):
         method.load_state_dict(ckpt["method"])
         step = ckpt["step"]
         rng = ckpt["rng"]
+        fresh_seed = (args.global_seed * 1_000_003 + step) * world + rank  # a stream that does not replay step 0's
         if len(rng) == world:
             torch.set_rng_state(rng[rank]["cpu"])
             if device.type == "cuda" and rng[rank].get("cuda") is not None:
                 torch.cuda.set_rng_state(rng[rank]["cuda"], device)
-            elif device.type == "cuda":  # a CPU checkpoint continued on a GPU: a fresh device stream for this step
-                torch.cuda.manual_seed((args.global_seed * 1_000_003 + step) * world + rank)
+            elif device.type == "cuda":  # a CPU checkpoint continued on a GPU: a fresh device stream
+                torch.cuda.manual_seed(fresh_seed)
         else:  # new per-rank streams, seeded with the step too, so they do not replay the run's first draws
-            torch.manual_seed((args.global_seed * 1_000_003 + step) * world + rank)
+            torch.manual_seed(fresh_seed)
             log(f"resume: the checkpoint was written by {len(rng)} processes, now {world}; new random streams from step {step}")
         log(f"resumed from {resume_path} at step {step}")
     log(f"model: {args.model}, {sum(p.numel() for p in run.params):,} parameters; method: {args.method}; "
