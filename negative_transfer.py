@@ -42,8 +42,10 @@ Where we depart from the official code, and why:
   across ranks), and computes every dot product from one float64 Gram matrix.
 - Nash-MTL: the official cvxpy/ECOS problem fails silently on newer cvxpy, and the failure is
   swallowed by a bare `except`, so alpha stays at 1 forever (plain averaging). We solve each
-  convex subproblem of the concave-convex procedure with scipy's trust-constr and report
-  failures (`info["success"] = False`) so that the caller keeps its previous alpha and logs it.
+  convex subproblem of the concave-convex procedure with scipy's trust-constr; when one fails
+  (about 1 in 300 random Gram matrices), Newton's method on the equivalent convex problem
+  0.5 a^T A a - sum log a gives the same Nash point. A failure of both is reported
+  (`info["success"] = False`) so that the caller keeps its previous alpha and logs it.
   The official constraint also mixes scales: it uses the unnormalised G G^T, while its stopping
   rule uses the normalised one. We use the normalised A throughout.
 - Task affinity: the official script needs T gradients, each over 1000 images, and stores all
@@ -517,6 +519,34 @@ def _nash_subproblem(A, alpha):
     return new
 
 
+def _nash_newton(A, alpha, max_iter=100):
+    """The Nash point straight from its convex form: for PSD A, alpha_k (A alpha)_k = 1 is where
+    the gradient A a - 1/a of f(a) = 0.5 a^T A a - sum_k log a_k vanishes, and f is strictly
+    convex on a > 0. Damped Newton from a feasible `alpha`, halving the step until a stays > 0
+    and f decreases (Armijo), until the Newton decrement is at the rounding level of f. The
+    fallback when a concave-convex subproblem fails. Returns the new alpha (K,), or None if it
+    does not converge (e.g. A is singular along a direction >= 0, where f is unbounded below)."""
+    def f(a):
+        return 0.5 * a @ A @ a - np.sum(np.log(a))
+
+    a = alpha.copy()  # (K,)
+    for _ in range(max_iter):
+        grad = A @ a - 1.0 / a  # (K,)
+        try:
+            d = np.linalg.solve(A + np.diag(1.0 / a ** 2), grad)  # (K,) Newton direction
+        except np.linalg.LinAlgError:
+            return None
+        if grad @ d < 1e-14 * max(1.0, abs(f(a))):  # squared Newton decrement ~ 2 (f(a) - min f)
+            return a
+        step = 1.0
+        while np.any(a - step * d <= 0) or f(a - step * d) > f(a) - 0.25 * step * (grad @ d):
+            step /= 2
+            if step < 1e-12:
+                return None
+        a = a - step * d
+    return None
+
+
 def nash_mtl_weights(gram, prev_alpha=None, max_iter=NASH_MAX_ITER, change_tol=1e-6,
                      residual_tol=1e-3):
     """
@@ -528,19 +558,20 @@ def nash_mtl_weights(gram, prev_alpha=None, max_iter=NASH_MAX_ITER, change_tol=1
     less than change_tol or |A alpha - 1/alpha| < residual_tol (the official rules).
 
     Returns (alpha (K,) float64 numpy or None, info). info has success, converged, iterations,
-    residual, message. On failure (non-finite or zero gradients, no alpha > 0 with A alpha > 0
-    because the gradients conflict too strongly, or a failed subproblem) alpha is None: keep the
-    previous alpha and log info["message"]. If the loop runs out of iterations, the last
-    feasible alpha comes back with success=True and converged=False, as in the official code.
-    For PSD A the answer is also the minimiser of the convex 0.5 a^T A a - sum log a; the tests
-    use that as an independent check.
+    residual, message, newton. For PSD A the answer is also the minimiser of the convex
+    0.5 a^T A a - sum log a: when a subproblem fails, that problem is solved by Newton's method
+    instead (_nash_newton), and info["newton"] is True. On failure (non-finite or zero
+    gradients, no alpha > 0 with A alpha > 0 because the gradients conflict too strongly, or
+    both solvers failing) alpha is None: keep the previous alpha and log info["message"]. If the
+    loop runs out of iterations, the last feasible alpha comes back with success=True and
+    converged=False, as in the official code.
     """
     if isinstance(gram, torch.Tensor):
         gram = gram.detach().double().cpu().numpy()
     A = np.asarray(gram, dtype=np.float64)
     if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
         raise ValueError(f"gram must be a square (K, K) matrix G G^T, got shape {A.shape}")
-    info = dict(success=False, converged=False, iterations=0, residual=float("nan"), message="")
+    info = dict(success=False, converged=False, iterations=0, residual=float("nan"), message="", newton=False)
     if not np.all(np.isfinite(A)):
         info["message"] = "non-finite Gram matrix (NaN/inf gradients)"
         return None, info
@@ -560,9 +591,15 @@ def nash_mtl_weights(gram, prev_alpha=None, max_iter=NASH_MAX_ITER, change_tol=1
         return alpha, info
     for it in range(1, max_iter + 1):
         new = _nash_subproblem(A, alpha)
-        if new is None:
-            info.update(iterations=it, message=f"convex subproblem failed at iteration {it}")
-            return None, info
+        if new is None:  # trust-constr gives up now and then (about 1 in 300 random Gram matrices)
+            new = _nash_newton(A, alpha)
+            if new is None or np.max(np.abs(new * (A @ new) - 1.0)) > 1e-6:
+                info.update(iterations=it, message=f"convex subproblem failed at iteration {it}, and so did Newton's method")
+                return None, info
+            residual = float(np.linalg.norm(A @ new - 1.0 / new))
+            info.update(success=True, converged=True, iterations=it, residual=residual, newton=True,
+                        message=f"convex subproblem failed at iteration {it}; solved by Newton's method instead")
+            return new, info
         change = float(np.linalg.norm(new - alpha))
         alpha = new
         residual = float(np.linalg.norm(A @ alpha - 1.0 / alpha))

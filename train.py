@@ -162,8 +162,10 @@ class Method:
         G = self.nt.all_reduce_mean(G)
         if self.nash is not None:
             info = self.nash.update(G)
-            if not info.get("success"):
-                self.log(f"step {step}: Nash-MTL solver failed ({info.get('message')}); keeping alpha = {self.nash.alpha.round(4).tolist()}")
+            if not info["success"]:
+                self.log(f"step {step}: Nash-MTL solver failed ({info['message']}); keeping alpha = {self.nash.alpha.round(4).tolist()}")
+            elif info["newton"]:
+                self.log(f"step {step}: Nash-MTL {info['message']}")
             flat = (self.nash.alpha_tensor(L).to(G.dtype)[:, None] * G).sum(0)  # (P,) = sum_k alpha_k grad(L_k / K)
         else:
             flat = self.nt.pcgrad(G, self.order_gen)  # (P,)
@@ -274,9 +276,42 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
+def checkpoint_step(path):
+    """The step of a checkpoint train() wrote (checkpoints/<step>.pt), or None for any other file."""
+    name = os.path.basename(path)[:-len(".pt")]
+    return int(name) if path.endswith(".pt") and name.isascii() and name.isdigit() else None
+
+
 def checkpoint_paths(run_dir):
-    """Checkpoints of a run, newest first."""
-    return sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")), reverse=True)
+    """Checkpoints of a run, newest step first. Other .pt files in the folder are left alone:
+    --keep-last never prunes them and --resume auto never picks them."""
+    paths = [p for p in glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")) if checkpoint_step(p) is not None]
+    return sorted(paths, key=checkpoint_step, reverse=True)
+
+
+def claim_checkpoint_folder(run_dir, start_step, resume_path, auto, log, master):
+    """The checkpoint folder holds one line of history, so that --keep-last and --resume auto can
+    go by step. Refuse a start that would overwrite or prune checkpoints of another run or branch
+    (a fresh run into a used --out, or an earlier checkpoint resumed into its own folder). With
+    --resume auto the later ones are those it skipped as unreadable: rank 0 renames them *.unreadable."""
+    later = [p for p in checkpoint_paths(run_dir) if checkpoint_step(p) >= start_step
+             and not (resume_path and os.path.samefile(p, resume_path))]
+    if not later:
+        return
+    folder = os.path.dirname(later[0])
+    if auto:
+        if master:
+            for path in later:
+                os.replace(path, path + ".unreadable")
+                log(f"resume: renamed {path}, which cannot be resumed, to {path}.unreadable")
+    elif resume_path is None:
+        raise ConfigError(f"{folder} already holds checkpoints (newest {os.path.basename(later[0])}) that a new run would "
+                          f"overwrite; continue that run with --resume auto, or pass another --out")
+    else:
+        raise ConfigError(f"{folder} holds {len(later)} checkpoint(s) of step {start_step} or later "
+                          f"({', '.join(os.path.basename(p) for p in later[:3])}{', ...' if len(later) > 3 else ''}) that a run "
+                          f"resumed from {resume_path} at step {start_step} would overwrite or prune; to branch from it, pass "
+                          f"another --out; to continue the newest, use --resume auto")
 
 
 def find_resume(resume, run_dir, log):
@@ -467,10 +502,13 @@ def parse_args(argv=None):
 def train(args):
     # ---------------------------------------------------------------- processes and devices
     distributed = "RANK" in os.environ
-    if distributed:
-        init_distributed("nccl" if torch.cuda.is_available() and args.device in (None, "cuda") else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = resolve_device(args.device)
+    if distributed and int(os.environ["WORLD_SIZE"]) > 1 and args.device and torch.device(args.device).index is not None:
+        raise ConfigError(f"--device {args.device} would put all {os.environ['WORLD_SIZE']} processes on one device; "
+                          f"pass --device {device.type}, and each process takes its own (cuda:LOCAL_RANK)")
+    if distributed:
+        init_distributed("nccl" if device.type == "cuda" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -555,6 +593,7 @@ def train(args):
     except Exception as e:  # noqa: BLE001 - truncated or not a checkpoint: say which file and what to do
         raise ConfigError(f"--resume {resume_path} cannot be loaded ({type(e).__name__}: {e}); pass another "
                           f"checkpoint, or --resume auto to take the newest one in {ckpt_dir} that loads") from None
+    claim_checkpoint_folder(args.out, ckpt["step"] if ckpt is not None else 0, resume_path, args.resume == "auto", log, master)
     if ckpt is not None:
         check_compatible(ckpt["args"], args)
         if ckpt["args"].get("global_batch_size") != args.global_batch_size:
