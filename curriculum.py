@@ -40,8 +40,9 @@ From the paper / our choice:
   the t drawn), so we judge a smoothed loss. We keep an exponential moving average with decay
   `smoothing` (0.995, a time constant of 200 updates), bias-corrected like Adam's moments so it
   is the weighted mean of the losses seen in the stage so far. An update "improves" when the
-  EMA drops below best - rel_tol * |best| (rel_tol = 1e-3); this is the rule of PyTorch's
-  ReduceLROnPlateau with threshold_mode="rel", applied to the EMA. After `patience` updates in a
+  EMA drops below best - rel_tol * |best| (rel_tol = 1e-3); for positive losses this is the rule
+  of PyTorch's ReduceLROnPlateau with threshold_mode="rel" (best * (1 - rel_tol)), applied to the
+  EMA, and |best| keeps it a real improvement for negative ones too. After `patience` updates in a
   row without improvement the stage advances. On a noiseless loss the defaults keep the stage
   while the loss falls by more than 0.2% per 1000 updates (rel_tol per patience); noise in the
   EMA lets it advance earlier, e.g. with 15% per-step noise it advances while the loss still

@@ -89,10 +89,11 @@ def routing_masks(num_timesteps, channels, alpha=4.0, beta=0.8):
     alpha = float(alpha)
     if not (math.isfinite(alpha) and alpha > 0.0):
         raise ValueError(f"alpha (window speed exponent) must be a finite number > 0, got {alpha}")
-    # float64 throughout; np.linspace(0, 1, T) is the official t / (T - 1) (it agrees with the
-    # plain division to the last bit in every (T, C, alpha, beta) we tried), and np.round is
-    # round-half-to-even, as in the official code (Python's round() on floats does the same).
-    # Exact ties do occur, e.g. T = 3, alpha = 1, C - C_b = 1 gives 0.5 -> 0 at t = 1.
+    # float64 throughout; t / (T - 1) comes from np.linspace(0, 1, T) and np.round is
+    # round-half-to-even, both as in the official code. linspace can differ from the plain division
+    # in the last bit (T = 11: 0.30000000000000004 at t = 3), which moves a start that sits on a
+    # .5 tie (T = 11, C = 100, alpha = 2, beta = 0.5: 5, where round(4.5) would give 4); we keep the
+    # official masks bit for bit. Exact ties do occur, e.g. T = 3, alpha = 1, C - C_b = 1 at t = 1.
     frac = np.linspace(0.0, 1.0, num_timesteps, dtype=np.float64)  # (T,) t / (T - 1)
     starts = np.round(frac**alpha * (channels - num_active)).astype(np.int64)  # (T,)
     c = np.arange(channels, dtype=np.int64)  # (C,)

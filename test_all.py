@@ -15,6 +15,7 @@ import threading
 import time
 import types
 import zipfile
+from fractions import Fraction
 from pathlib import Path
 from urllib.error import URLError
 
@@ -798,6 +799,14 @@ def test_dtr_beta_one_gives_all_ones():
     assert torch.equal(routing_masks(1000, 64, alpha=4.0, beta=1.0), torch.ones(1000, 64))
 
 
+def test_dtr_start_just_above_a_half_rounds_up_in_exact_arithmetic():
+    # T = 1000, C = 1152, alpha = 2, beta = 0.7: C_b = 806, and at t = 931 the start is
+    # (931 / 999)**2 * 346 = 300.5000055..., a hair above a half: 301 (float32 would give 300.5 -> 300).
+    exact = [round(Fraction(t, 999) ** 2 * 346) for t in range(1000)]
+    starts = routing_masks(1000, 1152, alpha=2.0, beta=0.7).argmax(1).tolist()
+    assert exact[931] == 301 and starts == exact
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -963,6 +972,16 @@ def test_mask_stats_rejects_non_masks():
         mask_stats(torch.full((4, 3), 0.5))
     with pytest.raises(ValueError):
         mask_stats(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+
+
+def test_mask_stats_hand_table_with_odd_t_splits_at_t_floor_half():
+    # T = 3, so the cleaner half is t < 3 // 2 = 1, i.e. only t = 0; the noisier half is t = 1, 2.
+    m = torch.tensor([[1, 1, 1, 0, 0, 0],
+                      [0, 1, 1, 1, 0, 0],
+                      [0, 0, 1, 1, 1, 0]], dtype=torch.float32)
+    # channel 0: t = 0 only; 1: t = 0, 1; 2: every t; 3: t = 1, 2; 4: t = 2 only; 5: no t
+    assert mask_stats(m) == {"active": 3, "shared": 1, "task_specific": 2, "unused": 1,
+                             "low_t_only": 1, "high_t_only": 2}
 
 
 @pytest.mark.parametrize("kind", ["dtr", "random"])
@@ -1545,6 +1564,16 @@ def test_equal_clusters_partition_with_floor_boundaries():
     assert sum(sizes) == 10 and max(sizes) - min(sizes) <= 1
 
 
+def test_one_timestep_per_cluster_is_allowed():
+    assert timestep_clusters(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    cur = Curriculum(4, 4, pacing="fixed", stage_steps=1)
+    ranges = [cur.active_range]
+    for _ in range(3):
+        cur.update(1.0)
+        ranges.append(cur.active_range)
+    assert ranges == [(3, 4), (2, 4), (1, 4), (0, 4)] and cur.finished
+
+
 def test_fixed_pacing_stage_n_samples_exactly_its_range():
     T, N = 1000, 20
     cur = Curriculum(T, N, pacing="fixed", stage_steps=3)
@@ -1594,6 +1623,25 @@ def test_default_adaptive_stage_lasts_warmup_200_plus_patience_500_on_constant_l
     assert (cur.warmup, cur.patience, cur.num_stages) == (200, 500, 20)
     flags = [cur.update(0.07) for _ in range(700)]
     assert flags.index(True) == 699 and sum(flags) == 1 and cur.active_range == (900, 1000)
+
+
+def test_warmup_rounds_one_over_one_minus_smoothing():
+    # 1 / (1 - 0.85) = 6.67 rounds to 7 (truncation would give 6): a constant loss advances at 7 + 5.
+    cur = Curriculum(1000, 4, patience=5, smoothing=0.85)
+    assert cur.warmup == 7
+    assert [cur.update(0.2) for _ in range(12)] == [False] * 11 + [True]
+
+
+def test_equal_loss_is_no_improvement_even_with_zero_rel_tol():
+    # smoothing 0.5 keeps the bias-corrected EMA of a constant 0.5 exact; "improves" is strict (<).
+    cur = Curriculum(1000, 4, patience=3, smoothing=0.5, rel_tol=0.0)  # warm-up = 2 updates
+    assert [cur.update(0.5) for _ in range(5)] == [False] * 4 + [True]
+
+
+def test_negative_loss_improvement_threshold_uses_abs_best():
+    # "improves" means ema < best - rel_tol * |best|: a flat -1.0 never gets below -1.001, so it advances.
+    cur = Curriculum(1000, 4, patience=3, smoothing=0.5)
+    assert [cur.update(-1.0) for _ in range(5)] == [False] * 4 + [True]
 
 
 def test_sampling_traces_in_torch_compile_fullgraph_and_follows_stage_changes():
@@ -1661,6 +1709,15 @@ def test_state_dict_roundtrip_mid_stage_continues_the_same_schedule():
         assert torch.equal(a.sample_timesteps(16, generator=ga), b.sample_timesteps(16, generator=gb))
     assert decisions_a == decisions_b and sum(decisions_a) >= 2
     assert a.state_dict() == b.state_dict()
+
+
+def test_finished_curriculum_state_loads():
+    a = Curriculum(1000, 2, pacing="fixed", stage_steps=1)
+    a.update(1.0)
+    assert a.finished
+    b = Curriculum(1000, 2, pacing="fixed", stage_steps=1)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.finished and b.active_range == (0, 1000) and not b.update(1.0)
 
 
 def test_load_state_dict_rejects_other_settings():
