@@ -142,7 +142,7 @@ class ImageFiles(torch.utils.data.Dataset):
         names.sort()
         if not names:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.path}")
-        self._zip = None
+        self._zip, self._zip_pid = None, None  # this process's zip handle, and that process's id
         # One pass over the headers (or, with skip_bad, a full decode) before training starts, in
         # contiguous chunks, one per thread. Each chunk opens its own ZipFile: one handle shared by
         # several threads races on the file position (Python >= 3.12 then reports "Overlapped
@@ -163,7 +163,6 @@ class ImageFiles(torch.utils.data.Dataset):
         self.num_upsized = sum(small for _, small in good)
         self.labels, self.classes = _labels_from_paths(self.names)
         self.num_classes = max(1, len(self.classes))
-        self._zip = None  # opened lazily in each DataLoader worker
 
     def _where(self, name):
         return f"{self.path}:{name}" if self.is_zip else os.path.join(self.path, name)
@@ -172,8 +171,10 @@ class ImageFiles(torch.utils.data.Dataset):
         """The image `name`, read from `zf` (a ZipFile) if given, else from this dataset's own handle."""
         if self.is_zip:
             if zf is None:
-                if self._zip is None:
-                    self._zip = zipfile.ZipFile(self.path)
+                # Opened lazily in each process: a forked DataLoader worker inherits the parent's handle
+                # (and its file position) once the parent has read an item, and must not use it.
+                if self._zip is None or self._zip_pid != os.getpid():
+                    self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
                 zf = self._zip
             return Image.open(io.BytesIO(zf.read(name)))
         return Image.open(os.path.join(self.path, name))
@@ -207,9 +208,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), self.labels[i]
 
     def __getstate__(self):  # zip handles do not cross process boundaries
-        state = self.__dict__.copy()
-        state["_zip"] = None
-        return state
+        return {**self.__dict__, "_zip": None, "_zip_pid": None}
 
 
 class ArrayDataset(torch.utils.data.Dataset):

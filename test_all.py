@@ -5,6 +5,7 @@ import functools
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import signal
@@ -556,6 +557,108 @@ def test_to_model_input_scales_and_flips():
     flipped = datasets.to_model_input(x.repeat(50, 1, 1, 1), flip=True, generator=g)
     n_flipped = sum(not torch.equal(f, out[i % 2]) for i, f in enumerate(flipped))
     assert 20 < n_flipped < 80
+
+
+def test_shapes_background_is_the_first_draw_of_the_seed_and_index_generator():
+    """Image i is drawn from np.random.default_rng([seed, i]); its first draw is the background,
+    which fills the corners of a circle (i % 4 == 0) exactly. A seed + i stream would make seed 3's
+    image 8 seed 7's image 4."""
+    for seed, i in ((3, 8), (7, 4)):
+        x, y = datasets.ShapesDataset(16, 12, seed=seed)[i]
+        background = np.random.default_rng([seed, i]).integers(0, 70, 3)
+        assert y == 0 and x[:, 0, 0].tolist() == x[:, -1, -1].tolist() == background.tolist()
+    assert not torch.equal(datasets.ShapesDataset(16, 12, seed=3)[8][0], datasets.ShapesDataset(16, 12, seed=7)[4][0])
+
+
+def test_center_crop_arr_follows_adm_step_by_step():
+    """ADM's steps with hand-computed sizes: box-halve while the short side is >= 2x the target,
+    bicubic to round(side * scale), crop at floor((side - target) / 2) from the top left."""
+    rng = np.random.default_rng(8)
+    square = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # 64 = 4 x 16: two halvings
+    expected = np.asarray(square.resize((32, 32), Image.BOX).resize((16, 16), Image.BOX))
+    np.testing.assert_array_equal(datasets.center_crop_arr(square, 16), expected)
+    # (H, W) -> bicubic (W, H) size for PIL -> crop offset (top, left); scale 16 / 20 = 0.8
+    for (h, w), size, (top, left) in (((20, 27), (22, 16), (0, 3)),    # 27 * 0.8 = 21.6 rounds to 22
+                                      ((20, 31), (25, 16), (0, 4)),    # 24.8 -> 25, (25 - 16) // 2 = 4
+                                      ((27, 20), (16, 22), (3, 0))):   # portrait: the crop moves down
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        resized = np.asarray(img.resize(size, Image.BICUBIC))
+        np.testing.assert_array_equal(datasets.center_crop_arr(img, 16), resized[top:top + 16, left:left + 16])
+
+
+def test_to_model_input_mirrors_left_right_with_probability_one_half():
+    x = torch.arange(3 * 2 * 3, dtype=torch.uint8).view(1, 3, 2, 3).repeat(2000, 1, 1, 1)  # H != W, no symmetry
+    plain = x[0].float() / 127.5 - 1
+    out = datasets.to_model_input(x, generator=torch.Generator().manual_seed(0))
+    is_plain = (out == plain).flatten(1).all(1)
+    is_mirrored = (out == plain.flip(-1)).flatten(1).all(1)  # the width axis
+    assert bool((is_plain ^ is_mirrored).all())  # each image as it is or mirrored left-right, nothing else
+    assert 0.45 < is_mirrored.double().mean().item() < 0.55  # 2000 fair coins: 0.5 +- 4.5 sigma
+
+
+def test_labels_from_paths_hand_values():
+    # classes in case-sensitive sorted order (as torchvision's ImageFolder), under a common "train/" root
+    assert datasets._labels_from_paths(["train/b/1.png", "train/a/2.png", "train/B/3.png"]) == ([2, 1, 0], ["B", "a", "b"])
+    # an image directly in the root: unconditional, even beside class folders
+    assert datasets._labels_from_paths(["a/1.png", "b/2.png", "3.png"]) == ([0, 0, 0], [])
+
+
+def test_zip_skips_macos_resource_forks(tmp_path):
+    _write_images(tmp_path / "imgs", 2)
+    with zipfile.ZipFile(tmp_path / "mac.zip", "w") as zf:
+        for p in sorted((tmp_path / "imgs").rglob("*.png")):
+            zf.write(p, p.relative_to(tmp_path / "imgs").as_posix())
+            zf.writestr(f"__MACOSX/{p.parent.name}/._{p.name}", b"resource fork, not an image")
+    ds = datasets.load_dataset(str(tmp_path / "mac.zip"), 16)
+    assert len(ds) == 4 and ds.classes == ["a", "b"] and ds.labels == [0, 0, 1, 1]
+
+
+def test_forked_workers_open_their_own_zip_handle(tmp_path):
+    # Once the parent has read an item, a forked DataLoader worker inherits its ZipFile (and file
+    # position); reading through it raced with the other workers and blamed intact images (bad CRC).
+    _write_images(tmp_path / "imgs", 8)
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        for p in sorted((tmp_path / "imgs").rglob("*.png")):
+            zf.write(p, p.relative_to(tmp_path / "imgs").as_posix())
+    ds = datasets.ImageFiles(tmp_path / "imgs.zip", 16)
+    expected = [ds[i][0] for i in range(len(ds))]  # the parent now holds an open handle
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    parent_handle = id(ds._zip)
+
+    def child():
+        ds[1]
+        send.send(id(ds._zip) != parent_handle and ds._zip_pid == os.getpid())
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0 and receive.recv()
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="fork")
+    assert torch.equal(torch.cat([x for x, _ in loader]), torch.stack(expected))
+
+
+def test_npz_images_are_centre_cropped_and_made_rgb_and_labels_are_class_indices(tmp_path):
+    rng = np.random.default_rng(9)
+    big = rng.integers(0, 256, (2, 20, 24, 3), dtype=np.uint8)
+    np.savez(tmp_path / "big.npz", arr_0=big, arr_1=np.array([0, 2]))
+    ds = datasets.load_dataset(str(tmp_path / "big.npz"), 16)
+    assert ds.num_classes == 3  # 0..max label, though class 1 has no image
+    for i in range(2):
+        x, y = ds[i]
+        assert y == [0, 2][i]
+        np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), datasets.center_crop_arr(Image.fromarray(big[i]), 16))
+    rgba = rng.integers(0, 256, (1, 16, 16, 4), dtype=np.uint8)
+    np.savez(tmp_path / "rgba.npz", arr_0=rgba)
+    np.testing.assert_array_equal(datasets.load_dataset(str(tmp_path / "rgba.npz"), 16)[0][0].permute(1, 2, 0).numpy(),
+                                  rgba[0, ..., :3])  # alpha dropped, colours kept
+
+
+def test_images_with_a_short_side_below_the_target_are_counted(tmp_path):
+    _write_images(tmp_path / "small", 2, size=12)  # 12 x 16: short side below 16, long side not
+    _write_images(tmp_path / "large", 2, size=16)  # 16 x 20
+    assert datasets.load_dataset(tmp_path / "small", 16).num_upsized == 4
+    assert datasets.load_dataset(tmp_path / "large", 16).num_upsized == 0
 
 
 # ==============================================================================================
@@ -1999,6 +2102,44 @@ def test_full_network_matches_functional_reference_with_random_weights():
     assert torch.equal(out["spatial"], captured["b1"][:, :7].permute(0, 2, 3, 1).reshape(1, -1))
 
 
+class _StopForward(Exception):
+    pass
+
+
+def bilinear_resize_reference(img, out_h, out_w):
+    """numpy bilinear resize of img (..., H, W) with half-pixel centres (align_corners=False) and no
+    antialiasing: output pixel o reads the input at (o + 0.5) * in / out - 0.5, clamped to the image."""
+    def taps(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+        i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+        return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+    (r0, r1, wr), (c0, c1, wc) = taps(img.shape[-2], out_h), taps(img.shape[-1], out_w)
+    rows = img[..., r0, :] * (1 - wr)[:, None] + img[..., r1, :] * wr[:, None]  # (..., out_h, W)
+    return rows[..., c0] * (1 - wc) + rows[..., c1] * wc  # (..., out_h, out_w)
+
+
+def test_network_input_is_pytorch_fid_resize_then_2x_minus_1():
+    """What reaches Conv2d_1a_3x3: pytorch-fid's F.interpolate to 299x299 (bilinear, half-pixel
+    centres, no antialiasing, which would blur a downsizing), then 2x - 1; 299x299 passes as is."""
+    net = fid.FIDInceptionV3().eval()
+    seen = []
+
+    def stop(module, args):
+        seen.append(args[0].double().numpy())
+        raise _StopForward
+
+    net.Conv2d_1a_3x3.register_forward_pre_hook(stop)
+    g = torch.Generator().manual_seed(4)
+    for h, w in ((640, 410), (32, 48), (299, 299)):  # down, up (non-square), unchanged
+        x = torch.rand(1, 3, h, w, generator=g)
+        with torch.no_grad(), pytest.raises(_StopForward):
+            net(x)
+        expected = 2 * bilinear_resize_reference(x.double().numpy(), 299, 299) - 1
+        assert seen[-1].shape == (1, 3, 299, 299)
+        # PyTorch computes the source coordinates in float32: up to ~1e-4 apart at x = 640
+        np.testing.assert_allclose(seen[-1], expected, rtol=0, atol=1e-3, err_msg=f"{h}x{w}")
+
+
 def test_state_dict_has_pytorch_fid_layout():
     shapes = {k: tuple(v.shape) for k, v in fid.FIDInceptionV3().state_dict().items()}
     assert len(shapes) == 566
@@ -2091,6 +2232,31 @@ def test_frechet_distance_imaginary_diagonal_above_1e3_is_an_error(monkeypatch):
         fid.frechet_distance(np.zeros(3), a, np.zeros(3), b)
 
 
+def test_frechet_distance_checks_only_the_diagonal_imaginary_part(monkeypatch):
+    """As pytorch-fid and ADM: only np.diagonal(covmean).imag is held against 1e-3; imaginary parts
+    off the diagonal never reach the trace and are dropped with the rest."""
+    rng = np.random.default_rng(3)
+    a, b = random_spd(3, rng), random_spd(3, rng)
+    clean = fid.frechet_distance(np.zeros(3), a, np.zeros(3), b)
+    real_sqrtm = fid.scipy.linalg.sqrtm
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda m: real_sqrtm(m) + 0.5j * (1 - np.eye(3)))
+    assert fid.frechet_distance(np.zeros(3), a, np.zeros(3), b) == pytest.approx(clean, rel=1e-12)
+
+
+def test_frechet_distance_of_rank_deficient_covariances_matches_the_eigenvalue_form():
+    """Fewer samples than dimensions (FID of a few hundred samples in 2048 dims): singular covariances,
+    for which sqrtm returns a complex matrix with a ~1e-8 imaginary part and negative real diagonal
+    entries. The distance takes the real part (not the modulus): Tr sqrtm(AB) = sum sqrt(eig(AB))."""
+    rng = np.random.default_rng(10)
+    a = np.cov(rng.normal(size=(3, 4)), rowvar=False)  # rank 2 of 4
+    b = np.cov(rng.normal(size=(3, 4)), rowvar=False)
+    # scipy 1.17's sqrtm(a @ b) is complex here, with real diagonal entries below -0.1, so the modulus
+    # would give another value; the eigenvalue form below holds whatever sqrtm returns.
+    tr_sqrt = np.sqrt(np.linalg.eigvals(a @ b).real.clip(0)).sum()  # two eigenvalues are 0 (+- 1e-17)
+    expected = np.trace(a) + np.trace(b) - 2 * tr_sqrt
+    assert fid.frechet_distance(np.zeros(4), a, np.zeros(4), b) == pytest.approx(expected, rel=1e-6)
+
+
 def test_frechet_distance_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="mean vectors"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
@@ -2151,6 +2317,17 @@ def test_precision_recall_of_identical_sets_is_one_and_small_sets_are_rejected()
     assert fid.precision_recall(feats, feats) == (1.0, 1.0)
     with pytest.raises(ValueError, match="more than k=3"):
         fid.precision_recall(feats[:3], feats)
+
+
+def test_precision_recall_counts_points_on_the_ball_boundary_hand_values():
+    """A point exactly at the k-NN radius is on the manifold (<=, as ADM and Kynkaanniemi et al.).
+    1-d, k = 1, integer points (exact squared distances): reals 0..4 and fakes 5, 6, -1, -2 all have
+    radius 1. Fakes 5 and -1 touch the real balls of 4 and 0 (precision 2/4); reals 4 and 0 touch
+    the fake balls of 5 and -1 (recall 2/5)."""
+    real = np.arange(5.0)[:, None]
+    fake = np.array([[5.0], [6.0], [-1.0], [-2.0]])
+    assert fid.precision_recall(real, fake, k=1) == (0.5, 0.4)
+    assert fid.precision_recall(real, fake, k=1, batch_size=2) == (0.5, 0.4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2246,6 +2423,36 @@ def test_limit_takes_images_spread_evenly(tmp_path):
     images = make_images(10)
     feats = fid.extract_features(images, TinyNet(), limit=3, progress=False)["pool"]
     np.testing.assert_allclose(feats, fid.extract_features(images[[0, 3, 6]], TinyNet(), progress=False)["pool"])
+
+
+def test_limit_indices_are_floor_of_i_n_over_limit():
+    assert fid._subset(10, 4).tolist() == [0, 2, 5, 7]  # floor(i * 10 / 4)
+    idx = fid._subset(50_000, 30_000)  # FID-30K of a 50K batch reaches the end of the batch
+    assert len(np.unique(idx)) == 30_000 and idx[-1] == 49_998
+
+
+def test_folder_cache_follows_the_limit(tmp_path):
+    net = TinyNet()
+    write_folder(tmp_path / "ref", make_images(8))
+    cache = tmp_path / "run" / "ref_stats.npz"
+    assert fid.load_or_compute_stats(tmp_path / "ref", net, cache_path=cache, progress=False)["n"] == 8
+    with pytest.warns(UserWarning, match="recomputing"):
+        fewer = fid.load_or_compute_stats(tmp_path / "ref", net, cache_path=cache, limit=4, progress=False)
+    assert fewer["n"] == 4
+
+
+def test_evaluate_precision_is_of_the_samples_and_recall_of_the_reference():
+    """precision: share of samples on the reference manifold; recall: share of references on the
+    sample manifold. Half of the samples are darkened off the reference manifold."""
+    net = TinyNet()
+    samples, reference = make_images(20, seed=1), make_images(25, seed=2)
+    samples[:10] //= 2
+    s_pool = fid.extract_features(samples, net, progress=False)["pool"].astype(np.float64)
+    r_pool = fid.extract_features(reference, net, progress=False)["pool"].astype(np.float64)
+    expected = brute_force_precision_recall(r_pool, s_pool, 3)
+    assert expected == pytest.approx((0.4, 0.92))  # unequal, so a swap shows
+    result = fid.evaluate(samples, reference, net, metrics=("pr",), progress=False)
+    assert (result["precision"], result["recall"]) == pytest.approx(expected)
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
