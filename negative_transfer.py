@@ -25,10 +25,9 @@ Uncertainty Weighting (UW), PCGrad or Nash-MTL. What the paper specifies, and wh
 Where we depart from the official code, and why:
 - Interval clustering. The official DP costs O(K T^3), never allows a first cluster of a
   single timestep (at stage j the previous clusters must end at index >= j, so the first
-  cluster holds at least two steps), treats every zero-cost candidate as infeasible, uses
-  Python's round-half-to-even for the SNR centre, and returns boundaries off by one (each
-  cluster starts at the previous cluster's last index; the last one ends at a hard-coded
-  1000). On the linear schedule with K = 5 it returns (0,0),(1,2),(3,7),(8,26),(27,1000); the
+  cluster holds at least two steps), treats every zero-cost candidate as infeasible, and
+  returns boundaries off by one (each cluster starts at the previous cluster's last index; the
+  last one ends at a hard-coded 1000). On the linear schedule with K = 5 it returns (0,0),(1,2),(3,7),(8,26),(27,1000); the
   true optimum is [0,1) [1,2) [2,5) [5,18) [18,1000) with cost 8074.75. We solve the same
   problem exactly, in O(K T^2) with prefix sums, and return half-open intervals.
 - Ties in the clustering (e.g. for the timestep cost, lengths 199,199,200,201,201 cost the
@@ -210,6 +209,8 @@ def cluster_timesteps(num_clusters, objective="timestep", alphas_cumprod=None, t
                              None if tas is None else len(tas)) if n is not None]
         if not sizes:
             raise ValueError("objective 'timestep' needs num_timesteps (or alphas_cumprod)")
+        if len(set(sizes)) > 1:
+            raise ValueError(f"num_timesteps, alphas_cumprod and tas disagree on T: {sizes}")
         cost = deviation_cost_matrix(np.arange(sizes[0], dtype=np.float64))
     else:
         if alphas_cumprod is None:
@@ -707,8 +708,8 @@ def _count_sketch(flat, dim, seed, chunk=1 << 22):
 def gradient_affinity(grad_fn, num_timesteps, groups=100, batch_size=32, sketch_dim=4096, seed=0):
     """
     Task affinity score TAS (T, T) (ANT, task affinity / gradient clustering cost): the cosine
-    similarity of loss gradients between timesteps. Timesteps are pooled into `groups` equal
-    contiguous groups. For group g we call grad_fn(t) with t (batch_size,) long (CPU), drawn
+    similarity of loss gradients between timesteps. Timesteps are pooled into `groups`
+    contiguous groups, [g T // groups, (g + 1) T // groups) (equal when groups divides T). For group g we call grad_fn(t) with t (batch_size,) long (CPU), drawn
     uniformly inside the group (seeded); grad_fn returns the flat gradient (P,). The group-by-group
     cosine matrix is then expanded to (T, T).
 

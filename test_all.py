@@ -481,6 +481,77 @@ def test_p2_and_min_snr_weights_by_formula():
     np.testing.assert_allclose(r.loss_weight, p2.loss_weight[r.timestep_map], rtol=1e-9)
 
 
+def test_space_timesteps_gives_the_remainder_to_the_first_sections():
+    # official respace.py: 10 steps in 3 sections have sizes 4, 3, 3 (the remainder goes first);
+    # two steps per section take each section's first and last timestep
+    assert gd.space_timesteps(10, "2,2,2") == [0, 3, 4, 6, 7, 9]
+    assert gd.space_timesteps(11, "1,3") == [0, 6, 8, 10]  # sizes 6, 5; a single step takes the section start
+
+
+def test_training_on_a_respaced_diffusion_feeds_the_original_timesteps():
+    # ddim10 keeps t = 0, 100, ..., 900; step i is original timestep 100 i, and x_t uses that timestep's abar
+    r = gd.Diffusion(learn_sigma=False).respace("ddim10")
+    abar = np.cumprod(1 - _betas("linear"))
+    seen = []
+
+    def model(x, t, y=None):
+        seen.append((x.double(), t.clone()))
+        return torch.zeros_like(x)
+
+    g = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(3, 2, 2, 2, generator=g), torch.randn(3, 2, 2, 2, generator=g)
+    r.training_losses(model, x0, torch.tensor([0, 3, 9]), dict(y=None), noise=noise)
+    x, t = seen[0]
+    assert t.tolist() == [0, 300, 900]
+    a = torch.tensor(abar[[0, 300, 900]]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(x, a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double(), rtol=0, atol=1e-6)
+
+
+def test_ddim_with_eta_one_steps_like_ddpm_with_the_posterior_variance():
+    # DDIM eq. 16: eta = 1 gives sigma_t^2 = (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev), the DDPM posterior
+    # variance, and the deterministic part is then the DDPM posterior mean. With an oracle model and unit step
+    # noise every step must be x_prev = posterior mean + sqrt(posterior variance), from Bayes' rule on the respaced chain.
+    abar = np.cumprod(1 - _betas("linear"))  # float64, independent of diffusion.py
+    target = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def oracle(x, t):
+        seen.append((int(t[0]), x.double()))
+        a = torch.tensor(abar)[t].float().view(-1, 1, 1, 1)
+        return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+    sampler = gd.Diffusion(learn_sigma=False).respace("ddim10")
+    out = sampler.ddim_sample(oracle, x_T, clip_denoised=False, eta=1.0, noise_fn=torch.ones_like)
+    x0 = target.double()
+    assert len(seen) == 10
+    for (t, x), (t_prev, x_next) in zip(seen, seen[1:] + [(None, out.double())]):
+        if t_prev is None:  # the last step lands on x0 and adds no noise
+            torch.testing.assert_close(x_next, x0, rtol=0, atol=1e-4)
+            continue
+        a_prev = abar[t_prev]
+        beta = 1 - abar[t] / a_prev
+        var = 1 / (1 / (1 - a_prev) + (1 - beta) / beta)
+        mean = var * (math.sqrt(a_prev) * x0 / (1 - a_prev) + math.sqrt(1 - beta) * x / beta)
+        torch.testing.assert_close(x_next, mean + math.sqrt(var), rtol=0, atol=1e-4)
+
+
+def test_guided_model_fn_returns_the_conditional_half_with_guided_eps():
+    # reference from two plain forward passes: eps = uncond + s (cond - uncond) on all 3 epsilon channels, and
+    # the learned-variance channels of the conditional pass (the first half, as DiT's sample.py keeps)
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/4"](input_size=8, in_channels=3, num_classes=4, depth=1, hidden_size=32, num_heads=2).eval()
+    for p in model.final_layer.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 700]), torch.tensor([1, 3])
+    with torch.no_grad():
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 4))
+        out = gd.guided_model_fn(model, y, 2.5, 4)(x, t)
+    assert (cond - uncond)[:, 3:].abs().max() > 1e-3  # the two halves' variance channels differ
+    torch.testing.assert_close(out[:, :3], uncond[:, :3] + 2.5 * (cond[:, :3] - uncond[:, :3]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 3:], cond[:, 3:], rtol=1e-5, atol=1e-5)
+
+
 # ==============================================================================================
 #                                   data.py
 # ==============================================================================================
@@ -1197,6 +1268,21 @@ def test_timestep_objective_gives_equal_intervals():
             assert total == pytest.approx(even)
 
 
+def test_dp_tie_breaks_by_even_lengths_then_earliest_last_start_then_rounding():
+    # every partition of a zero cost ties; the most even ones for T = 5, K = 2 are lengths (2, 3) and (3, 2):
+    # the last interval starting earliest wins
+    assert nt.interval_clustering(np.zeros((5, 5)), 2)[0] == [(0, 2), (2, 5)]
+    assert nt.interval_clustering(np.zeros((7, 7)), 3)[0] == [(0, 2), (2, 4), (4, 7)]  # (2, 2, 3) of the sum-17 ties
+    # the timestep cost ties [0,2)+[2,5) (1 + 2) with [0,3)+[3,5) (2 + 1) the same way
+    assert nt.interval_clustering(nt.deviation_cost_matrix(np.arange(5.0)), 2) == ([(0, 2), (2, 5)], 3.0)
+    # 0.1 + 0.2 != 0.3 in floats: a tie by rounding only (relative 1.9e-16) is still a tie, so lengths (1, 2) and
+    # (2, 1) tie again and the earlier start wins over the float-smaller [0, 2) + [2, 3)
+    cost = np.zeros((3, 3))
+    cost[0, 0], cost[1, 2], cost[0, 1], cost[2, 2] = 0.1, 0.2, 0.3, 0.0
+    assert 0.1 + 0.2 > 0.3
+    assert nt.interval_clustering(cost, 2)[0] == [(0, 1), (1, 3)]
+
+
 def test_snr_objective_on_linear_schedule_matches_papers_md():
     intervals, total = nt.cluster_timesteps(5, "snr", alphas_cumprod=linear_alphas_cumprod())
     assert intervals == [(0, 1), (1, 2), (2, 5), (5, 18), (18, 1000)]
@@ -1231,6 +1317,15 @@ def test_deviation_cost_rejects_non_monotone_values():
         nt.deviation_cost_matrix([0.0, 2.0, 1.0])
 
 
+def test_deviation_cost_accepts_monotone_values_with_plateaus():
+    # non-strictly monotone values (repeated SNRs, say) still fix the sign of every |v_t - v_c|
+    for v in (np.array([0.0, 0.0, 1.0, 3.0, 3.0, 4.0]), np.array([5.0, 2.0, 2.0, 2.0, -1.0, -1.0])):
+        cost = nt.deviation_cost_matrix(v)
+        for l in range(len(v)):
+            for r in range(l, len(v)):
+                assert cost[l, r] == pytest.approx(np.abs(v[l:r + 1] - v[(l + r + 1) // 2]).sum(), abs=1e-12)
+
+
 def test_cluster_timesteps_says_what_is_missing():
     with pytest.raises(ValueError, match="alphas_cumprod"):
         nt.cluster_timesteps(5, "snr")
@@ -1240,6 +1335,8 @@ def test_cluster_timesteps_says_what_is_missing():
         nt.cluster_timesteps(5, "uniform", num_timesteps=10)
     with pytest.raises(ValueError, match="num_timesteps"):
         nt.cluster_timesteps(5, "snr", alphas_cumprod=linear_alphas_cumprod(), num_timesteps=500)
+    with pytest.raises(ValueError, match="disagree"):  # the timestep cost needs no schedule, but one given must agree
+        nt.cluster_timesteps(2, "timestep", alphas_cumprod=linear_alphas_cumprod(), num_timesteps=500)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         nt.cluster_timesteps(2, "snr", alphas_cumprod=np.array([1.0, 0.5]))
 
@@ -1459,6 +1556,18 @@ def test_nash_mtl_state_round_trip_and_loss():
         nt.NashMTL(4).load_state_dict(state)
 
 
+def test_nash_loss_uses_the_alpha_of_the_latest_update_and_load():
+    # alpha_tensor caches alpha on the device; an update or a load must replace the cached copy
+    nash = nt.NashMTL(3)
+    L = torch.tensor([1.0, 2.0, 3.0])
+    assert nash.loss(L).item() == pytest.approx(2.0)  # alpha = 1: (1 + 2 + 3) / 3, and alpha is now cached
+    G = torch.randn(3, 50, generator=torch.Generator().manual_seed(8))
+    assert nash.update(G)["success"] and not np.allclose(nash.alpha, 1.0)
+    assert nash.loss(L).item() == pytest.approx(float(nash.alpha @ [1.0, 2.0, 3.0]) / 3, rel=1e-6)
+    nash.load_state_dict(dict(alpha=[2.0, 0.5, 1.0], steps=7, updates=1, failures=0))
+    assert nash.loss(L).item() == pytest.approx((2.0 + 1.0 + 3.0) / 3)
+
+
 # -----------------------------------------------------------------------------
 # Per-cluster gradients, flat gradients, distributed averaging
 
@@ -1581,6 +1690,38 @@ def test_gradient_affinity_sketch_approximates_exact():
     sketch = nt.gradient_affinity(grad_fn, T, groups=groups, batch_size=2, sketch_dim=2048)
     assert exact.min() < 0.2 and exact.max() == pytest.approx(1.0)  # a real spread of similarities
     assert np.max(np.abs(sketch - exact)) < 0.1
+
+
+def test_gradient_affinity_with_uneven_groups_follows_the_sampled_ranges():
+    # T = 10 in 3 groups: edges 0, 3, 6, 10, so timesteps 0-2, 3-5 and 6-9 share a row; each group's
+    # gradient is a fixed vector, so TAS is the cosine of the two vectors of the groups of t1 and t2
+    vectors = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    calls = []
+
+    def grad_fn(t):
+        g = len(calls)
+        calls.append(t.clone())
+        return vectors[g]
+
+    tas = nt.gradient_affinity(grad_fn, 10, groups=3, batch_size=16, seed=0)
+    for g, (lo, hi) in enumerate([(0, 3), (3, 6), (6, 10)]):
+        assert torch.all((calls[g] >= lo) & (calls[g] < hi))
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    group_of = [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    want = np.array([[float(unit[a] @ unit[b]) for b in group_of] for a in group_of])
+    np.testing.assert_allclose(tas, want, atol=1e-12)
+
+
+def test_gradient_affinity_sketch_of_nonnegative_gradients_is_unbiased():
+    # disjoint all-positive gradients are orthogonal; a sketch without random signs would add up every
+    # bucket collision and make them look parallel. a + b has cosine 1/sqrt(2) with each.
+    P = 20_000
+    a = torch.cat([torch.ones(P // 2), torch.zeros(P // 2)])
+    b = torch.cat([torch.zeros(P // 2), torch.ones(P // 2)])
+    vectors = [a, b, a + b]
+    tas = nt.gradient_affinity(lambda t: vectors[int(t[0])], 3, groups=3, batch_size=1, sketch_dim=1024)
+    want = np.array([[1.0, 0.0, 2 ** -0.5], [0.0, 1.0, 2 ** -0.5], [2 ** -0.5, 2 ** -0.5, 1.0]])
+    np.testing.assert_allclose(tas, want, atol=0.1)
 
 
 # -----------------------------------------------------------------------------
