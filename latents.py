@@ -112,15 +112,17 @@ def vae_scale_shift(vae):
 def encode_batch(vae, x, rows, posterior="sample", seed=0):
     """Images (n, 3, H, W) in [-1, 1] -> scaled latents s * (z - shift), float32 (n, C, H/f, W/f).
 
-    posterior "sample": z = mu + sigma * eps, eps drawn from a generator seeded with (seed, row) for
-    each of the n global row numbers `rows` (DiT / fast-DiT's latent_dist.sample(), made
-    reproducible); "mean": z = mu (the posterior mode)."""
+    posterior "sample": z = mu + sigma * eps, eps from numpy's generator seeded with the
+    SeedSequence (seed, row) for each of the n global row numbers `rows` (DiT / fast-DiT's
+    latent_dist.sample(), made reproducible). torch's CPU generator keeps only 32 bits of its
+    seed, too few for a distinct stream per (seed, row) over ImageNet's 2.6M rows, so encodes with
+    two seeds would share draws. "mean": z = mu (the posterior mode)."""
     q = vae.encode(x.to(next(vae.parameters()).dtype)).latent_dist  # the posterior q(z | x), diagonal Gaussian
     z = q.mean  # (n, C, h, w)
     if posterior == "sample":
-        eps = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + int(r)))
-                           for r in rows])  # (n, C, h, w)
-        z = z + q.std * eps.to(z.device, z.dtype)
+        eps = np.stack([np.random.default_rng([seed, int(r)]).standard_normal(tuple(z.shape[1:]), dtype=np.float32)
+                        for r in rows])  # (n, C, h, w)
+        z = z + q.std * torch.from_numpy(eps).to(z.device, z.dtype)
     elif posterior != "mean":
         raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
     scale, shift = vae_scale_shift(vae)
@@ -239,7 +241,10 @@ def encode_share(vae, dataset, mine, args, device, rank, world):
     lat_fd = os.open(os.path.join(out, "latents.npy"), os.O_WRONLY)
     lab_fd = os.open(os.path.join(out, "labels.npy"), os.O_WRONLY)
     try:
-        with open(os.path.join(out, "progress", f"rank{rank}.idx"), "ab") as progress:
+        log_path = os.path.join(out, "progress", f"rank{rank}.idx")
+        if os.path.exists(log_path):  # cut a torn last record (a crash mid-append) before appending after it
+            os.truncate(log_path, os.path.getsize(log_path) // 8 * 8)
+        with open(log_path, "ab") as progress:
             for b, (images, labels) in enumerate(loader):
                 idx = mine[b * args.batch_size: b * args.batch_size + len(images)]  # (n,) source indices, ascending
                 x = datasets.to_model_input(images.to(device), flip=False)  # (n, 3, H, W) in [-1, 1]
@@ -262,12 +267,13 @@ def encode_share(vae, dataset, mine, args, device, rank, world):
 def encode(args):
     """`latents.py encode`: rank 0 prepares (or checks) the folder, every rank encodes its share of
     the images not yet done, and rank 0 marks the folder complete."""
+    from sample import resolve_device  # here, not at the top: sample.py imports this module
     distributed = "RANK" in os.environ
+    device = resolve_device(args.device)  # a bare "cuda" gets this process's index, which set_device needs
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device in (None, "cuda") else "gloo",
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(hours=2))  # the last barrier waits for the slowest rank
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -280,6 +286,8 @@ def encode(args):
         if distributed:
             dist.barrier()
 
+    if args.seed < 0:
+        raise LatentError(f"--seed {args.seed}: use a seed >= 0")
     if os.path.isfile(os.path.join(str(args.data), datasets.MANIFEST)):
         raise LatentError(f"{args.data} is already a latent folder; --data takes images (a folder, .zip or .npz)")
     dataset = datasets.load_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images)

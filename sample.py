@@ -192,10 +192,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = resolve_device(args.device)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -205,6 +205,15 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:
         sys.exit("error: this model was trained without label dropout, so it has no null class for guidance; use --cfg-scale 1")
+    if args.guided_channels is not None and not 1 <= args.guided_channels <= model.in_channels:
+        sys.exit(f"error: --guided-channels {args.guided_channels}: this model has {model.in_channels} epsilon channels; "
+                 f"pass 1..{model.in_channels} (3 is the official DiT's choice for latents)")
+    try:
+        choices = None if args.class_labels is None else [int(c) for c in args.class_labels.split(",")]
+    except ValueError:
+        sys.exit(f"error: --class-labels {args.class_labels!r}: give comma-separated integers, e.g. 0,1,2")
+    if choices is not None and not all(0 <= c < model.num_classes for c in choices):
+        sys.exit(f"error: --class-labels {args.class_labels}: this model has classes 0..{model.num_classes - 1}")
 
     decode = None
     if targs.get("latent"):  # a latent DiT: samples go through the VAE decoder to images
@@ -214,7 +223,6 @@ def main(argv=None):
             sys.exit(f"error: {e}")
 
     mine = list(range(rank, args.num_samples, world))  # global sample i is made by rank i % W
-    choices = None if args.class_labels is None else [int(c) for c in args.class_labels.split(",")]
     images, labels = sample_indices(model, diffusion, mine, device, args.seed, args.batch_size, args.steps, args.cfg_scale,
                                     clip_denoised=targs.get("latent") is None, guided_channels=args.guided_channels,
                                     class_labels=choices, progress=rank == 0, decode=decode, precision=args.precision)

@@ -244,6 +244,38 @@ def test_label_dropout_rate_train_only():
     assert torch.equal(emb(labels, train=False, force_drop_ids=force)[:, 0].long(), torch.where(force == 1, 10, labels))
 
 
+def test_timestep_embedder_feeds_cos_then_sin_features_to_its_mlp():
+    # The forward, not just the static helper: mlp([cos(t f), sin(t f)]) with f_j = 10000^(-j/half), in float64 by hand
+    torch.manual_seed(0)
+    emb = TimestepEmbedder(16, frequency_embedding_size=8)
+    for p in emb.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    t = torch.tensor([0.0, 3.0, 50.0])
+    f = torch.exp(-math.log(10000) * torch.arange(4, dtype=torch.float64) / 4)
+    args = t.double()[:, None] * f[None]
+    feats = torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (3, 8)
+    w1, b1, w2, b2 = (p.detach().double() for p in (emb.mlp[0].weight, emb.mlp[0].bias, emb.mlp[2].weight, emb.mlp[2].bias))
+    ref = F.silu(feats @ w1.T + b1) @ w2.T + b2
+    torch.testing.assert_close(emb(t).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_final_layer_is_layernorm_modulated_by_shift_then_scale_then_linear():
+    # official FinalLayer: shift, scale = adaLN(c).chunk(2); linear(LN(x) * (1 + scale) + shift), LN without affine, eps 1e-6
+    torch.manual_seed(0)
+    D = 8
+    layer = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=D, depth=1, num_heads=2, num_classes=2).final_layer
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x, c = torch.randn(2, 3, D, dtype=torch.float64), torch.randn(2, D, dtype=torch.float64)
+    wa, ba, wl, bl = (p.detach().double() for p in (layer.adaLN_modulation[1].weight, layer.adaLN_modulation[1].bias,
+                                                    layer.linear.weight, layer.linear.bias))
+    ada = F.silu(c) @ wa.T + ba  # (2, 2D)
+    shift, scale = ada[:, :D, None].transpose(1, 2), ada[:, D:, None].transpose(1, 2)  # (2, 1, D) each
+    ln = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    ref = (ln * (1 + scale) + shift) @ wl.T + bl  # (2, 3, p*p*C_out)
+    torch.testing.assert_close(layer(x.float(), c.float()).double(), ref, rtol=1e-5, atol=1e-5)
+
+
 # ==============================================================================================
 #                                   diffusion.py
 # ==============================================================================================
@@ -3018,6 +3050,47 @@ def test_non_finite_loss_leaves_model_and_ema_unchanged(monkeypatch):
     assert any(not torch.equal(p.detach(), p0) for p, p0 in zip(run.model.parameters(), model_before))
 
 
+def test_non_finite_gradient_with_a_finite_loss_is_skipped_too(monkeypatch):
+    # The loss can be finite while a gradient is not (an overflow in backward): the step and the EMA are skipped alike
+    run = make_run("--ema-decay", "0.75", "--lr", "1e-2", "--global-batch-size", "6")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for e in run.ema.parameters():
+            e.add_(torch.randn(e.shape, generator=g) * 0.1)
+    original = run.method.backward
+
+    def poisoned(*a, **k):
+        loss, extra = original(*a, **k)
+        next(p for p in run.params if p.grad is not None).grad.view(-1)[0] = math.nan
+        return loss, extra
+
+    monkeypatch.setattr(run.method, "backward", poisoned)
+    ema_before, model_before = snapshot(run.ema.parameters()), snapshot(run.model.parameters())
+    x, y = batch(6)
+    torch.manual_seed(0)
+    terms, _, _, bad = train.train_step(run, x, y, 0)
+    assert torch.isfinite(terms["loss"]).all() and bool(bad)
+    for p, p0 in zip(run.model.parameters(), model_before):
+        assert torch.equal(p.detach(), p0)
+    for e, e0 in zip(run.ema.parameters(), ema_before):
+        assert torch.equal(e.detach(), e0)
+
+
+def test_plain_backward_writes_the_gradient_of_the_batch_mean_loss():
+    # vanilla: grad of (1/B) sum_i loss_i (a sum would scale the gradient by B, which --max-grad-norm would see)
+    run = make_run(perturb=0.02, seed=1)
+    params = run.params
+    torch.manual_seed(0)
+    loss_vec, cluster = _forward(run, 6)
+    assert cluster is None
+    ref = torch.autograd.grad(loss_vec.sum() / 6, params, retain_graph=True, allow_unused=True)
+    expected = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(ref, params)])
+    loss, extra = run.method.backward(loss_vec, None, params, 0)
+    assert extra == {}
+    torch.testing.assert_close(flat_grads(params), expected)
+    torch.testing.assert_close(loss, loss_vec.detach().sum() / 6)
+
+
 # ---------------------------------------------------------------------------------------------- StreamSampler
 
 def _documented_stream(n, seed, epochs):
@@ -3061,6 +3134,29 @@ def test_stream_sampler_start_step_continues_the_stream(k):
 
 
 # ---------------------------------------------------------------------------------------------- ANT inside train.Method.backward
+
+def test_ant_draws_stratified_timesteps_inside_each_cluster():
+    # B // K timesteps uniform inside each cluster, the B % K leftovers to the first clusters (ANT, training with clusters)
+    run = make_run("--method", "ant-uw", "--ant-objective", "timestep", "--ant-clusters", "5")
+    assert run.method.intervals == [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
+    torch.manual_seed(0)
+    t, cluster = run.method.timesteps(1003)
+    assert torch.equal(cluster, t // 200)
+    assert torch.bincount(cluster, minlength=5).tolist() == [201, 201, 201, 200, 200]
+    for k in range(5):  # spread over the whole interval, not one end of it
+        tk = t[cluster == k] - 200 * k
+        assert (tk < 100).any() and (tk >= 100).any()
+
+
+def test_uw_log_variances_get_their_own_lr_and_no_weight_decay():
+    # ANT-UW: the s_k live in their own optimiser group, lr --uw-lr (0.025), weight decay --uw-weight-decay (0),
+    # whatever --lr and --weight-decay say for the network
+    run = make_run("--method", "ant-uw", "--weight-decay", "0.05", "--lr", "2e-4")
+    net, uw = run.opt.param_groups
+    assert net["lr"] == 2e-4 and net["weight_decay"] == 0.05 and len(net["params"]) == len(run.params)
+    assert len(uw["params"]) == 1 and uw["params"][0] is run.method.uw.log_vars
+    assert uw["lr"] == 0.025 and uw["weight_decay"] == 0.0
+
 
 def _reference_cluster_grads(loss_vec, cluster, K, params):
     """G (K, P) float64: gradients of L_k / K, L_k = mean of the losses of cluster k, one autograd.grad each."""
@@ -3226,6 +3322,70 @@ def test_max_grad_norm_reaches_train_main(tmp_path, monkeypatch):
     assert last_checkpoint(out)["args"]["max_grad_norm"] == 0.5
 
 
+def test_training_drops_labels_to_the_null_class(tmp_path):
+    # --class-dropout-prob 1: every training label becomes the null class (row 4), so only that row of the table
+    # trains. The real classes' rows get no gradient, and AdamW (no weight decay) leaves a zero-gradient row exactly
+    # where it was: model and EMA still agree there. (The embedding first gets a gradient at step 2, adaLN-Zero.)
+    out = run_train(tmp_path, "--class-dropout-prob", "1", "--global-batch-size", "4", "--max-steps", "3", "--lr", "1e-2",
+                    "--ema-decay", "0.5")
+    ckpt = last_checkpoint(out)
+    m, e = ckpt["model"]["y_embedder.embedding_table.weight"], ckpt["ema"]["y_embedder.embedding_table.weight"]
+    assert m.shape == (NUM_CLASSES + 1, 64)
+    assert torch.equal(m[:NUM_CLASSES], e[:NUM_CLASSES])
+    assert not torch.equal(m[NUM_CLASSES], e[NUM_CLASSES])  # the null row trained, and the EMA lags behind it
+
+
+def test_metrics_average_the_loss_its_timestep_buckets_and_the_ant_tensors_over_the_logged_steps(tmp_path, monkeypatch):
+    # A record at --log-every 2 holds means over both steps: the loss, the loss of each tenth of [0, T) over the
+    # samples that fell in it, and the per-cluster ANT losses and weights; computed here from what train_step returned
+    seen = []
+    real = train.train_step
+
+    def spy(run, x, y, step):
+        terms, t, extra, bad = real(run, x, y, step)
+        seen.append((terms["loss"].detach().double(), t.clone(), {k: v.detach().double() for k, v in extra.items()}))
+        return terms, t, extra, bad
+
+    monkeypatch.setattr(train, "train_step", spy)
+    out = run_train(tmp_path, "--method", "ant-uw", "--global-batch-size", "10", "--max-steps", "2", "--log-every", "2")
+    records = [r for r in metrics(out) if "loss" in r]
+    assert len(seen) == 2 and len(records) == 1 and records[0]["step"] == 2
+    rec = records[0]
+    assert rec["loss"] == pytest.approx((seen[0][0].mean() + seen[1][0].mean()).item() / 2, rel=1e-5)
+    losses, ts = torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen])
+    buckets = ts * 10 // 1000
+    counts = torch.bincount(buckets, minlength=10)
+    assert (counts[counts > 0] != 2).any()  # a bucket mean is not a bucket sum over the two steps
+    assert {k for k in rec if k.startswith("loss_t")} == {f"loss_t{i}" for i in range(10) if counts[i] > 0}
+    for i in range(10):
+        if counts[i] > 0:
+            assert rec[f"loss_t{i}"] == pytest.approx(losses[buckets == i].mean().item(), rel=1e-5)
+    for key in ("L", "w"):
+        mean = (seen[0][2][key] + seen[1][2][key]) / 2
+        assert not torch.equal(seen[0][2][key], seen[1][2][key])
+        for k in range(5):
+            assert rec[f"ant/{key}{k}"] == pytest.approx(mean[k].item(), rel=1e-5)
+
+
+def test_two_process_curriculum_paces_on_the_all_rank_mean_loss(tmp_path):
+    # The pacer's smoothed loss is the EMA of the all-rank mean loss, which metrics.jsonl logs each step. A rank
+    # pacing on its own loss would drift from the others: the mid-stage checkpoint compares the method state too.
+    out = tmp_path / "o"
+    r = torchrun("train.py", *TINY, "--method", "curriculum", "--global-batch-size", "8", "--max-steps", "3",
+                 "--ckpt-every", "3", "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "100",
+                 "--curriculum-smoothing", "0.5", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "model replicas, EMA and method state identical on 2 ranks" in r.stdout
+    losses = [rec["loss"] for rec in metrics(out) if "loss" in rec]
+    assert len(losses) == 3
+    ema = 0.0
+    for value in losses:
+        ema = 0.5 * ema + 0.5 * value
+    c = last_checkpoint(out)["method"]["curriculum"]
+    assert c["stage"] == 1 and c["stage_updates"] == 3
+    assert c["ema_sum"] == pytest.approx(ema, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- curriculum + ant-uw: cluster labels of the curriculum's timesteps
 
 def test_curriculum_ant_uw_labels_each_timestep_with_its_ant_cluster(monkeypatch):
@@ -3251,6 +3411,21 @@ def test_curriculum_ant_uw_with_uneven_clusters(monkeypatch):
     t, cluster = method.timesteps(1000)
     expected = torch.tensor([next(k for k, (lo, hi) in enumerate(method.intervals) if lo <= int(s) < hi) for s in t])
     assert torch.equal(cluster, expected)
+
+
+def test_curriculum_ant_uw_leaves_the_log_variances_of_hidden_clusters_alone():
+    # Stage 1 (t in [950, 1000)) fills only ANT cluster 4. UW: d/ds_k of 0.5 (exp(-s_k) L_k / K + s_k) is
+    # 0.5 (1 - exp(-s_k) L_k / K) for a present cluster; a hidden cluster adds nothing, so its s_k gets 0.
+    run = make_run("--method", "curriculum+ant-uw", "--ant-objective", "timestep", "--ant-clusters", "5",
+                   perturb=0.02, seed=1)
+    torch.manual_seed(0)
+    loss_vec, cluster = _forward(run, 10)
+    assert torch.equal(cluster, torch.full((10,), 4))
+    loss, _ = run.method.backward(loss_vec, cluster, run.params, 0)
+    L4 = loss_vec.detach().mean()
+    expected = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5 * (1 - L4.item() / 5)])
+    torch.testing.assert_close(run.method.uw.log_vars.grad, expected)
+    torch.testing.assert_close(loss, 0.5 * L4 / 5)  # s = 0 at the start
 
 
 # ---------------------------------------------------------------------------------------------- Flags end to end: schedule, weighting, learn-sigma; sample.py labels and --use-model
@@ -3282,6 +3457,16 @@ def test_schedule_weighting_and_learn_sigma_flags_reach_the_checkpoint(tmp_path)
     torch.testing.assert_close(terms["weight"], torch.tensor(ref.loss_weight[[0, 500, 999]], dtype=torch.float32))
 
 
+def test_sample_py_refuses_bad_labels_and_guided_channels_before_sampling(tmp_path, capsys):
+    ckpt = str(checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1])  # 4 classes
+    for flags, says in ((["--class-labels", "0,4"], "classes 0..3"), (["--class-labels", "a,b"], "comma-separated integers"),
+                        (["--guided-channels", "4"], "3 epsilon channels")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "ddim2", *flags])
+        assert says in str(e.value.code), e.value.code
+    assert not (tmp_path / "s").exists()
+
+
 def test_sample_cycles_class_labels_and_use_model_takes_the_raw_weights(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--ema-decay", "0.5", "--lr", "1e-2")
     ckpt_path = str(checkpoints(out)[-1])
@@ -3307,6 +3492,73 @@ def test_sample_cycles_class_labels_and_use_model_takes_the_raw_weights(tmp_path
         images, labels = by_hand(key)
         assert labels.tolist() == [1, 3, 1, 3, 1]
         assert np.abs(images.astype(int) - got["arr_0"].astype(int)).max() <= 1, key
+
+
+def test_sample_indices_draws_noise_label_and_step_noise_from_each_samples_generator():
+    # Sample i: generator seeded seed * 1_000_003 + i draws the starting noise, then a label uniform over all
+    # classes, then the DDPM steps' noise; so a sample is the same in any batch, and the global RNG is left alone
+    model, d, seed, idx = _random_dit(), gd.Diffusion(), 4, [5, 0, 3, 7, 2, 9, 11]
+    labels = []
+    for i in idx:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        torch.randn(3, 16, 16, generator=g)
+        labels.append(int(torch.randint(NUM_CLASSES, (1,), generator=g)))
+    assert max(labels) == NUM_CLASSES - 1  # the last class is drawn too
+    state = torch.get_rng_state()
+    images, got = sample.sample_indices(model, d, idx, CPU, seed=seed, batch_size=4, steps="3")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert got.tolist() == labels
+    for j in (0, 4, 6):  # one at a time, each in another position of its batch above
+        one, label = sample.sample_indices(model, d, [idx[j]], CPU, seed=seed, batch_size=1, steps="3")
+        assert label.tolist() == [labels[j]] and (one[0].int() - images[j].int()).abs().max() <= 1
+
+
+def test_generate_guides_the_requested_channels_against_the_null_class():
+    # eps = uncond + s (cond - uncond) on the first k channels with the null label (row num_classes), cond elsewhere;
+    # by hand with two plain forwards, through sample.generate and sample.sample_indices
+    model, d, s = _random_dit(), gd.Diffusion(), 3.0
+    gens = [torch.Generator().manual_seed(7 * 1_000_003 + i) for i in range(3)]
+    noise = torch.stack([torch.randn(3, 16, 16, generator=g) for g in gens])
+    y = torch.tensor([1, 3, 0])
+
+    def by_hand(k, null=NUM_CLASSES):
+        def fn(x, t):
+            cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, null))
+            out = cond.clone()
+            out[:, :k] = uncond[:, :k] + s * (cond[:, :k] - uncond[:, :k])
+            return out
+        return d.sample(fn, noise, steps="ddim2")
+
+    ref = by_hand(2)
+    torch.testing.assert_close(sample.generate(model, d, y, noise, steps="ddim2", cfg_scale=s, guided_channels=2), ref,
+                               rtol=1e-4, atol=1e-5)
+    images, labels = sample.sample_indices(model, d, [0, 1, 2], CPU, seed=7, steps="ddim2", cfg_scale=s,
+                                           guided_channels=2, class_labels=[1, 3, 0])
+    assert labels.tolist() == [1, 3, 0]
+    assert (images.int() - sample.to_uint8(ref).int()).abs().max() <= 1
+    # the test can tell: guiding all three channels, or against a real class, gives other images
+    for other in (by_hand(3), by_hand(2, null=NUM_CLASSES - 1)):
+        assert (sample.to_uint8(other).int() - images.int()).abs().max() > 1
+
+
+def test_to_uint8_rounds_to_nearest_and_puts_channels_last():
+    # (x + 1) * 127.5 rounded, as the official DiT sampler's clamp(127.5 x + 128) truncated: 0 -> 128, not 127
+    x = torch.tensor([-2.0, -1.0, -0.999, -0.5, 0.0, 0.5, 0.999, 1.0, 1.5]).view(1, 1, 1, 9).expand(1, 3, 1, 9).clone()
+    x[:, 1] = 0.0
+    out = sample.to_uint8(x)
+    assert out.shape == (1, 1, 9, 3) and out.dtype == torch.uint8
+    assert out[0, 0, :, 0].tolist() == [0, 0, 0, 64, 128, 191, 255, 255, 255]
+    assert out[0, 0, :, 1].tolist() == [128] * 9
+
+
+def test_min_snr_gamma_flag_reaches_the_diffusion():
+    # w = min(SNR, gamma) / SNR with the flag's gamma (2, not the default 5), SNR from float64 linear betas by hand
+    args = train.parse_args(TINY + ["--weighting", "min-snr", "--min-snr-gamma", "2"])
+    args.num_classes = NUM_CLASSES
+    diffusion = sample.build_diffusion(vars(args))
+    abar = np.cumprod(1 - _betas("linear"))
+    snr = abar / (1 - abar)
+    np.testing.assert_allclose(diffusion.loss_weight, np.minimum(snr, 2.0) / snr, rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------- Resume: the method state after 3 + 3 steps equals an uninterrupted 6-step run's, exactly
@@ -3629,12 +3881,12 @@ latents.main()
 """
 
 
-def _tiny_vae(folder, blocks=(8, 16)):
+def _tiny_vae(folder, blocks=(8, 16), **config):
     from diffusers import AutoencoderKL
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=blocks, down_block_types=("DownEncoderBlock2D",) * len(blocks),
                         up_block_types=("UpDecoderBlock2D",) * len(blocks), layers_per_block=1, latent_channels=4,
-                        sample_size=32, norm_num_groups=8)
+                        sample_size=32, norm_num_groups=8, **config)
     vae.save_pretrained(folder)
     return vae.eval()
 
@@ -3693,6 +3945,36 @@ def test_factor_scale_and_posterior_follow_the_vae_config(tmp_path):
     decoder = latents.Decoder(vae2, 0.18215)
     torch.testing.assert_close(decoder(mean), vae2.decode(q.mean).sample)
     assert decoder.factor == 2
+
+
+def test_encode_resumes_after_a_torn_progress_record(latent_setup, tmp_path, monkeypatch):
+    # A crash mid-append leaves a torn last record; the rerun must cut it before appending, or every
+    # later record is shifted by 4 bytes and the folder can never be completed.
+    _, vae_folder, images, _ = latent_setup
+    out = tmp_path / "lat"
+    flags = ["encode", "--data", str(images), "--out", str(out), "--vae", str(vae_folder), "--image-size", "16",
+             "--batch-size", "3", "--num-workers", "0"]
+    real, calls = latents.encode_batch, []
+
+    def crash_at_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(latents, "encode_batch", crash_at_the_third_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        latents.main(flags)
+    log = out / "progress" / "rank0.idx"
+    assert np.frombuffer(log.read_bytes(), np.int64).tolist() == [0, 1, 2, 3, 4, 5]
+    log.write_bytes(log.read_bytes()[:-4])  # images 3, 4 and a torn half of 5
+    monkeypatch.setattr(latents, "encode_batch", real)
+    latents.main(flags)
+    ds = datasets.load_dataset(str(out), 16)
+    expected, labels = _expected_rows(vae_folder, images)
+    np.testing.assert_allclose(ds.array().astype(np.float32), expected.numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_array_equal(ds.labels, labels)
+    assert ds.manifest["complete"] and not (out / "progress").exists()
 
 
 def test_two_process_encode_resumes_after_a_crash_without_duplicates(tmp_path):
@@ -3823,6 +4105,104 @@ def test_latent_mistakes_give_one_line_errors(latent_setup, tmp_path, capsys):
     assert "cannot load the VAE" in err and "internet" in err
 
 
+def test_pwrite_rows_writes_each_run_at_its_rows_and_done_images_cuts_a_torn_record(tmp_path):
+    # pwrite_rows against rows placed by hand in a bytearray: gaps split the runs
+    header, row_bytes, rows = 16, 6, np.array([0, 1, 4, 5, 6, 9])
+    values = np.arange(len(rows) * 3, dtype=np.float16).reshape(-1, 3) + 1  # (6, 3): 6 bytes a row
+    expected = bytearray(header + 10 * row_bytes)
+    for row, v in zip(rows, values):
+        expected[header + row * row_bytes: header + (row + 1) * row_bytes] = v.tobytes()
+    path = tmp_path / "rows.bin"
+    path.write_bytes(bytes(len(expected)))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        latents.pwrite_rows(fd, header, row_bytes, rows, values)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(expected)
+    # progress logs: whole int64 records count, a torn last one (a crash mid-append) is cut
+    assert not latents.done_images(str(tmp_path), 10).any()  # no progress folder yet
+    (tmp_path / "progress").mkdir()
+    (tmp_path / "progress" / "rank0.idx").write_bytes(np.array([0, 1, 5, 6], np.int64).tobytes()[:28])
+    (tmp_path / "progress" / "rank1.idx").write_bytes(np.array([8], np.int64).tobytes())
+    np.testing.assert_array_equal(np.flatnonzero(latents.done_images(str(tmp_path), 10)), [0, 1, 5, 8])
+
+
+def _bent_posterior_vae(folder, **config):
+    """A tiny VAE whose posterior std is about 0.1 (logvar biased down), so std and variance differ."""
+    vae = _tiny_vae(folder, **config)
+    with torch.no_grad():
+        vae.quant_conv.bias[4:] -= 4.6  # moments = (mean, logvar) over the 2 x 4 latent channels
+    return vae
+
+
+def test_encode_and_decode_apply_the_configs_shift_and_scale_and_each_seed_draws_its_own_noise(tmp_path):
+    pytest.importorskip("diffusers")
+    vae = _bent_posterior_vae(tmp_path / "vae", scaling_factor=2.0, shift_factor=0.5)
+    vae.save_pretrained(tmp_path / "vae")
+    assert latents.vae_scale_shift(vae) == (2.0, 0.5)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    q = vae.encode(x).latent_dist
+    assert 0.05 < q.std.mean().item() < 0.2
+    mean = latents.encode_batch(vae, x, [0, 1, 2], "mean")
+    torch.testing.assert_close(mean, (q.mean - 0.5) * 2.0)  # z = s * (mu - shift)
+    drawn = {seed: latents.encode_batch(vae, x, [7, 8, 9], "sample", seed=seed) for seed in (1, 2)}
+    for z in drawn.values():
+        eps = (z / 2.0 + 0.5 - q.mean) / q.std  # z = s * (mu + sigma * eps - shift)
+        assert eps.mean().item() == pytest.approx(0.0, abs=0.15) and eps.std().item() == pytest.approx(1.0, abs=0.1)
+    assert (drawn[1] - drawn[2]).abs().min() > 0  # another seed, other draws in every entry
+    # No (seed, row) shares a stream with another: with a 32-bit seed such as seed * 1_000_003 + row,
+    # seed 0's row 1_000_003 drew seed 1's row 0 (ImageNet with both flips has 2.6M rows).
+    far, near = (latents.encode_batch(vae, x[:1], [row], "sample", seed=seed) for seed, row in ((0, 1_000_003), (1, 0)))
+    assert (far - near).abs().min() > 0
+    # x = D(z / s + shift), from the values given and from a manifest's
+    torch.testing.assert_close(latents.Decoder(vae, 2.0, 0.5)(mean), vae.decode(q.mean).sample)
+    manifest = {"vae": str(tmp_path / "vae"), "channels": 4, "factor": 2, "scale": 2.0, "shift": 0.5}
+    torch.testing.assert_close(latents.load_decoder(manifest)(mean), vae.decode(q.mean).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_flip_none_posterior_mean_seed_and_batches_of_mixed_classes(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    vae = _tiny_vae(tmp_path / "vae")
+    images = _image_folder(tmp_path / "images", n_per_class=3)  # 6 images: a a a b b b; batches of 4 mix them
+    ds = datasets.load_dataset(str(images), 16)
+    x = datasets.to_model_input(torch.stack([ds[i][0] for i in range(6)]), flip=False)  # (6, 3, 16, 16)
+    classes = [0, 0, 0, 1, 1, 1]
+    encode = ["encode", "--data", str(images), "--vae", str(tmp_path / "vae"), "--image-size", "16", "--batch-size", "4",
+              "--num-workers", "0"]
+    # --flip none --posterior mean: row i is image i, s * mu(x_i)
+    manifest = latents.main(encode + ["--out", str(tmp_path / "mean"), "--flip", "none", "--posterior", "mean"])
+    assert (manifest["count"], manifest["flip"], manifest["posterior"]) == (6, "none", "mean")
+    folder = datasets.LatentFolder(tmp_path / "mean")
+    with torch.no_grad():
+        mu = vae.encode(x).latent_dist.mean * 0.18215
+    np.testing.assert_allclose(folder.array().astype(np.float32), mu.numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_array_equal(folder.labels, classes)
+    # decode: the first rows through D(z / s), with their own labels
+    latents.main(["decode", "--latents", str(tmp_path / "mean"), "--out", str(tmp_path / "rec"), "--num", "5"])
+    rec = np.load(tmp_path / "rec" / "images.npz")
+    with torch.no_grad():
+        pixels = sample.to_uint8(vae.decode(torch.from_numpy(folder.array()[:5].astype(np.float32)) / 0.18215).sample)
+    np.testing.assert_array_equal(rec["arr_0"], pixels.numpy())
+    np.testing.assert_array_equal(rec["arr_1"], classes[:5])
+    # --flip both --seed 2: rows 2i and 2i + 1 hold image i and its mirror, drawn with seed 2; labels repeated
+    latents.main(encode + ["--out", str(tmp_path / "both"), "--seed", "2"])
+    folder = datasets.LatentFolder(tmp_path / "both")
+    both = torch.stack([x, x.flip(-1)], 1).flatten(0, 1)  # (12, 3, 16, 16)
+    expected = latents.encode_batch(vae, both, np.arange(12), "sample", seed=2)
+    np.testing.assert_allclose(folder.array().astype(np.float32), expected.numpy(), atol=2e-3, rtol=2e-3)
+    assert not np.allclose(expected.numpy(), latents.encode_batch(vae, both, np.arange(12), "sample", seed=0).numpy(), atol=0.01)
+    np.testing.assert_array_equal(folder.labels, np.repeat(classes, 2))
+    # a rerun with another seed or posterior would mix draws: refused, even on a complete folder
+    for flag, value in (("--seed", "3"), ("--posterior", "mean")):
+        err = _exit_message(capsys, latents.main, encode + ["--out", str(tmp_path / "both"), flag, value])
+        assert "other settings" in err and f"{flag[2:]}=" in err
+    # labels that do not fit the latents are refused
+    np.save(tmp_path / "both" / "labels.npy", np.repeat(classes, 2)[:-1])
+    with pytest.raises(datasets.DataError, match="do not match the manifest"):
+        datasets.LatentFolder(tmp_path / "both")
+
+
 # ==============================================================================================
 #                                   bench.py
 # ==============================================================================================
@@ -3898,6 +4278,63 @@ def test_bench_times_every_method_and_writes_the_table_and_json(tmp_path, capsys
     assert [s["network"].split(" (")[0] for s in result["sample"]] == ["DiT", "DiT + dtr router"]
     assert all(s["steps"] == 2 and s["images_per_s"] > 0 for s in result["sample"])
     assert result["fid"]["images_per_s"] > 0
+
+
+def test_bench_rounds_medians_ratios_nash_amortisation_mfu_and_json_on_a_scripted_clock(tmp_path, monkeypatch, capsys):
+    # Each step advances a fake clock by a scripted time per method and round (update steps by their own),
+    # so every summary number has a hand value: rounds 1000/2000/1500 ms for vanilla, etc.
+    per_step = {"vanilla": [1.0, 2.0, 1.5], "ant-pcgrad": [4.0, 5.0, 9.0], "ant-nash": [1.2, 2.0, 1.5]}
+    nash_update = [5.0, 8.0, 4.5]
+    clock, steps, blocks = [0.0], [], []
+
+    def one_step(self, images, labels, step):
+        update = self.is_update(step)
+        r = min(len(self.update_ms) if update else len(self.plain_ms), 2)  # the round being timed (warm-up: 0)
+        clock[0] += nash_update[r] if update else per_step[self.name][r]
+        steps.append((self.name, step))
+
+    def timed(fn, device):  # training blocks read the fake clock; sampling takes 1 s
+        start, n = clock[0], len(steps)
+        fn()
+        if len(steps) == n:
+            return 1.0
+        blocks.append(steps[-1][0])
+        return clock[0] - start
+
+    monkeypatch.setattr(bench.MethodBench, "one_step", one_step)
+    monkeypatch.setattr(bench, "timed", timed)
+    path = tmp_path / "bench.json"
+    result = bench.bench(BENCH_TINY + ["--batch-size", "4", "--methods", "vanilla,ant-pcgrad,ant-nash", "--nash-every", "3",
+                                       "--warmup", "2", "--steps", "2", "--rounds", "3", "--peak-tflops", "0.5",
+                                       "--sample", "--sample-steps", "ddim2", "--sample-batch-size", "2", "--json", str(path)],
+                         log=lambda msg: None)
+    capsys.readouterr()
+    # round-robin, the starting method rotated each round; Nash's update step timed right after its plain block
+    assert blocks == ["vanilla", "ant-pcgrad", "ant-nash", "ant-nash", "ant-pcgrad", "ant-nash", "ant-nash", "vanilla",
+                      "ant-nash", "ant-nash", "vanilla", "ant-pcgrad"]
+    # Nash (every 3): warm-up on the natural counter (0 is an update), plain blocks skip updates, update blocks seek one
+    assert [s for name, s in steps if name == "ant-nash"] == [0, 1, 2, 4, 6, 7, 8, 9, 10, 11, 12]
+    assert [s for name, s in steps if name == "vanilla"] == list(range(8))
+    m, fwd = result["methods"], result["flops"]["forward_per_image"]
+    amortised = [(2 * 1.2 + 5.0) / 3, (2 * 2.0 + 8.0) / 3, (2 * 1.5 + 4.5) / 3]  # ((every - 1) plain + update) / every
+    for name, ms, ratios, passes in [("vanilla", 1500, [1, 1, 1], 1), ("ant-pcgrad", 5000, [4, 2.5, 6], 5),
+                                     ("ant-nash", 2500, [a / v for a, v in zip(amortised, [1.0, 2.0, 1.5])], 7 / 3)]:
+        r = m[name]
+        assert r["ms_per_step"] == pytest.approx(ms) and r["images_per_s"] == pytest.approx(4 / (ms / 1000)), name
+        assert r["ratio_per_round"] == pytest.approx(ratios) and r["ratio"] == pytest.approx(sorted(ratios)[1]), name
+        assert (r["ratio_min"], r["ratio_max"]) == (pytest.approx(min(ratios)), pytest.approx(max(ratios))), name
+        assert r["backward_passes"] == pytest.approx(passes), name
+        train_flops = (1 + 2 * passes) * fwd  # forward + backward passes of 2 forwards each
+        assert r["train_flops_per_image"] == pytest.approx(train_flops), name
+        assert r["mfu"] == pytest.approx(train_flops * 4 / (ms / 1000) / 0.5e12), name  # --peak-tflops counts on the CPU
+    assert m["ant-nash"]["ratio"] == pytest.approx(2.0)
+    assert (m["ant-nash"]["plain_ms"], m["ant-nash"]["update_ms"]) == (pytest.approx(1500), pytest.approx(5000))
+    # sampling: DDIM-2 with guidance runs the model on a doubled batch, 2 x 2 forwards per image
+    for s in result["sample"]:
+        assert s["gflops_per_image"] == pytest.approx(2 * 2 * fwd / 1e9) and s["images_per_s"] == pytest.approx(2.0)
+        assert s["mfu"] == pytest.approx(s["gflops_per_image"] * 1e9 * 2.0 / 0.5e12)
+    # the JSON holds every number, the optional sections included
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result, default=float))
 
 
 def test_bench_latent_inputs_compile_mode_and_profile(monkeypatch, capsys):

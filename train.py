@@ -178,7 +178,8 @@ class Method:
         return self.ant == "ant-pcgrad" or (self.nash is not None and self.nash.should_update(step))
 
     def after_step(self, step, mean_loss):
-        """Seam 4, once per step on every rank with the all-rank mean loss: returns an event or None."""
+        """Seam 4, once per finite step (skipped with a non-finite one) on every rank with the all-rank
+        mean loss: returns an event or None."""
         if self.curriculum is not None and self.curriculum.update(mean_loss):
             lo, hi = self.curriculum.active_range
             return {"event": "curriculum_stage", "step": step, "stage": self.curriculum.stage, "t_min": lo, "t_max": hi}
