@@ -113,6 +113,19 @@ def generate(model, diffusion, labels, noise, steps="250", cfg_scale=1.0, clip_d
                                 noise_fn=noise_fn)
 
 
+SEED_STRIDE = 1_000_003  # sample i of seed s draws from the generator seeded s * SEED_STRIDE + i
+
+
+def check_seed(seed, num_samples):
+    """Refuse a seed whose per-sample generator seeds s * SEED_STRIDE + i would pass 2^32: torch's
+    CPU generator keeps only the low 32 bits of its seed, so they would wrap onto another seed's
+    samples (seed 4295's sample 0 would be seed 0's sample 45589). Seeds 0..4293 are safe for up
+    to a million samples; beyond SEED_STRIDE samples, seed s overlaps seed s + 1."""
+    if not (seed >= 0 and seed * SEED_STRIDE + num_samples <= 2**32):
+        raise ValueError(f"seed {seed} with {num_samples} samples: the per-sample generators are seeded "
+                         f"seed * {SEED_STRIDE} + i, which must stay below 2^32; use a seed in 0..{2**32 // SEED_STRIDE - 1}")
+
+
 def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, steps="250", cfg_scale=1.0,
                    clip_denoised=True, guided_channels=None, class_labels=None, progress=False, decode=None,
                    precision="bf16"):
@@ -122,11 +135,13 @@ def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, ste
     then the DDPM steps' noise from a generator seeded with (seed, i), so the result does not
     depend on how indices are split across ranks or batches, and the global RNG is not touched.
     For a latent model, `decode` (a latents.Decoder) turns the samples into images; `precision` as
-    in generate."""
+    in generate. See check_seed for the seeds allowed."""
+    if len(indices):
+        check_seed(seed, max(indices) + 1)
     images, labels = [], []
     for start in range(0, len(indices), batch_size):
         idx = indices[start: start + batch_size]
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in idx]
+        gens = [torch.Generator().manual_seed(seed * SEED_STRIDE + i) for i in idx]
         noise = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size, generator=g) for g in gens])
         if class_labels:
             y = torch.tensor([class_labels[i % len(class_labels)] for i in idx])
@@ -205,6 +220,10 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:
         sys.exit("error: this model was trained without label dropout, so it has no null class for guidance; use --cfg-scale 1")
+    try:
+        check_seed(args.seed, args.num_samples)
+    except ValueError as e:
+        sys.exit(f"error: --seed: {e}")
     if args.guided_channels is not None and not 1 <= args.guided_channels <= model.in_channels:
         sys.exit(f"error: --guided-channels {args.guided_channels}: this model has {model.in_channels} epsilon channels; "
                  f"pass 1..{model.in_channels} (3 is the official DiT's choice for latents)")

@@ -3457,14 +3457,26 @@ def test_schedule_weighting_and_learn_sigma_flags_reach_the_checkpoint(tmp_path)
     torch.testing.assert_close(terms["weight"], torch.tensor(ref.loss_weight[[0, 500, 999]], dtype=torch.float32))
 
 
-def test_sample_py_refuses_bad_labels_and_guided_channels_before_sampling(tmp_path, capsys):
+def test_sample_py_refuses_bad_labels_guided_channels_and_seeds_before_sampling(tmp_path, capsys):
     ckpt = str(checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1])  # 4 classes
     for flags, says in ((["--class-labels", "0,4"], "classes 0..3"), (["--class-labels", "a,b"], "comma-separated integers"),
-                        (["--guided-channels", "4"], "3 epsilon channels")):
+                        (["--guided-channels", "4"], "3 epsilon channels"), (["--seed", "4295"], "0..4293"),
+                        (["--seed", "-1"], "0..4293")):
         with pytest.raises(SystemExit) as e:
             sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "ddim2", *flags])
         assert says in str(e.value.code), e.value.code
     assert not (tmp_path / "s").exists()
+
+
+def test_per_sample_generator_seeds_stay_below_two_to_the_32():
+    # torch's CPU generator keeps the low 32 bits of a seed: seed 4295's sample 0 would be seed 0's sample 45589
+    wrapped = (4295 * sample.SEED_STRIDE) % 2**32
+    assert wrapped == 45589 and torch.equal(torch.randn(4, generator=torch.Generator().manual_seed(4295 * sample.SEED_STRIDE)),
+                                            torch.randn(4, generator=torch.Generator().manual_seed(wrapped)))
+    sample.check_seed(4293, 1_000_000)
+    for seed, n in ((4294, 1_000_000), (4295, 1), (-1, 1)):
+        with pytest.raises(ValueError, match="below 2\\^32"):
+            sample.check_seed(seed, n)
 
 
 def test_sample_cycles_class_labels_and_use_model_takes_the_raw_weights(tmp_path):

@@ -44,8 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as datasets
 import latents
 from dit import DiT_models
-from sample import (build_diffusion, build_model, generate, method_parts, resolve_device, sample_indices, save_grid,
-                    to_uint8)
+from sample import (build_diffusion, build_model, check_seed, generate, method_parts, resolve_device, sample_indices,
+                    save_grid, to_uint8)
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's modes
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
@@ -615,6 +615,11 @@ def train(args):
             why = "the data have one class" if args.num_classes == 1 else "of --class-dropout-prob 0"
             raise ConfigError(f"{flag} {cfg} needs the null class of label dropout, which this model lacks because {why}; "
                               f"use {flag} 1")
+    if args.fid_every:
+        try:  # FID samples are drawn with seed global_seed + 1
+            check_seed(args.global_seed + 1, args.fid_samples)
+        except ValueError as e:
+            raise ConfigError(f"--global-seed {args.global_seed}: {e}") from None
     for flag, steps in (("--sample-steps", args.sample_steps), ("--fid-steps", args.fid_steps)):
         try:
             diffusion.respace(steps)
