@@ -893,6 +893,7 @@ def _train_error(tmp_path, capsys, *flags):
 
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "does not exist" in _train_error(tmp_path, capsys, "--data", str(tmp_path / "nope"))
+    assert "0..4293" in _train_error(tmp_path, capsys, "--global-seed", "4294", "--fid-every", "1")  # FID samples use seed + 1
     (tmp_path / "empty").mkdir()
     assert "no images" in _train_error(tmp_path, capsys, "--data", str(tmp_path / "empty"))
     assert "not divisible by the patch size" in _train_error(tmp_path, capsys, "--image-size", "18")

@@ -532,6 +532,11 @@ def train(args):
         raise ConfigError(f"--image-size {args.image_size} is not divisible by the patch size {patch} of {args.model}")
     if args.global_batch_size % world:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
+    if args.fid_every:
+        try:  # FID samples are drawn with seed global_seed + 1
+            check_seed(args.global_seed + 1, args.fid_samples)
+        except ValueError as e:
+            raise ConfigError(f"--global-seed {args.global_seed}: {e}") from None
     if args.curriculum_clusters == 0 and "curriculum" in args.method and "ant" not in args.method:
         raise ConfigError("--curriculum-clusters 0 means 'the ANT clusters', which needs an ANT method (e.g. curriculum+ant-uw)")
     if args.ant_objective == "gradient" and "ant" in args.method and not args.ant_tas:
@@ -615,11 +620,6 @@ def train(args):
             why = "the data have one class" if args.num_classes == 1 else "of --class-dropout-prob 0"
             raise ConfigError(f"{flag} {cfg} needs the null class of label dropout, which this model lacks because {why}; "
                               f"use {flag} 1")
-    if args.fid_every:
-        try:  # FID samples are drawn with seed global_seed + 1
-            check_seed(args.global_seed + 1, args.fid_samples)
-        except ValueError as e:
-            raise ConfigError(f"--global-seed {args.global_seed}: {e}") from None
     for flag, steps in (("--sample-steps", args.sample_steps), ("--fid-steps", args.fid_steps)):
         try:
             diffusion.respace(steps)
