@@ -295,16 +295,17 @@ def claim_checkpoint_folder(run_dir, start_step, resume_path, auto, log, master)
     go by step. Refuse a start that would overwrite or prune checkpoints of another run or branch
     (a fresh run into a used --out, or an earlier checkpoint resumed into its own folder). With
     --resume auto the later ones are those it skipped as unreadable: rank 0 renames them *.unreadable."""
+    if auto and not master:
+        return  # rank 0 renames them; looking at them here would race with its renames
     later = [p for p in checkpoint_paths(run_dir) if checkpoint_step(p) >= start_step
              and not (resume_path and os.path.samefile(p, resume_path))]
     if not later:
         return
     folder = os.path.dirname(later[0])
     if auto:
-        if master:
-            for path in later:
-                os.replace(path, path + ".unreadable")
-                log(f"resume: renamed {path}, which cannot be resumed, to {path}.unreadable")
+        for path in later:
+            os.replace(path, path + ".unreadable")
+            log(f"resume: renamed {path}, which cannot be resumed, to {path}.unreadable")
     elif resume_path is None:
         raise ConfigError(f"{folder} already holds checkpoints (newest {os.path.basename(later[0])}) that a new run would "
                           f"overwrite; continue that run with --resume auto, or pass another --out")
