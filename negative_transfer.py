@@ -27,9 +27,10 @@ Where we depart from the official code, and why:
   single timestep (at stage j the previous clusters must end at index >= j, so the first
   cluster holds at least two steps), treats every zero-cost candidate as infeasible, and
   returns boundaries off by one (each cluster starts at the previous cluster's last index; the
-  last one ends at a hard-coded 1000). On the linear schedule with K = 5 it returns (0,0),(1,2),(3,7),(8,26),(27,1000); the
-  true optimum is [0,1) [1,2) [2,5) [5,18) [18,1000) with cost 8074.75. We solve the same
-  problem exactly, in O(K T^2) with prefix sums, and return half-open intervals.
+  last one ends at a hard-coded 1000). On the linear schedule with K = 5 it returns
+  (0,0),(1,2),(3,7),(8,26),(27,1000); the true optimum is [0,1) [1,2) [2,5) [5,18) [18,1000)
+  with cost 8074.75. We solve the same problem exactly, in O(K T^2) with prefix sums, and
+  return half-open intervals.
 - Ties in the clustering (e.g. for the timestep cost, lengths 199,199,200,201,201 cost the
   same as five 200s) are broken towards the most even partition (least sum of squared
   lengths), then towards the earliest start; so the timestep objective gives equal intervals.
@@ -537,10 +538,11 @@ def _nash_newton(A, alpha, max_iter=100):
             d = np.linalg.solve(A + np.diag(1.0 / a ** 2), grad)  # (K,) Newton direction
         except np.linalg.LinAlgError:
             return None
-        if grad @ d < 1e-14 * max(1.0, abs(f(a))):  # squared Newton decrement ~ 2 (f(a) - min f)
+        f_a, decrement = f(a), grad @ d  # decrement: the squared Newton decrement ~ 2 (f(a) - min f)
+        if decrement < 1e-14 * max(1.0, abs(f_a)):
             return a
         step = 1.0
-        while np.any(a - step * d <= 0) or f(a - step * d) > f(a) - 0.25 * step * (grad @ d):
+        while np.any(a - step * d <= 0) or f(a - step * d) > f_a - 0.25 * step * decrement:
             step /= 2
             if step < 1e-12:
                 return None
@@ -709,8 +711,9 @@ def gradient_affinity(grad_fn, num_timesteps, groups=100, batch_size=32, sketch_
     """
     Task affinity score TAS (T, T) (ANT, task affinity / gradient clustering cost): the cosine
     similarity of loss gradients between timesteps. Timesteps are pooled into `groups`
-    contiguous groups, [g T // groups, (g + 1) T // groups) (equal when groups divides T). For group g we call grad_fn(t) with t (batch_size,) long (CPU), drawn
-    uniformly inside the group (seeded); grad_fn returns the flat gradient (P,). The group-by-group
+    contiguous groups, [g T // groups, (g + 1) T // groups) (equal when groups divides T). For
+    group g we call grad_fn(t) with t (batch_size,) long (CPU), drawn uniformly inside the group
+    (seeded); grad_fn returns the flat gradient (P,). The group-by-group
     cosine matrix is then expanded to (T, T).
 
     When P <= sketch_dim the raw gradients are used, so the result is exact. Otherwise each
