@@ -903,7 +903,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     np.savez(tmp_path / "x.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
     assert "arr_0" in _train_error(tmp_path, capsys, "--data", str(tmp_path / "x.npz"))
     assert "add --compile" in _train_error(tmp_path, capsys, "--compile-mode", "max-autotune-no-cudagraphs")
-    assert "CUDA graphs" in _train_error(tmp_path, capsys, "--compile", "--compile-mode", "reduce-overhead", "--method", "ant-pcgrad")
+    assert "CUDA graphs" in _train_error(tmp_path, capsys, "--compile", "--compile-mode", "reduce-overhead", "--method", "ant-pcgrad",
+                                      "--ant-clusters", "4")  # batch 4: one per cluster
     assert "null class" in _train_error(tmp_path, capsys, "--sample-cfg", "4", "--class-dropout-prob", "0")
     assert "--fid-steps ddimx" in _train_error(tmp_path, capsys, "--fid-steps", "ddimx")
 
@@ -3427,6 +3428,39 @@ def test_curriculum_ant_uw_leaves_the_log_variances_of_hidden_clusters_alone():
     expected = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5 * (1 - L4.item() / 5)])
     torch.testing.assert_close(run.method.uw.log_vars.grad, expected)
     torch.testing.assert_close(loss, 0.5 * L4 / 5)  # s = 0 at the start
+
+
+def test_curriculum_ant_uw_returns_to_stratified_ant_sampling_after_the_last_stage():
+    # Raw-SNR clusters are [0,1) [1,2) [2,5) [5,18) [18,1000): ANT-UW puts B/K samples in each, while uniform t
+    # would leave the four small ones nearly empty (about 1.8% of the batch in all). After stage N the run is ANT-UW.
+    run = make_run("--method", "curriculum+ant-uw", "--ant-objective", "snr", "--ant-clusters", "5",
+                   "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "1")
+    method = run.method
+    assert method.intervals == [(0, 1), (1, 2), (2, 5), (5, 18), (18, 1000)]
+    torch.manual_seed(0)
+    t, cluster = method.timesteps(40)
+    assert t.min() >= 950 and torch.equal(cluster, torch.full((40,), 4))  # stage 1: the curriculum's range
+    while not method.curriculum.finished:
+        method.curriculum.update(1.0)
+    t, cluster = method.timesteps(40)
+    assert torch.equal(torch.bincount(cluster, minlength=5), torch.full((5,), 8))
+    assert all(lo <= int(s) < hi for s, k in zip(t, cluster) for lo, hi in [method.intervals[int(k)]])
+
+
+def test_ant_batch_smaller_than_the_clusters_is_refused_at_flag_time(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, "--method", "curriculum+ant-uw", "--ant-clusters", "5", "--global-batch-size", "4",
+                  "--max-steps", "1")
+    assert "batch per process is 4" in capsys.readouterr().err
+
+
+def test_resume_with_other_curriculum_smoothing_is_refused(tmp_path, capsys):
+    # The saved loss EMA is a sum with decay s; normalising it with another decay misreads the loss (x12 here).
+    flags = ["--method", "curriculum", "--global-batch-size", "8", "--curriculum-patience", "5"]
+    out = run_train(tmp_path, *flags, "--curriculum-smoothing", "0.9", "--max-steps", "2")
+    with pytest.raises(SystemExit):
+        train.main(TINY + ["--out", str(out), *flags, "--max-steps", "3", "--resume", "auto"])
+    assert "curriculum_smoothing=0.9" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- Flags end to end: schedule, weighting, learn-sigma; sample.py labels and --use-model

@@ -54,7 +54,7 @@ ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
 MODEL_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "image_size", "in_channels", "num_classes",
                   "learn_sigma", "class_dropout_prob", "method", "num_timesteps", "schedule", "dtr_alpha", "dtr_beta",
                   "rtr_seed", "ant_clusters", "ant_objective", "curriculum_clusters", "curriculum_order",
-                  "curriculum_pacing")
+                  "curriculum_pacing", "curriculum_smoothing")  # smoothing: the saved loss EMA is only valid under its decay
 
 
 class ConfigError(ValueError):
@@ -123,12 +123,13 @@ class Method:
 
     def timesteps(self, n):
         """(t (n,), cluster (n,) or None): seam 1, how timesteps are drawn."""
-        if self.curriculum is not None and self.ant is not None:
-            # The curriculum decides t (uniform on its active range); ANT only labels each t with its
-            # cluster. Clusters outside the range get no samples and UW leaves their s_k alone.
+        if self.curriculum is not None and self.ant is not None and not self.curriculum.finished:
+            # During the curriculum it decides t (uniform on its active range); ANT only labels each t with
+            # its cluster. Clusters outside the range get no samples and UW leaves their s_k alone. Once
+            # the last stage starts, training is plain ANT-UW again: stratified sampling below.
             t = self.curriculum.sample_timesteps(n, device=self.device)
             return t, torch.bucketize(t, self.cluster_starts, right=True) - 1
-        if self.curriculum is not None:
+        if self.curriculum is not None and self.ant is None:
             return self.curriculum.sample_timesteps(n, device=self.device), None
         if self.ant is not None:
             return self.nt.stratified_timesteps(n, self.intervals, device=self.device)
@@ -383,7 +384,10 @@ def build_run(args, device, distributed, log=print):
         import torch._functorch.config as functorch_config
         functorch_config.donated_buffer = False
     fwd_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
-    ddp_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else fwd_model
+    # broadcast_buffers=False: the only buffer is DTR's mask table, a pure function of the flags and the same on every
+    # rank; DDP would otherwise broadcast it (T x C floats, 4.6 MB for XL) from rank 0 before every forward.
+    ddp_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False) if distributed else fwd_model
     ema_pairs = (list(ema.parameters()), list(model.parameters()))
     with torch.no_grad():  # DDP has broadcast rank 0's weights into the model: the EMA starts from them too (official DiT)
         torch._foreach_copy_(*ema_pairs)
@@ -543,6 +547,9 @@ def train(args):
     if args.ant_objective == "gradient" and "ant" in args.method and not args.ant_tas:
         raise ConfigError("--ant-objective gradient needs --ant-tas (make one with: python negative_transfer.py affinity ...)")
     batch = args.global_batch_size // world
+    if "ant" in args.method and batch < args.ant_clusters:  # stratified sampling (also after a curriculum) needs one per cluster
+        raise ConfigError(f"{args.method} draws every one of the {args.ant_clusters} ANT clusters in each process's batch, "
+                          f"but the batch per process is {batch}; raise --global-batch-size or lower --ant-clusters")
     ckpt_dir = os.path.join(args.out, "checkpoints")
     if master:
         try:  # fail now, not after hours of training, if the results folder cannot be written
