@@ -18,8 +18,8 @@ Uncertainty Weighting (UW), PCGrad or Nash-MTL. What the paper specifies, and wh
   L_k = mean loss over the samples of cluster k                              cluster_losses
   UW: sum_k 0.5 (exp(-s_k) L_k / K + s_k)                                    UncertaintyWeighting
   PCGrad: g_k -= (g_k . g_j / |g_j|^2) g_j when g_k . g_j < 0, sum over k    pcgrad
-  Nash-MTL: alpha_k (A alpha)_k = 1, A = G G^T / |G G^T|_F, loss
-            sum_k alpha_k L_k / K                                            nash_mtl_weights, NashMTL
+  Nash-MTL: alpha_k (G G^T alpha)_k = 1 (solved for G G^T / |G G^T|_F, then
+            rescaled), loss sum_k alpha_k L_k / K                            nash_mtl_weights, NashMTL
   per-cluster gradients G (K, P) for PCGrad and Nash-MTL                     task_gradients
 
 Where we depart from the official code, and why:
@@ -46,8 +46,9 @@ Where we depart from the official code, and why:
   (about 1 in 300 random Gram matrices), Newton's method on the equivalent convex problem
   0.5 a^T A a - sum log a gives the same Nash point. A failure of both is reported
   (`info["success"] = False`) so that the caller keeps its previous alpha and logs it.
-  The official constraint also mixes scales: it uses the unnormalised G G^T, while its stopping
-  rule uses the normalised one. We use the normalised A throughout.
+  Like the official code, we solve for the normalised Gram matrix and return the alpha of the
+  unnormalised G G^T (the paper's equation). The official stopping rule, however, measures the
+  normalised equation's residual at the unnormalised alpha; ours stays on the normalised scale.
 - Task affinity: the official script needs T gradients, each over 1000 images, and stores all
   of them. We use groups of timesteps (100 by default) that share the same images and noise,
   and a fixed-size CountSketch when P > sketch_dim, so memory stays bounded.
@@ -554,64 +555,81 @@ def nash_mtl_weights(gram, prev_alpha=None, max_iter=NASH_MAX_ITER, change_tol=1
                      residual_tol=1e-3):
     """
     Nash-MTL weights over clusters (ANT-Nash; Navon et al., "Multi-Task Learning as a
-    Bargaining Game", ICML 2022): find alpha > 0 with alpha_k (A alpha)_k = 1, where
-    A = G G^T / |G G^T|_F and `gram` = G G^T (K, K), by the concave-convex procedure: up to
-    `max_iter` convex subproblems (see _nash_subproblem), starting from the best of
-    prev_alpha / ones / 1/sqrt(diag A) scaled to feasibility. The loop stops when alpha moves
-    less than change_tol or |A alpha - 1/alpha| < residual_tol (the official rules).
+    Bargaining Game", ICML 2022, Eq. 3 / Alg. 1): alpha > 0 with alpha_k (G G^T alpha)_k = 1,
+    where `gram` = G G^T (K, K), so that the update d = G^T alpha has d . g_k = 1 / alpha_k.
+
+    As in the official code, the problem is solved for the normalised A = G G^T / |G G^T|_F,
+    whose solution is sqrt(|G G^T|_F) times alpha, and rescaled at the end: the same alpha as
+    the official constraint, with well-conditioned subproblems. The concave-convex procedure
+    (_nash_ccp) runs up to `max_iter` convex subproblems from the best of prev_alpha / ones /
+    1/sqrt(diag A) scaled to feasibility, and stops when alpha moves less than change_tol or
+    |A alpha - 1/alpha| < residual_tol (the official rules, both on the normalised scale).
 
     Returns (alpha (K,) float64 numpy or None, info). info has success, converged, iterations,
-    residual, message, newton. For PSD A the answer is also the minimiser of the convex
-    0.5 a^T A a - sum log a: when a subproblem fails, that problem is solved by Newton's method
-    instead (_nash_newton), and info["newton"] is True. On failure (non-finite or zero
-    gradients, no alpha > 0 with A alpha > 0 because the gradients conflict too strongly, or
-    both solvers failing) alpha is None: keep the previous alpha and log info["message"]. If the
-    loop runs out of iterations, the last feasible alpha comes back with success=True and
-    converged=False, as in the official code.
+    residual (normalised scale), message, newton. For PSD A the answer is also the minimiser of
+    the convex 0.5 a^T A a - sum log a: when a subproblem fails, that problem is solved by
+    Newton's method instead (_nash_newton), and info["newton"] is True. On failure (non-finite
+    gradients, a zero cluster gradient, no alpha > 0 with A alpha > 0 because the gradients
+    conflict too strongly, or both solvers failing) alpha is None: keep the previous alpha and
+    log info["message"]. If the loop runs out of iterations, the last feasible alpha comes back
+    with success=True and converged=False, as in the official code.
     """
     if isinstance(gram, torch.Tensor):
         gram = gram.detach().double().cpu().numpy()
-    A = np.asarray(gram, dtype=np.float64)
-    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
-        raise ValueError(f"gram must be a square (K, K) matrix G G^T, got shape {A.shape}")
+    M = np.asarray(gram, dtype=np.float64)
+    if M.ndim != 2 or M.shape[0] != M.shape[1] or M.shape[0] == 0:
+        raise ValueError(f"gram must be a square (K, K) matrix G G^T, got shape {M.shape}")
     info = dict(success=False, converged=False, iterations=0, residual=float("nan"), message="", newton=False)
-    if not np.all(np.isfinite(A)):
+    if not np.all(np.isfinite(M)):
         info["message"] = "non-finite Gram matrix (NaN/inf gradients)"
         return None, info
-    norm = np.linalg.norm(A)
+    norm = np.linalg.norm(M)
     if norm == 0:
         info["message"] = "all cluster gradients are zero"
         return None, info
-    A = 0.5 * (A + A.T) / norm  # (K, K) normalised, symmetric to rounding
+    zero = np.flatnonzero(np.diag(M) <= 0)
+    if zero.size:  # |g_k| = 0: alpha_k (M alpha)_k = 1 has no solution, whatever the other gradients
+        info["message"] = f"cluster(s) {zero.tolist()} have a zero gradient"
+        return None, info
+    A = 0.5 * (M + M.T) / norm  # (K, K) normalised, symmetric to rounding
+    scale = math.sqrt(norm)  # alpha solves A's equation  <=>  alpha / scale solves M's
+    start = None if prev_alpha is None else np.asarray(prev_alpha, dtype=np.float64) * scale
+    alpha = _nash_ccp(A, start, max_iter, change_tol, residual_tol, info)
+    return (None if alpha is None else alpha / scale), info
+
+
+def _nash_ccp(A, prev_alpha, max_iter, change_tol, residual_tol, info):
+    """The concave-convex procedure of nash_mtl_weights on the normalised A (K, K): alpha (K,)
+    with alpha_k (A alpha)_k = 1, or None; fills `info` as described there."""
     alpha = _nash_feasible_start(A, prev_alpha)
     if alpha is None:
         info["message"] = "no alpha > 0 with A alpha > 0: the cluster gradients conflict too strongly"
-        return None, info
+        return None
     residual = float(np.linalg.norm(A @ alpha - 1.0 / alpha))
     info["residual"] = residual
     if residual < residual_tol:  # the start already solves it (e.g. a warm start)
         info.update(success=True, converged=True, message="start satisfies the residual")
-        return alpha, info
+        return alpha
     for it in range(1, max_iter + 1):
         new = _nash_subproblem(A, alpha)
         if new is None:  # trust-constr gives up now and then (about 1 in 300 random Gram matrices)
             new = _nash_newton(A, alpha)
             if new is None or np.max(np.abs(new * (A @ new) - 1.0)) > 1e-6:
                 info.update(iterations=it, message=f"convex subproblem failed at iteration {it}, and so did Newton's method")
-                return None, info
+                return None
             residual = float(np.linalg.norm(A @ new - 1.0 / new))
             info.update(success=True, converged=True, iterations=it, residual=residual, newton=True,
                         message=f"convex subproblem failed at iteration {it}; solved by Newton's method instead")
-            return new, info
+            return new
         change = float(np.linalg.norm(new - alpha))
         alpha = new
         residual = float(np.linalg.norm(A @ alpha - 1.0 / alpha))
         info.update(iterations=it, residual=residual)
         if residual < residual_tol or change < change_tol:
             info.update(success=True, converged=True, message="converged")
-            return alpha, info
+            return alpha
     info.update(success=True, message=f"not converged after {max_iter} iterations")
-    return alpha, info
+    return alpha
 
 
 class NashMTL:
@@ -646,8 +664,9 @@ class NashMTL:
         return (self.steps if step is None else step) % self.every == 0
 
     def update(self, grads):
-        """Re-solve alpha from per-cluster gradients grads (K, P) (average them across ranks
-        first). Keeps the previous alpha on failure. Returns the solver's info dict."""
+        """Re-solve alpha from per-cluster gradients grads (K, P) of the cluster losses L_k, not
+        L_k / K (official; alpha scales as 1 / |grads|). Average them across ranks first. Keeps
+        the previous alpha on failure. Returns the solver's info dict."""
         if grads.dim() != 2 or grads.shape[0] != self.num_clusters:
             raise ValueError(f"grads must be ({self.num_clusters}, P), got {tuple(grads.shape)}")
         alpha, info = nash_mtl_weights(gram_matrix(grads), self.alpha, self.max_iter)

@@ -1524,12 +1524,25 @@ def test_nash_weights_solve_the_bargaining_equation():
                 G += 2.0 * rng.standard_normal(400)
             if kind == "conflict" and K >= 2:
                 G[1] = -0.5 * G[0] + 0.5 * G[1]
-            alpha, info = nt.nash_mtl_weights(G @ G.T)
+            M = G @ G.T
+            alpha, info = nt.nash_mtl_weights(M)
             assert info["success"] and info["converged"], info
-            A = G @ G.T / np.linalg.norm(G @ G.T)
             assert np.all(alpha > 0)
-            assert np.max(np.abs(alpha * (A @ alpha) - 1.0)) < 1e-3
-            assert np.allclose(alpha, nash_reference(A), rtol=1e-3)
+            assert np.max(np.abs(alpha * (M @ alpha) - 1.0)) < 1e-3  # the paper's equation, on the raw Gram matrix
+            assert np.allclose(alpha, nash_reference(M), rtol=1e-3)
+            d = G.T @ alpha  # the update: d . g_k = 1 / alpha_k, so |d|^2 = sum_k alpha_k (M alpha)_k = K
+            assert np.allclose(d @ G.T, 1.0 / alpha, rtol=1e-3) and abs(d @ d - K) < 1e-2 * K
+
+
+def test_nash_weights_follow_the_gradient_scale_as_the_official_constraint():
+    # The official cvxpy constraint is -log(alpha_k * |M|_F) - log((M / |M|_F) alpha)_k <= 0, i.e.
+    # alpha_k (M alpha)_k >= 1 for the raw M = G G^T: gradients c times larger give alpha 1/c times smaller.
+    G = np.random.default_rng(3).standard_normal((4, 300))
+    alpha, _ = nt.nash_mtl_weights(G @ G.T)
+    for c in (1e-3, 7.0):
+        scaled, info = nt.nash_mtl_weights((c * G) @ (c * G).T, prev_alpha=alpha / c)
+        assert info["success"] and info["iterations"] == 0  # the rescaled warm start already solves it
+        assert np.allclose(scaled, alpha / c, rtol=1e-7)  # up to the start being put exactly on the boundary
 
 
 def test_nash_falls_back_to_newton_when_a_subproblem_fails(monkeypatch):
@@ -1539,10 +1552,10 @@ def test_nash_falls_back_to_newton_when_a_subproblem_fails(monkeypatch):
     G[1] = -0.7 * G[0] + 0.3 * G[1]
     monkeypatch.setattr(nt, "_nash_subproblem", lambda A, alpha: None)
     alpha, info = nt.nash_mtl_weights(G @ G.T)
-    A = G @ G.T / np.linalg.norm(G @ G.T)
+    M = G @ G.T
     assert info["success"] and info["converged"] and info["newton"] and "Newton" in info["message"], info
-    assert np.max(np.abs(alpha * (A @ alpha) - 1.0)) < 1e-6
-    assert np.allclose(alpha, nash_reference(A), rtol=1e-4)
+    assert np.max(np.abs(alpha * (M @ alpha) - 1.0)) < 1e-6
+    assert np.allclose(alpha, nash_reference(M), rtol=1e-4)
 
 
 def test_nash_warm_start_and_tensor_input():
@@ -1560,6 +1573,10 @@ def test_nash_reports_failure_instead_of_sticking_at_one():
     assert alpha is None and "zero" in info["message"]
     alpha, info = nt.nash_mtl_weights(np.full((2, 2), np.nan))
     assert alpha is None and "non-finite" in info["message"]
+    G = np.random.default_rng(0).normal(size=(3, 8))
+    G[1] = 0  # one cluster without gradient: say so, not "conflict too strongly"
+    alpha, info = nt.nash_mtl_weights(G @ G.T)
+    assert alpha is None and info["message"] == "cluster(s) [1] have a zero gradient"
 
 
 def test_nash_mtl_state_round_trip_and_loss():
@@ -3238,11 +3255,10 @@ def test_ant_nash_update_step_writes_the_alpha_weighted_gradient():
     loss, extra = method.backward(loss_vec, cluster, params, 0)
     alpha = torch.as_tensor(method.nash.alpha, dtype=torch.float64)
     assert method.nash.updates == 1 and not torch.allclose(alpha, torch.ones(K, dtype=torch.float64))  # the solver moved alpha
-    # alpha is the Nash bargaining solution: alpha_k (A alpha)_k = 1 with A = G G^T / |G G^T|_F (G of L_k/K:
-    # the scale cancels in A)
-    A = G @ G.T
-    A = A / torch.linalg.norm(A)
-    torch.testing.assert_close(alpha * (A @ alpha), torch.ones(K, dtype=torch.float64), rtol=1e-3, atol=0)
+    # alpha is the Nash bargaining solution alpha_k (M alpha)_k = 1 for the Gram matrix M of the gradients of
+    # L_k, as the official NashMTL.compute_grad (G holds those of L_k / K, so M = K^2 G G^T)
+    M = K ** 2 * G @ G.T
+    torch.testing.assert_close(alpha * (M @ alpha), torch.ones(K, dtype=torch.float64), rtol=1e-3, atol=0)
     expected = (alpha[:, None] * G).sum(0)  # sum_k alpha_k grad(L_k / K)
     got = flat_grads(params).double()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
@@ -3428,6 +3444,22 @@ def test_curriculum_ant_uw_leaves_the_log_variances_of_hidden_clusters_alone():
     expected = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5 * (1 - L4.item() / 5)])
     torch.testing.assert_close(run.method.uw.log_vars.grad, expected)
     torch.testing.assert_close(loss, 0.5 * L4 / 5)  # s = 0 at the start
+
+
+def test_resume_applies_the_learning_rate_flags_and_refuses_other_ant_clusters(tmp_path):
+    common = ["--method", "ant-uw", "--global-batch-size", "10", "--ckpt-every", "1"]
+    out = run_train(tmp_path, *common, "--max-steps", "1")
+    train.main(TINY + ["--out", str(out), *common, "--max-steps", "2", "--resume", "auto", "--lr", "3e-4", "--uw-lr", "0.5"])
+    groups = last_checkpoint(out)["opt"]["param_groups"]
+    assert (groups[0]["lr"], groups[1]["lr"]) == (3e-4, 0.5)  # opt.load_state_dict alone would keep 1e-4, 0.025
+    assert "--uw-lr/--uw-weight-decay 0.5/0.0 from the flags" in (out / "log.txt").read_text()
+    state = last_checkpoint(out)["method"]
+    assert [tuple(iv) for iv in state["intervals"]] == [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
+    args = train.parse_args(TINY + common)
+    method = train.Method(args, sample.build_diffusion(vars(args)), torch.device("cpu"), log=lambda m: None)
+    method.intervals = [(0, 100), (100, 200), (200, 300), (300, 500), (500, 1000)]  # what another --ant-tas gave
+    with pytest.raises(train.ConfigError, match="a different --ant-tas"):
+        method.load_state_dict(state)
 
 
 def test_curriculum_ant_uw_returns_to_stratified_ant_sampling_after_the_last_stage():

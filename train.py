@@ -159,7 +159,9 @@ class Method:
             return loss.detach(), {"L": L.detach(), "w": self.nash.alpha_tensor(L)}
         # PCGrad every step, Nash-MTL on its update steps: exact per-cluster gradients (K passes),
         # averaged over ranks before any decision so every rank decides alike.
-        G = self.nt.task_gradients(L / K, params)  # (K, P), gradients of L_k / K as in the official code
+        # The official code differentiates L_k / K for PCGrad, but L_k for Nash-MTL, whose alpha takes
+        # its scale from the gradients' (alpha_k (G G^T alpha)_k = 1).
+        G = self.nt.task_gradients(L if self.nash is not None else L / K, params)  # (K, P)
         G = self.nt.all_reduce_mean(G)
         if self.nash is not None:
             info = self.nash.update(G)
@@ -167,7 +169,7 @@ class Method:
                 self.log(f"step {step}: Nash-MTL solver failed ({info['message']}); keeping alpha = {self.nash.alpha.round(4).tolist()}")
             elif info["newton"]:
                 self.log(f"step {step}: Nash-MTL {info['message']}")
-            flat = (self.nash.alpha_tensor(L).to(G.dtype)[:, None] * G).sum(0)  # (P,) = sum_k alpha_k grad(L_k / K)
+            flat = (self.nash.alpha_tensor(L).to(G.dtype)[:, None] * G).sum(0) / K  # (P,) = grad of sum_k alpha_k L_k / K
         else:
             flat = self.nt.pcgrad(G, self.order_gen)  # (P,)
         self.nt.write_flat_grad(params, flat)
@@ -193,7 +195,7 @@ class Method:
         return {"curriculum/stage": self.curriculum.stage, "curriculum/t_min": lo, "curriculum/t_max": hi}
 
     def state_dict(self):
-        state = {"order_gen": self.order_gen.get_state()} if self.ant else {}
+        state = {"order_gen": self.order_gen.get_state(), "intervals": [list(iv) for iv in self.intervals]} if self.ant else {}
         if self.uw is not None:
             state["uw"] = self.uw.state_dict()
         if self.nash is not None:
@@ -204,6 +206,11 @@ class Method:
 
     def load_state_dict(self, state):
         if self.ant:
+            saved = state.get("intervals")  # None in checkpoints written before the intervals were saved
+            if saved is not None and [tuple(iv) for iv in saved] != [tuple(iv) for iv in self.intervals]:
+                raise ConfigError(f"the checkpoint trained with ANT clusters {[tuple(iv) for iv in saved]}, but these flags "
+                                  f"give {self.intervals} (a different --ant-tas?); its UW/Nash state belongs to the old "
+                                  f"clusters: pass the same --ant-tas, or start a new --out folder")
             self.order_gen.set_state(state["order_gen"])
         if self.uw is not None:
             self.uw.load_state_dict(state["uw"])
@@ -637,7 +644,12 @@ def train(args):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+        opt.load_state_dict(ckpt["opt"])  # this also restores each group's lr and weight decay: the flags win below
+        for group, (lr, wd, name) in zip(opt.param_groups, [(args.lr, args.weight_decay, "--lr/--weight-decay"),
+                                                            (args.uw_lr, args.uw_weight_decay, "--uw-lr/--uw-weight-decay")]):
+            if (group["lr"], group["weight_decay"]) != (lr, wd):
+                log(f"resume: {name} {lr}/{wd} from the flags replace the checkpoint's {group['lr']}/{group['weight_decay']}")
+                group["lr"], group["weight_decay"] = lr, wd
         method.load_state_dict(ckpt["method"])
         step = ckpt["step"]
         rng = ckpt["rng"]
