@@ -489,6 +489,8 @@ def parse_args(argv=None):
     for name in ("batch_size", "sample_batch_size", "steps", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_classes < 1:
+        raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}")
     for name in ("warmup", "profile"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -515,6 +517,9 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         benches += [MethodBench(m, train_argv, args.num_classes, args.in_channels, args.batch_size, device, out_dir)
                     for m in methods[1:]]
     model = benches[0].run.model
+    if args.sample and args.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:  # before the training timings
+        raise ValueError(f"--cfg-scale {args.cfg_scale} needs the null class of label dropout, which "
+                         f"--class-dropout-prob 0 removes; use --cfg-scale 1")
     fwd = model_flops(model)
     peak = peak_tflops(info["name"], args.peak_tflops) if device.type == "cuda" else args.peak_tflops
 

@@ -27,7 +27,12 @@ WEIGHTINGS = ("constant", "min-snr", "p2")
 def get_beta_schedule(name, num_timesteps):
     """float64 betas (T,). "linear": DDPM's 1e-4..0.02, scaled by 1000/T (DiT, ADM);
     "cosine": Nichol & Dhariwal 2021 eq. 17, betas clipped at 0.999."""
+    if num_timesteps < 2:
+        raise ValueError(f"a diffusion needs at least 2 timesteps, got {num_timesteps}")
     if name == "linear":
+        if num_timesteps <= 20:  # beta_T = 0.02 * 1000 / T reaches 1: alpha_bar_T = 0 and a NaN loss or black samples
+            raise ValueError(f"the linear schedule scaled to T={num_timesteps} timesteps ends at beta = {20 / num_timesteps:g} "
+                             f">= 1 (alpha_bar_T = 0); use at least 21 timesteps or the cosine schedule")
         scale = 1000 / num_timesteps
         return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
     if name == "cosine":
@@ -86,8 +91,9 @@ class Diffusion:
         self.schedule, self.learn_sigma, self.weighting = schedule, learn_sigma, weighting
         self.min_snr_gamma, self.p2_gamma, self.p2_k = min_snr_gamma, p2_gamma, p2_k
         betas = get_beta_schedule(schedule, num_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
-        if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
-            raise ValueError("betas must be a 1-D array in (0, 1]")
+        if betas.ndim != 1 or not ((betas > 0) & (betas < 1)).all():  # beta = 1: alpha_bar = 0, x_0 = x_t / 0
+            raise ValueError("betas must be a 1-D array in (0, 1): a beta of 1 leaves no signal and makes the "
+                             "x_0 prediction (and Min-SNR's weight) divide by zero")
         if len(betas) < 2:
             raise ValueError("a diffusion needs at least 2 timesteps (the t = 0 variance is clipped to t = 1's); "
                              "sample with 2 or more steps")

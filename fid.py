@@ -921,6 +921,13 @@ def main(argv=None):
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if args.reference is None and args.save_stats is None:
         parser.error("give a REFERENCE to compare with, or --save-stats OUT.npz to store the statistics of SAMPLES")
+    if args.save_stats is not None:
+        inputs = [p for p in (args.samples, args.reference) if p is not None and Path(p).exists()]
+        if any(Path(p).resolve() == Path(args.save_stats).resolve() for p in inputs):
+            parser.error(f"--save-stats {args.save_stats} is one of the inputs; writing it would replace that file "
+                         f"(and a reference overwritten with the samples' statistics scores FID 0); pass another path")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: must be a positive number")
     num_workers = args.num_workers
     if num_workers is None:  # decoding only pays off when the GPU is the fast part
         num_workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0

@@ -7,7 +7,7 @@ Sample from a trained checkpoint (EMA weights by default), on one process or man
 Samples are split exactly across ranks (rank r makes samples r, r + W, r + 2W, ... of a global
 numbering, so N samples total and no duplicates whatever W is). Writes `OUT/samples.npz` with
 arr_0 (N, H, W, 3) uint8 and arr_1 (N,) labels in the ADM evaluator's format, a PNG grid of the
-first 64, and the individual PNGs with --save-png. The network (and its router, for DTR) and the
+first 64, and the individual PNGs in OUT/png with --save-png. The network (and its router, for DTR) and the
 diffusion are rebuilt from the arguments saved in the checkpoint. A DiT trained on VAE latents
 (train.py on a latents.py folder) samples latents without clipping and decodes them through the
 VAE saved in the checkpoint (or --vae), so the .npz holds images either way.
@@ -71,9 +71,15 @@ def build_diffusion(args):
 
 def load_model(ckpt_path, device="cpu", use_ema=True):
     """(model in eval mode, diffusion, args) from a train.py checkpoint."""
+    if os.path.isdir(ckpt_path):
+        raise FileNotFoundError(f"{ckpt_path} is a folder; pass a checkpoint file, e.g. RUN/checkpoints/0400000.pt")
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file
+        raise ValueError(f"{ckpt_path} cannot be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                         f"pass a complete train.py checkpoint") from None
     if not isinstance(ckpt, dict) or "args" not in ckpt:
         raise ValueError(f"{ckpt_path} is not a train.py checkpoint (no saved arguments)")
     args = ckpt["args"]
@@ -194,7 +200,7 @@ def parse_args(argv=None):
     p.add_argument("--class-labels", default=None, help="comma-separated labels cycled over the samples; default uniform random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use-model", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--save-png", action="store_true", help="also write every sample as a PNG")
+    p.add_argument("--save-png", action="store_true", help="also write every sample as a PNG, in OUT/png (which must be empty)")
     p.add_argument("--fid-ref", default=None, help="score the samples against this reference (folder, zip, npz or stats)")
     p.add_argument("--inception", default=None, help="path to pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--vae", default=None, help="latent models: the VAE to decode with (default: the one saved in the checkpoint)")
@@ -206,6 +212,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
+        if value < 1:
+            sys.exit(f"error: {flag} {value}: must be a positive number")
+    if args.fid_ref is not None and args.num_samples < 2:
+        sys.exit(f"error: --fid-ref needs at least 2 samples for a covariance, got --num-samples {args.num_samples}")
+    png_dir = os.path.join(args.out, "png")
+    if args.save_png and os.path.isdir(png_dir) and os.listdir(png_dir):
+        sys.exit(f"error: {png_dir} already holds PNGs of an earlier run, which a run with fewer samples would leave "
+                 f"mixed in; pass another --out or delete that folder")
+    if args.fid_ref is not None and not os.path.exists(args.fid_ref):
+        sys.exit(f"error: --fid-ref {args.fid_ref} does not exist")
     distributed = "RANK" in os.environ
     device = resolve_device(args.device)
     if distributed:
@@ -218,6 +235,11 @@ def main(argv=None):
         model, diffusion, targs = load_model(args.ckpt, device, use_ema=not args.use_model)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    try:
+        diffusion.respace(args.steps)
+    except ValueError as e:
+        T = diffusion.num_timesteps
+        sys.exit(f"error: --steps {args.steps}: {e}; use e.g. {min(250, T)} (DDPM steps, at most {T})")
     if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:
         sys.exit("error: this model was trained without label dropout, so it has no null class for guidance; use --cfg-scale 1")
     try:
@@ -241,6 +263,14 @@ def main(argv=None):
         except latents.LatentError as e:
             sys.exit(f"error: {e}")
 
+    net = None
+    if args.fid_ref and rank == 0:  # the Inception weights load before hours of sampling, not after
+        import fid
+        try:
+            net = fid.load_inception(args.inception, device)
+        except (ValueError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
+
     mine = list(range(rank, args.num_samples, world))  # global sample i is made by rank i % W
     images, labels = sample_indices(model, diffusion, mine, device, args.seed, args.batch_size, args.steps, args.cfg_scale,
                                     clip_denoised=targs.get("latent") is None, guided_channels=args.guided_channels,
@@ -261,15 +291,17 @@ def main(argv=None):
             os.remove(os.path.join(args.out, f"shard{r}.npz"))
         np.savez(os.path.join(args.out, "samples.npz"), arr_0=all_images, arr_1=all_labels)
         save_grid(all_images[:64], os.path.join(args.out, "grid.png"))
-        if args.save_png:
+        if args.save_png:  # in their own folder, so that scoring it (fid.py OUT/png REF) does not count grid.png
             from PIL import Image
+            os.makedirs(os.path.join(args.out, "png"), exist_ok=True)
             for i, img in enumerate(all_images):
-                Image.fromarray(img).save(os.path.join(args.out, f"{i:06d}.png"))
+                Image.fromarray(img).save(os.path.join(args.out, "png", f"{i:06d}.png"))
         print(f"wrote {len(all_images)} samples to {os.path.join(args.out, 'samples.npz')}")
         if args.fid_ref:
-            import fid
-            net = fid.load_inception(args.inception, device)
-            scores = fid.evaluate(all_images, args.fid_ref, net, metrics=("fid",))
+            try:
+                scores = fid.evaluate(all_images, args.fid_ref, net, metrics=("fid",))
+            except ValueError as e:
+                sys.exit(f"error: FID against {args.fid_ref}: {e} (the samples are saved)")
             print(f"FID against {args.fid_ref}: {scores['fid']:.4f} ({scores['n_samples']} samples)")
     if distributed:
         dist.destroy_process_group()

@@ -178,6 +178,11 @@ def test_cfg_guides_all_channels_by_default_and_three_officially():
         torch.testing.assert_close(out[:, k:], cond[:, k:])
     with pytest.raises(ValueError, match="epsilon channels"):  # 5..8 are the learned-variance channels
         model.forward_with_cfg(x, t, y, 4.0, guided_channels=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the network runs in bf16, the guidance arithmetic in fp32
+        cond, uncond = model(x, t, y).float().chunk(2)
+        out = model.forward_with_cfg(x, t, y, 4.0)[:2]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out[:, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), rtol=1e-6, atol=1e-6)
 
 
 def test_unconditional_model_has_one_label_row():
@@ -286,6 +291,18 @@ def test_linear_schedule_is_float64_and_matches_dit():
     d = gd.Diffusion()
     np.testing.assert_allclose(d.snr, d.alphas_cumprod / (1 - d.alphas_cumprod))
     assert d.snr.dtype == np.float64 and np.all(np.diff(d.snr) < 0)
+
+
+def test_schedules_that_reach_beta_one_are_refused():
+    # linear betas end at 0.02 * 1000 / T: T = 20 gives beta = 1, alpha_bar = 0 and NaN losses and samples
+    for T in (10, 20):
+        with pytest.raises(ValueError, match="at least 21 timesteps"):
+            gd.Diffusion(T, "linear")
+    with pytest.raises(ValueError, match="no signal"):
+        gd.Diffusion(betas=np.linspace(0.1, 1.0, 5))
+    d = gd.Diffusion(21, "linear", weighting="min-snr")
+    assert np.isfinite(d.loss_weight).all() and np.isfinite(d.sqrt_recip_alphas_cumprod).all()
+    assert gd.Diffusion(20, "cosine").betas.max() == 0.999
 
 
 def test_cosine_schedule_is_clipped():
@@ -461,6 +478,28 @@ def test_vb_term_is_the_kl_between_posterior_and_learned_variance(v):
     np.testing.assert_allclose(vb, ref, rtol=1e-3, atol=1e-6)
     if v == 1.0:
         assert ref.min() > 1e-4  # the check has teeth: at these t beta and the posterior variance differ
+
+
+@pytest.mark.parametrize("v", [1.0, -1.0])
+def test_vb_term_at_t0_is_the_decoder_nll_in_bits(v):
+    # t = 0: -log p(x_0 | x_1) of the 256-bin discretised Gaussian (edge bins open), not a KL. With the true eps
+    # the model mean is x_0 itself, so the bin probability depends only on the learned scale; exact normal CDF here.
+    d = gd.Diffusion(learn_sigma=True)
+    betas = _betas("linear")
+    g = torch.Generator().manual_seed(4)
+    x0 = (torch.randint(0, 256, (3, 3, 4, 4), generator=g).double() * 2 / 255 - 1).float()  # pixel levels, incl. +-1
+    x0[:, :, 0, 0], x0[:, :, 0, 1] = -1.0, 1.0
+    noise = torch.randn(3, 3, 4, 4, generator=g)
+    model = lambda x, tt, y=None: torch.cat([noise, torch.full_like(x, v)], 1)
+    vb = d.training_losses(model, x0, torch.zeros(3, dtype=torch.long), dict(y=None), noise=noise)["vb"].double().numpy()
+    post_var_1 = betas[1] * betas[0] / (1 - (1 - betas[0]) * (1 - betas[1]))
+    frac = (v + 1) / 2
+    s = math.exp(0.5 * (frac * math.log(betas[0]) + (1 - frac) * math.log(post_var_1)))
+    x = x0.double().numpy()
+    p = np.where(np.abs(x) > 0.999, norm.cdf(1 / 255 / s), norm.cdf(1 / 255 / s) - norm.cdf(-1 / 255 / s))
+    ref = (-np.log(p)).mean(axis=(1, 2, 3)) / math.log(2)
+    np.testing.assert_allclose(vb, ref, rtol=2e-3)
+    assert ref.min() > 0.5  # bits per dim: far from the t = 1 KL, which is ~0 for the true eps
 
 
 def test_fixed_large_variance_without_learn_sigma():
@@ -843,11 +882,16 @@ def test_one_device_index_for_several_processes_is_refused(tmp_path, capsys, mon
 def test_sample_py_writes_npz_in_adm_format(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
     ckpt = sorted((out / "checkpoints").glob("*.pt"))[-1]
-    sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "s"), "--num-samples", "5", "--batch-size", "2",
-                 "--steps", "ddim3", "--cfg-scale", "1.5"])
+    flags = ["--ckpt", str(ckpt), "--out", str(tmp_path / "s"), "--batch-size", "2", "--steps", "ddim3", "--save-png"]
+    sample.main(flags + ["--num-samples", "5", "--cfg-scale", "1.5"])
     arr = np.load(tmp_path / "s" / "samples.npz")
     assert arr["arr_0"].shape == (5, 16, 16, 3) and arr["arr_0"].dtype == np.uint8 and arr["arr_1"].shape == (5,)
     assert (tmp_path / "s" / "grid.png").exists()
+    pngs = sorted((tmp_path / "s" / "png").iterdir())  # apart from grid.png, so a folder score counts only samples
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+    assert np.array_equal(np.asarray(Image.open(pngs[3])), arr["arr_0"][3])
+    with pytest.raises(SystemExit, match="already holds PNGs"):  # 2 new ones would sit among 3 stale ones
+        sample.main(flags + ["--num-samples", "2"])
 
 
 def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
@@ -927,6 +971,74 @@ def test_resume_with_other_model_config_is_refused(tmp_path, capsys):
         train.main(TINY[:5] + ["96"] + TINY[6:] + ["--out", str(out), "--max-steps", "2", "--resume", "auto"])
     err = capsys.readouterr().err
     assert "hidden_size=64" in err and "96" in err
+
+
+def test_counts_rates_and_schedules_are_refused_before_training(tmp_path, capsys):
+    # each once reached the loop and failed there with a traceback (ZeroDivisionError, IndexError, ValueError), or
+    # trained on: --ema-decay 1.5 extrapolates the EMA; T = 20 with the linear schedule has alpha_bar_T = 0 (NaN loss)
+    for flags, says in ((["--log-every", "0"], "--log-every 0: must be a positive"),
+                        (["--ckpt-every", "0"], "--ckpt-every 0: must be a positive"),
+                        (["--global-batch-size", "0"], "--global-batch-size 0"),
+                        (["--fid-every", "-1"], "--fid-every -1: must be 0 or more"),
+                        (["--ema-decay", "1.5"], "[0, 1)"),
+                        (["--method", "ant-uw"], "use --global-batch-size 5 or more"),  # 4 images, 5 clusters
+                        (["--num-timesteps", "20"], "at least 21 timesteps or the cosine schedule"),
+                        (["--fid-every", "1", "--fid-samples", "1"], "at least 2 samples")):
+        assert says in _train_error(tmp_path, capsys, *flags), flags
+
+
+def test_resume_auto_says_when_it_starts_fresh_or_has_nothing_to_do(tmp_path, capsys):
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--resume", "auto")
+    assert "resume: no checkpoint to resume in" in capsys.readouterr().out  # a mistyped --out would start over silently
+    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1", "--resume", "auto")
+    assert "nothing to train; raise --max-steps" in capsys.readouterr().out
+    assert last_checkpoint(out)["step"] == 2
+
+
+def test_resume_mismatch_names_flags_that_exist(tmp_path, capsys):
+    # the hint once said "pass --num-classes 4" (no such flag) and "pass --learn-sigma True" (argparse refuses it)
+    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
+    for flags, says in ((["--learn-sigma", "0"], "pass --learn-sigma 1 "), (["--data", str(tmp_path / "one.npz")], "--data shapes")):
+        np.savez(tmp_path / "one.npz", arr_0=np.zeros((2, 16, 16, 3), np.uint8))
+        with pytest.raises(SystemExit):
+            run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "3", "--resume", "auto", *flags)
+        assert says in capsys.readouterr().err, flags
+
+
+def test_resume_onto_another_latent_space_is_refused():
+    args = types.SimpleNamespace(**{k: 0 for k in train.MODEL_SETTINGS}, data="z2",
+                                 latent={"vae": "b", "scale": 0.5, "shift": 0.0, "factor": 8, "size": 32, "channels": 4})
+    saved = {**{k: 0 for k in train.MODEL_SETTINGS}, "data": "z1", "latent": {**args.latent, "vae": "a", "scale": 0.18215}}
+    with pytest.raises(train.ConfigError, match="--data z1"):
+        train.check_compatible(saved, args)
+    train.check_compatible({**saved, "latent": {**args.latent, "vae": "a"}}, args)  # a --vae override of the decoder is fine
+    with pytest.raises(train.ConfigError, match="pixels"):
+        train.check_compatible({**saved, "latent": None}, args)
+
+
+def test_sample_py_checks_counts_steps_checkpoint_and_fid_inputs_before_sampling(tmp_path, capsys):
+    ckpt = str(checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1])
+    (tmp_path / "cut.pt").write_bytes(Path(ckpt).read_bytes()[:1000])
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 16, 16, 3), np.uint8))
+    for flags, says in ((["--num-samples", "0"], "--num-samples 0"), (["--batch-size", "0"], "--batch-size 0"),
+                        (["--steps", "ddimx"], "--steps ddimx"), (["--steps", "5000"], "--steps 5000"),
+                        (["--fid-ref", str(tmp_path / "missing.npz")], "does not exist"),
+                        (["--fid-ref", str(tmp_path / "ref.npz"), "--num-samples", "1"], "at least 2 samples"),
+                        (["--fid-ref", str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "no.pth")], "Inception weights not found"),
+                        (["--ckpt", str(tmp_path / "cut.pt")], "cannot be loaded"), (["--ckpt", str(tmp_path)], "is a folder")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "ddim2", *flags])
+        assert says in str(e.value.code), (flags, e.value.code)
+    assert not (tmp_path / "s").exists()  # nothing was sampled
+
+
+def test_cli_refuses_save_stats_over_an_input(tmp_path, capsys):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(3), sigma=np.eye(3))
+    before = ref.read_bytes()
+    with pytest.raises(SystemExit) as e:  # it once overwrote the reference with the samples' statistics: FID 0
+        fid.main([str(tmp_path / "samples.npz"), str(ref), "--save-stats", str(ref)])
+    assert e.value.code == 2 and "one of the inputs" in capsys.readouterr().err and ref.read_bytes() == before
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -3452,7 +3564,9 @@ def test_resume_applies_the_learning_rate_flags_and_refuses_other_ant_clusters(t
     train.main(TINY + ["--out", str(out), *common, "--max-steps", "2", "--resume", "auto", "--lr", "3e-4", "--uw-lr", "0.5"])
     groups = last_checkpoint(out)["opt"]["param_groups"]
     assert (groups[0]["lr"], groups[1]["lr"]) == (3e-4, 0.5)  # opt.load_state_dict alone would keep 1e-4, 0.025
-    assert "--uw-lr/--uw-weight-decay 0.5/0.0 from the flags" in (out / "log.txt").read_text()
+    changed = [line for line in (out / "log.txt").read_text().splitlines() if line.startswith("resume: flags that differ")]
+    assert len(changed) == 1 and "--lr 0.0003 (was 0.0001)" in changed[0] and "--uw-lr 0.5 (was 0.025)" in changed[0]
+    assert changed[0].count("(was") == 2  # nothing else is reported as changed
     state = last_checkpoint(out)["method"]
     assert [tuple(iv) for iv in state["intervals"]] == [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
     args = train.parse_args(TINY + common)
@@ -3483,7 +3597,7 @@ def test_ant_batch_smaller_than_the_clusters_is_refused_at_flag_time(tmp_path, c
     with pytest.raises(SystemExit):
         run_train(tmp_path, "--method", "curriculum+ant-uw", "--ant-clusters", "5", "--global-batch-size", "4",
                   "--max-steps", "1")
-    assert "batch per process is 4" in capsys.readouterr().err
+    assert "a process gets 4 images" in capsys.readouterr().err
 
 
 def test_resume_with_other_curriculum_smoothing_is_refused(tmp_path, capsys):

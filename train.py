@@ -338,15 +338,30 @@ def find_resume(resume, run_dir, log):
             log(f"resume: skipping {path}: incomplete (missing {[k for k in ('model', 'ema', 'opt', 'step', 'args') if k not in ckpt]})")
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: say so and try the previous one
             log(f"resume: skipping {path}: cannot be loaded ({type(e).__name__}: {e})")
+    log(f"resume: no checkpoint to resume in {os.path.join(run_dir, 'checkpoints')}: starting from step 0")
     return None
 
 
+LATENT_SETTINGS = ("scale", "shift", "factor", "size", "channels")  # of args.latent: the space the model denoises in
+
+
 def check_compatible(saved, args):
-    """Refuse a checkpoint whose model, data shape or method differ from the flags."""
+    """Refuse a checkpoint whose model, data shape, latent space or method differ from the flags."""
     for key in MODEL_SETTINGS:
         if saved.get(key) != getattr(args, key):
+            if key in ("num_classes", "in_channels"):  # no flag: they follow from the data
+                fix = f"train on the checkpoint's data (--data {saved.get('data')})"
+            elif key == "learn_sigma":
+                fix = f"pass --learn-sigma {int(bool(saved.get(key)))}"
+            else:
+                fix = f"pass --{key.replace('_', '-')} {saved.get(key)}"
             raise ConfigError(f"checkpoint was trained with {key}={saved.get(key)!r} but the flags say {getattr(args, key)!r}; "
-                              f"pass --{key.replace('_', '-')} {saved.get(key)} or start a new --out folder")
+                              f"{fix} or start a new --out folder")
+    old, new = saved.get("latent"), args.latent
+    if (old is None) != (new is None) or (old is not None and any(old.get(k) != new.get(k) for k in LATENT_SETTINGS)):
+        raise ConfigError(f"checkpoint was trained on {'pixels' if old is None else 'latents ' + repr(old)} but --data "
+                          f"{args.data} holds {'pixels' if new is None else 'latents ' + repr(new)}; train on the "
+                          f"checkpoint's data (--data {saved.get('data')}) or start a new --out folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,8 +547,11 @@ def train(args):
         if master:
             print(msg, flush=True)
             if os.path.isdir(args.out):
-                with open(os.path.join(args.out, "log.txt"), "a") as f:
-                    f.write(msg + "\n")
+                try:
+                    with open(os.path.join(args.out, "log.txt"), "a") as f:
+                        f.write(msg + "\n")
+                except OSError as e:  # disk full: the message is on stdout; say why log.txt lacks it
+                    print(f"warning: cannot append to {os.path.join(args.out, 'log.txt')} ({e})", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- flags
     args.method = parse_method(args.method)
@@ -542,8 +560,24 @@ def train(args):
     patch = int(args.model.split("/")[1])
     if args.image_size % patch:
         raise ConfigError(f"--image-size {args.image_size} is not divisible by the patch size {patch} of {args.model}")
+    for flag, value in (("--global-batch-size", args.global_batch_size), ("--log-every", args.log_every),
+                        ("--ckpt-every", args.ckpt_every), ("--nash-every", args.nash_every)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: must be a positive number")
+    for flag, value in (("--sample-every", args.sample_every), ("--fid-every", args.fid_every),
+                        ("--keep-last", args.keep_last), ("--skip-nonfinite", args.skip_nonfinite),
+                        ("--num-workers", args.num_workers)):
+        if value < 0:
+            raise ConfigError(f"{flag} {value}: must be 0 or more (0 turns it off)")
+    if not 0 <= args.ema_decay < 1:
+        raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1) (0.9999 in the papers)")
+    if not 0 <= args.class_dropout_prob <= 1:  # 1: every label is the null class (unconditional)
+        raise ConfigError(f"--class-dropout-prob {args.class_dropout_prob}: must be in [0, 1] (0.1 in the papers)")
     if args.global_batch_size % world:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
+    if args.fid_every and args.fid_samples < max(2, world):
+        raise ConfigError(f"--fid-samples {args.fid_samples}: FID needs at least 2 samples (a covariance) and one per "
+                          f"process ({world}); use thousands for a meaningful value")
     if args.fid_every:
         try:  # FID samples are drawn with seed global_seed + 1
             check_seed(args.global_seed + 1, args.fid_samples)
@@ -556,7 +590,8 @@ def train(args):
     batch = args.global_batch_size // world
     if "ant" in args.method and batch < args.ant_clusters:  # stratified sampling (also after a curriculum) needs one per cluster
         raise ConfigError(f"{args.method} draws every one of the {args.ant_clusters} ANT clusters in each process's batch, "
-                          f"but the batch per process is {batch}; raise --global-batch-size or lower --ant-clusters")
+                          f"but a process gets {batch} images (--global-batch-size {args.global_batch_size} over {world}); "
+                          f"use --global-batch-size {args.ant_clusters * world} or more, or lower --ant-clusters")
     ckpt_dir = os.path.join(args.out, "checkpoints")
     if master:
         try:  # fail now, not after hours of training, if the results folder cannot be written
@@ -620,6 +655,10 @@ def train(args):
         if ckpt["args"].get("global_batch_size") != args.global_batch_size:
             log(f"warning: the checkpoint trained with --global-batch-size {ckpt['args'].get('global_batch_size')}, now "
                 f"{args.global_batch_size}; the data stream continues at step x batch, so some images are skipped or repeated")
+        changed = [f"--{k.replace('_', '-')} {v} (was {ckpt['args'].get(k)})" for k, v in vars(args).items()
+                   if k not in ("resume", "max_steps", "global_batch_size") and ckpt["args"].get(k) != v]
+        if changed:  # e.g. a lower --lr after a divergence, or another --weighting: say so, the record shows only the new value
+            log(f"resume: flags that differ from the checkpoint's run, in effect from step {ckpt['step']}: {', '.join(changed)}")
 
     # ---------------------------------------------------------------- model, diffusion, method
     torch.manual_seed(args.global_seed * world + rank)
@@ -639,17 +678,15 @@ def train(args):
         try:
             diffusion.respace(steps)
         except ValueError as e:
-            raise ConfigError(f"{flag} {steps}: {e}; use e.g. 250 (DDPM) or ddim50") from None
+            T = diffusion.num_timesteps
+            raise ConfigError(f"{flag} {steps}: {e}; use e.g. {min(250, T)} (DDPM steps, at most {T})") from None
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])  # this also restores each group's lr and weight decay: the flags win below
-        for group, (lr, wd, name) in zip(opt.param_groups, [(args.lr, args.weight_decay, "--lr/--weight-decay"),
-                                                            (args.uw_lr, args.uw_weight_decay, "--uw-lr/--uw-weight-decay")]):
-            if (group["lr"], group["weight_decay"]) != (lr, wd):
-                log(f"resume: {name} {lr}/{wd} from the flags replace the checkpoint's {group['lr']}/{group['weight_decay']}")
-                group["lr"], group["weight_decay"] = lr, wd
+        opt.load_state_dict(ckpt["opt"])
+        for group, lr, wd in zip(opt.param_groups, (args.lr, args.uw_lr), (args.weight_decay, args.uw_weight_decay)):
+            group["lr"], group["weight_decay"] = lr, wd  # load_state_dict restored the saved ones: the flags win (logged above)
         method.load_state_dict(ckpt["method"])
         step = ckpt["step"]
         rng = ckpt["rng"]
@@ -664,6 +701,9 @@ def train(args):
             torch.manual_seed(fresh_seed)
             log(f"resume: the checkpoint was written by {len(rng)} processes, now {world}; new random streams from step {step}")
         log(f"resumed from {resume_path} at step {step}")
+        if step >= args.max_steps:
+            log(f"warning: the checkpoint is at step {step} and --max-steps is {args.max_steps}: nothing to train; "
+                f"raise --max-steps to continue")
     log(f"model: {args.model}, {sum(p.numel() for p in run.params):,} parameters; method: {args.method}; "
         f"{world} process(es) on {device.type}, batch {batch} per process")
     model_params = list(model.parameters())
@@ -674,8 +714,12 @@ def train(args):
 
     def write_metrics(record):
         if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record, default=str) + "\n")
+            try:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record, default=str) + "\n")
+            except OSError as e:  # disk full: keep training; the next checkpoint write stops the run cleanly if it fails too
+                print(f"warning: cannot append to {metrics_path} ({e}); record lost: {json.dumps(record, default=str)[:200]}",
+                      file=sys.stderr, flush=True)
 
     # Each start (fresh or resumed) records the full settings, so a metrics.jsonl documents its own run.
     write_metrics({"event": "start", "step": step, "args": vars(args), "world_size": world, "torch": torch.__version__,
