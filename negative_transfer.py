@@ -909,6 +909,14 @@ def _affinity_command(args):
         if image_size is None:
             raise SystemExit(f"{ckpt}: its args carry no image_size")
         dataset = load_dataset(args.data, image_size)
+        if isinstance(dataset, LatentFolder) != bool(train_args.get("latent")):
+            kinds = ("VAE latents", "images")
+            raise SystemExit(f"{ckpt} was trained on {kinds[not train_args.get('latent')]}, but {args.data} holds "
+                             f"{kinds[not isinstance(dataset, LatentFolder)]}; pass its training data ({train_args.get('data')})")
+        classes = (train_args.get("num_classes"), getattr(dataset, "num_classes", None))
+        if None not in classes and classes[0] != classes[1]:  # labels past the model's would index its null class or beyond
+            raise SystemExit(f"{ckpt} was trained on {classes[0]} classes, but {args.data} has {classes[1]}; "
+                             f"pass its training data ({train_args.get('data')})")
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                                              drop_last=True,
                                              generator=torch.Generator().manual_seed(args.seed))

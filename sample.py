@@ -129,7 +129,12 @@ def check_seed(seed, num_samples):
     to a million samples; beyond SEED_STRIDE samples, seed s overlaps seed s + 1."""
     if not (seed >= 0 and seed * SEED_STRIDE + num_samples <= 2**32):
         raise ValueError(f"seed {seed} with {num_samples} samples: the per-sample generators are seeded "
-                         f"seed * {SEED_STRIDE} + i, which must stay below 2^32; use a seed in 0..{2**32 // SEED_STRIDE - 1}")
+                         f"seed * {SEED_STRIDE} + i, which must stay below 2^32; use a seed in 0..{max_seed(num_samples)}")
+
+
+def max_seed(num_samples):
+    """The largest seed check_seed accepts for num_samples samples (-1 when none is)."""
+    return (2**32 - num_samples) // SEED_STRIDE
 
 
 def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, steps="250", cfg_scale=1.0,
@@ -268,7 +273,7 @@ def main(argv=None):
         import fid
         try:
             net = fid.load_inception(args.inception, device)
-        except (ValueError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError) as e:
             sys.exit(f"error: {e}")
 
     mine = list(range(rank, args.num_samples, world))  # global sample i is made by rank i % W
@@ -300,7 +305,7 @@ def main(argv=None):
         if args.fid_ref:
             try:
                 scores = fid.evaluate(all_images, args.fid_ref, net, metrics=("fid",))
-            except ValueError as e:
+            except (ValueError, OSError) as e:
                 sys.exit(f"error: FID against {args.fid_ref}: {e} (the samples are saved)")
             print(f"FID against {args.fid_ref}: {scores['fid']:.4f} ({scores['n_samples']} samples)")
     if distributed:

@@ -938,6 +938,8 @@ def _train_error(tmp_path, capsys, *flags):
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "does not exist" in _train_error(tmp_path, capsys, "--data", str(tmp_path / "nope"))
     assert "0..4293" in _train_error(tmp_path, capsys, "--global-seed", "4294", "--fid-every", "1")  # FID samples use seed + 1
+    err = _train_error(tmp_path, capsys, "--global-seed", "4293", "--fid-every", "1", "--fid-samples", "1000000")
+    assert "seed 4294" in err and err.endswith("--global-seed 0..4292")  # the range of the flag itself, not of seed + 1
     (tmp_path / "empty").mkdir()
     assert "no images" in _train_error(tmp_path, capsys, "--data", str(tmp_path / "empty"))
     assert "not divisible by the patch size" in _train_error(tmp_path, capsys, "--image-size", "18")
@@ -989,7 +991,7 @@ def test_counts_rates_and_schedules_are_refused_before_training(tmp_path, capsys
 
 def test_resume_auto_says_when_it_starts_fresh_or_has_nothing_to_do(tmp_path, capsys):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--resume", "auto")
-    assert "resume: no checkpoint to resume in" in capsys.readouterr().out  # a mistyped --out would start over silently
+    assert "resume: no checkpoint in" in capsys.readouterr().out  # a mistyped --out would start over silently
     run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1", "--resume", "auto")
     assert "nothing to train; raise --max-steps" in capsys.readouterr().out
     assert last_checkpoint(out)["step"] == 2
@@ -1954,6 +1956,17 @@ def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch):
     assert all(x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1 and x.max() > 0.5 for x in seen)
 
 
+def test_cli_affinity_refuses_data_that_do_not_fit_the_checkpoint(tmp_path):
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")  # shapes: 4 classes
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ten.npz", arr_0=rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8), arr_1=np.arange(8) % 10 + 2)
+    with pytest.raises(SystemExit) as e:  # labels 4.. would be the null class or an index error
+        nt.main(["affinity", "--ckpt", str(checkpoints(out)[-1]), "--data", str(tmp_path / "ten.npz"), "--groups", "2",
+                 "--batch-size", "2", "--batches", "1", "--device", "cpu", "--out", str(tmp_path / "tas.npy")])
+    assert "trained on 4 classes" in str(e.value.code) and "shapes" in str(e.value.code)
+    assert not (tmp_path / "tas.npy").exists()
+
+
 # ==============================================================================================
 #                                   curriculum.py: easy-to-hard curriculum
 # ==============================================================================================
@@ -2215,6 +2228,15 @@ def test_plot_cli_writes_png(tmp_path, with_events, with_logs):
     _write_metrics(metrics, with_events, with_logs)
     curriculum_main(["--plot", str(metrics), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_tick_labels_tell_close_ticks_apart():
+    import curriculum
+    for lo, hi in ((0.9992, 1.0003), (0.0, 0.25), (0.1, 7.0), (0.0123, 0.0131)):
+        ticks = curriculum._nice_ticks(lo, hi)
+        labels = [curriculum._fmt(v, ticks[1] - ticks[0]) for v in ticks]
+        assert len(ticks) >= 2 and len(set(labels)) == len(labels), labels  # .3g once drew 0.9995 and 1.0 both as "1"
+        assert all(abs(float(s) - v) <= 0.5 * (ticks[1] - ticks[0]) for s, v in zip(labels, ticks))
 
 
 def test_plot_cli_errors_without_curriculum_records(tmp_path):
@@ -3641,8 +3663,8 @@ def test_schedule_weighting_and_learn_sigma_flags_reach_the_checkpoint(tmp_path)
 def test_sample_py_refuses_bad_labels_guided_channels_and_seeds_before_sampling(tmp_path, capsys):
     ckpt = str(checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1])  # 4 classes
     for flags, says in ((["--class-labels", "0,4"], "classes 0..3"), (["--class-labels", "a,b"], "comma-separated integers"),
-                        (["--guided-channels", "4"], "3 epsilon channels"), (["--seed", "4295"], "0..4293"),
-                        (["--seed", "-1"], "0..4293")):
+                        (["--guided-channels", "4"], "3 epsilon channels"), (["--seed", "4295"], "0..4294"),  # 2 samples
+                        (["--seed", "-1"], "0..4294")):
         with pytest.raises(SystemExit) as e:
             sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "ddim2", *flags])
         assert says in str(e.value.code), e.value.code
@@ -3658,6 +3680,32 @@ def test_per_sample_generator_seeds_stay_below_two_to_the_32():
     for seed, n in ((4294, 1_000_000), (4295, 1), (-1, 1)):
         with pytest.raises(ValueError, match="below 2\\^32"):
             sample.check_seed(seed, n)
+    # the range the message offers is the one that holds for this many samples, and it is accepted
+    for seed, n in ((4293, 2_000_000), (4295, 50_000), (4294, 1_000_000)):
+        with pytest.raises(ValueError) as e:
+            sample.check_seed(seed, n)
+        top = int(str(e.value).rsplit("0..", 1)[1])
+        assert top == sample.max_seed(n) < seed
+        sample.check_seed(top, n)
+
+
+def test_sample_fid_ref_problems_stop_before_sampling(tmp_path, capsys, monkeypatch):
+    import fid
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
+    common = ["--ckpt", str(checkpoints(out)[-1]), "--num-samples", "4", "--steps", "ddim2"]
+    calls = []
+    monkeypatch.setattr(sample, "sample_indices", lambda *a, **k: calls.append(1))
+    with pytest.raises(SystemExit) as e:  # a missing reference: refused before any sample is drawn
+        sample.main(common + ["--out", str(tmp_path / "a"), "--fid-ref", str(tmp_path / "missing.npz")])
+    assert "does not exist" in str(e.value.code) and not calls
+
+    def offline(path=None, device="cpu"):
+        raise RuntimeError("could not download the FID Inception weights (offline)")
+    monkeypatch.setattr(fid, "load_inception", offline)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(6), sigma=np.eye(6))
+    with pytest.raises(SystemExit) as e:  # no weights and no internet: said before sampling, in one line
+        sample.main(common + ["--out", str(tmp_path / "b"), "--fid-ref", str(tmp_path / "ref.npz")])
+    assert "could not download" in str(e.value.code) and not calls
 
 
 def test_sample_cycles_class_labels_and_use_model_takes_the_raw_weights(tmp_path):
@@ -3888,6 +3936,26 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path, capsys
     assert "skipping" in text and "0000003.pt" in text and "resumed from" in text and "0000002.pt at step 2" in text
     assert (out / "checkpoints" / "0000003.pt.unreadable").read_bytes() == b"truncated"  # kept, out of --keep-last's way
     assert last_checkpoint(out)["step"] == 6
+
+
+def test_resume_auto_refuses_when_no_checkpoint_loads_and_never_overwrites_a_renamed_one(tmp_path, capsys):
+    flags = ["--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "1"]
+    out = tmp_path / "run"
+    run_train(tmp_path, *flags, "--resume", "auto")  # an empty folder: a fresh start, and it says so
+    assert "no checkpoint in" in capsys.readouterr().out and last_checkpoint(out)["step"] == 2
+    good = (out / "checkpoints" / "0000001.pt").read_bytes()
+    for p in (out / "checkpoints").glob("*.pt"):
+        p.write_bytes(b"unreadable right now")
+    with pytest.raises(SystemExit) as e:  # not a silent restart from step 0
+        run_train(tmp_path, *flags, "--resume", "auto")
+    assert e.value.code == 2 and "none of the 2 checkpoint(s)" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["0000001.pt", "0000002.pt"]
+    (out / "checkpoints" / "0000002.pt.unreadable").write_bytes(b"renamed before")
+    (out / "checkpoints" / "0000001.pt").write_bytes(good)
+    run_train(tmp_path, *flags, "--resume", "auto")  # resumes from 1, renames the unreadable 2 beside the earlier copy
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["0000001.pt", "0000002.pt", "0000002.pt.unreadable", "0000002.pt.unreadable1"], names
+    assert (out / "checkpoints" / "0000002.pt.unreadable").read_bytes() == b"renamed before"
 
 
 def test_a_failed_checkpoint_write_stops_with_the_previous_one_intact(tmp_path, monkeypatch, capsys):

@@ -44,8 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as datasets
 import latents
 from dit import DiT_models
-from sample import (build_diffusion, build_model, check_seed, generate, method_parts, resolve_device, sample_indices,
-                    save_grid, to_uint8)
+from sample import (build_diffusion, build_model, check_seed, generate, max_seed, method_parts, resolve_device,
+                    sample_indices, save_grid, to_uint8)
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's modes
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
@@ -312,8 +312,11 @@ def claim_checkpoint_folder(run_dir, start_step, resume_path, auto, log, master)
     folder = os.path.dirname(later[0])
     if auto:
         for path in later:
-            os.replace(path, path + ".unreadable")
-            log(f"resume: renamed {path}, which cannot be resumed, to {path}.unreadable")
+            target, n = path + ".unreadable", 1
+            while os.path.exists(target):  # an earlier renamed copy stays: never overwrite one
+                target, n = f"{path}.unreadable{n}", n + 1
+            os.replace(path, target)
+            log(f"resume: renamed {path}, which cannot be resumed, to {target}")
     elif resume_path is None:
         raise ConfigError(f"{folder} already holds checkpoints (newest {os.path.basename(later[0])}) that a new run would "
                           f"overwrite; continue that run with --resume auto, or pass another --out")
@@ -338,7 +341,6 @@ def find_resume(resume, run_dir, log):
             log(f"resume: skipping {path}: incomplete (missing {[k for k in ('model', 'ema', 'opt', 'step', 'args') if k not in ckpt]})")
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: say so and try the previous one
             log(f"resume: skipping {path}: cannot be loaded ({type(e).__name__}: {e})")
-    log(f"resume: no checkpoint to resume in {os.path.join(run_dir, 'checkpoints')}: starting from step 0")
     return None
 
 
@@ -581,8 +583,10 @@ def train(args):
     if args.fid_every:
         try:  # FID samples are drawn with seed global_seed + 1
             check_seed(args.global_seed + 1, args.fid_samples)
-        except ValueError as e:
-            raise ConfigError(f"--global-seed {args.global_seed}: {e}") from None
+        except ValueError:
+            raise ConfigError(f"--global-seed {args.global_seed}: the FID samples are drawn with seed {args.global_seed + 1}, "
+                              f"whose per-sample generators (seed * 1000003 + i) would pass 2^32 with --fid-samples "
+                              f"{args.fid_samples}; use --global-seed 0..{max_seed(args.fid_samples) - 1}") from None
     if args.curriculum_clusters == 0 and "curriculum" in args.method and "ant" not in args.method:
         raise ConfigError("--curriculum-clusters 0 means 'the ANT clusters', which needs an ANT method (e.g. curriculum+ant-uw)")
     if args.ant_objective == "gradient" and "ant" in args.method and not args.ant_tas:
@@ -644,6 +648,12 @@ def train(args):
 
     # ---------------------------------------------------------------- resume target
     resume_path = find_resume(args.resume, args.out, log) if args.resume else None
+    if args.resume == "auto" and resume_path is None:
+        unloadable = checkpoint_paths(args.out)
+        if unloadable:  # never restart a long run from step 0 because its checkpoints cannot be read right now
+            raise ConfigError(f"--resume auto: none of the {len(unloadable)} checkpoint(s) in {ckpt_dir} loads (see the reasons "
+                              f"above); fix the cause, pass --resume PATH, or move them away to start afresh")
+        log(f"resume: no checkpoint in {ckpt_dir} yet; starting from step 0")
     try:
         ckpt = torch.load(resume_path, map_location="cpu", weights_only=False) if resume_path else None
     except Exception as e:  # noqa: BLE001 - truncated or not a checkpoint: say which file and what to do
