@@ -724,9 +724,10 @@ def evaluate(samples, reference, net, metrics=("fid",), batch_size=50, num_worke
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
-    if "is" in metrics and not has_classifier(net):
-        warnings.warn("the Inception fc weight is all zeros (fid_inception_v3_nofc.pth?): the Inception "
-                      "Score is meaningless (always 1); use pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    if "is" in metrics and not has_classifier(net):  # IS would come out exactly 1 whatever the samples
+        raise ValueError("the Inception fc weight is all zeros (fid_inception_v3_nofc.pth?), so these weights cannot "
+                         "give an Inception Score; drop 'is' from the metrics, or use pytorch-fid's "
+                         "pt_inception-2015-12-05-6726825d.pth")
     kwargs = dict(batch_size=batch_size, num_workers=num_workers, limit=limit, progress=progress)
     keep_samples = (("pool",) if "pr" in metrics else ()) + (("logits",) if "is" in metrics else ())
     keep_reference = ("pool",) if "pr" in metrics else ()

@@ -2846,11 +2846,11 @@ def test_reference_statistics_are_cached_and_reused(tmp_path):
         assert fid.load_or_compute_stats(make_images(8), net, cache_path=array_cache, limit=4, progress=False)["n"] == 4
 
 
-def test_is_warns_when_the_classifier_weights_are_zero():
-    net = TinyNet(fc_scale=0.0)
-    with pytest.warns(UserWarning, match="all zeros"):
-        result = fid.evaluate(make_images(), make_images(seed=1), net, metrics=("is",), progress=False)
-    assert result["is"] == pytest.approx(1.0)
+def test_is_is_refused_when_the_classifier_weights_are_zero():
+    net = TinyNet(fc_scale=0.0)  # IS would be exactly 1 for any samples: refused before any feature is computed
+    with pytest.raises(ValueError, match="all zeros.*cannot give an Inception Score"):
+        fid.evaluate(make_images(), make_images(seed=1), net, metrics=("fid", "is"), progress=False)
+    assert net.calls == 0
 
 
 def test_cli_save_stats_round_trip(tmp_path, monkeypatch, capsys):
