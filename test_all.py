@@ -989,6 +989,19 @@ def test_counts_rates_and_schedules_are_refused_before_training(tmp_path, capsys
         assert says in _train_error(tmp_path, capsys, *flags), flags
 
 
+def test_log_record_names_the_curriculum_stage_its_losses_came_from(tmp_path):
+    # fixed pacing, 2 steps a stage, a record every 2 steps: the stage changes at steps 2 and 4, and the records
+    # there hold the losses of the stage that just ended (only its timestep buckets), so they must name that stage
+    out = run_train(tmp_path, "--method", "curriculum", "--curriculum-clusters", "10", "--curriculum-pacing", "fixed",
+                    "--curriculum-stage-steps", "2", "--global-batch-size", "4", "--max-steps", "4", "--log-every", "2")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if "loss" in r]
+    events = [(r["step"], r["stage"]) for r in lines if r.get("event") == "curriculum_stage"]
+    assert events == [(0, 1), (2, 2), (4, 3)]
+    assert [(r["step"], r["curriculum/stage"], r["curriculum/t_min"]) for r in records] == [(2, 1, 900), (4, 2, 800)]
+    assert min(int(k[6:]) for k in records[0] if k.startswith("loss_t")) == 9  # stage 1 drew t in [900, 1000) only
+
+
 def test_resume_auto_says_when_it_starts_fresh_or_has_nothing_to_do(tmp_path, capsys):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--resume", "auto")
     assert "resume: no checkpoint in" in capsys.readouterr().out  # a mistyped --out would start over silently

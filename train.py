@@ -908,6 +908,7 @@ def train(args):
         lo, hi = method.curriculum.active_range
         write_metrics({"event": "curriculum_stage", "step": 0, "stage": method.curriculum.stage, "t_min": lo, "t_max": hi})
     keep_going = True
+    trained_in = method.log_fields()  # the curriculum stage the latest step trained in ({} without one)
     while step < args.max_steps and keep_going:
         x, y = next(data_iter)
         x = datasets.to_model_input(x) if args.latent is None else x.float()  # latents: scaled, flips stored
@@ -928,6 +929,7 @@ def train(args):
             if distributed:
                 dist.all_reduce(flags)
         if method.curriculum is not None:  # the pacing decision must land at the same step on every run
+            trained_in = method.log_fields()  # before the decision: the log record names the stage the losses came from
             keep_going = resolve((step, flags))
         else:  # read one step late, so the host never waits for the step it just queued
             if pending is not None:
@@ -955,7 +957,7 @@ def train(args):
                 pos += v.numel()
                 for i, val in enumerate(vals):
                     record[f"ant/{k}{i}"] = val / (n_logged * world)
-            record.update(method.log_fields())
+            record.update(trained_in)
             write_metrics(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
             if master:
