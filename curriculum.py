@@ -49,10 +49,10 @@ From the paper / our choice:
   falls 2% per 1000 updates but holds at 5% (table in the README section).
 - Our choice, reset and warm-up: the loss level changes with the timestep range (adding low-t
   clusters raises the epsilon-MSE), so the EMA, the best value and the counter restart at every
-  stage change. For the first round(1 / (1 - smoothing)) updates of a stage (one EMA time
-  constant) nothing is judged: the EMA is still a mean of a handful of losses, and a lucky low
-  value taken as "best" that early would be hard to beat and would end the stage too soon.
-  A constant loss therefore advances after exactly warm-up + patience updates.
+  stage change. Before update round(1 / (1 - smoothing)) of a stage (one EMA time constant)
+  nothing is judged: the EMA is still a mean of a handful of losses, and a lucky low value taken
+  as "best" that early would be hard to beat and would end the stage too soon. That update sets
+  the first best, so a constant loss advances after exactly warm-up + patience updates.
 - Our choice, "finished": stage N already covers [0, T), which is the paper's "train normally on
   all timesteps". So the curriculum is finished as soon as stage N starts; no later pacing
   decision could change anything.

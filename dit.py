@@ -218,8 +218,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-        if router is not None and any(True for _ in router.parameters()):
-            raise ValueError("a router must not have parameters; the DiT state dict must stay the official one")
+        if router is not None and router.state_dict():  # parameters or persistent buffers
+            raise ValueError("a router must hold no parameters or persistent buffers; the DiT state dict must "
+                             "stay the official one")
         self.router = router
 
     def initialize_weights(self):

@@ -18,8 +18,9 @@ Uncertainty Weighting (UW), PCGrad or Nash-MTL. What the paper specifies, and wh
   L_k = mean loss over the samples of cluster k                              cluster_losses
   UW: sum_k 0.5 (exp(-s_k) L_k / K + s_k)                                    UncertaintyWeighting
   PCGrad: g_k -= (g_k . g_j / |g_j|^2) g_j when g_k . g_j < 0, sum over k    pcgrad
-  Nash-MTL: alpha_k (G G^T alpha)_k = 1 (solved for G G^T / |G G^T|_F, then
-            rescaled), loss sum_k alpha_k L_k / K                            nash_mtl_weights, NashMTL
+  Nash-MTL: alpha_k (G G^T alpha)_k = 1 with G the gradients of L_k (not
+            L_k / K; solved for G G^T / |G G^T|_F, then rescaled),
+            loss sum_k alpha_k L_k / K                                       nash_mtl_weights, NashMTL
   per-cluster gradients G (K, P) for PCGrad and Nash-MTL                     task_gradients
 
 Where we depart from the official code, and why:
@@ -46,6 +47,8 @@ Where we depart from the official code, and why:
   (about 1 in 300 random Gram matrices), Newton's method on the equivalent convex problem
   0.5 a^T A a - sum log a gives the same Nash point. A failure of both is reported
   (`info["success"] = False`) so that the caller keeps its previous alpha and logs it.
+  Each subproblem minimises only the linearised objective; the official one also adds sum(A x)
+  (the Nash point is a fixed point of both, see _nash_subproblem).
   Like the official code, we solve for the normalised Gram matrix and return the alpha of the
   unnormalised G G^T (the paper's equation). The official stopping rule, however, measures the
   normalised equation's residual at the unnormalised alpha; ours stays on the normalised scale.
@@ -485,7 +488,8 @@ def _nash_subproblem(A, alpha):
     the linearisation of phi(x) = sum_k log x_k + log (A x)_k at `alpha` over the convex set
     {x > 0, A x > 0, log x_k + log (A x)_k >= 0}. `alpha` must be feasible. Solved with scipy's
     trust-constr in variables z = x / alpha, from the strictly feasible start z = 1.05.
-    The official cvxpy problem minimises sum(A x) plus this linearisation; we leave sum(A x) out.
+    The official cvxpy problem minimises sum(A x) plus this linearisation divided by |G G^T|_F (its
+    alpha is on the unnormalised scale); we leave sum(A x) out.
     The Nash solution alpha_k (A alpha)_k = 1 is a fixed point of either step, and the tests check
     the final alpha against an independent solver. Returns the new alpha (K,) or None."""
     K = A.shape[0]
@@ -637,9 +641,12 @@ class NashMTL:
     Nash-MTL state for ANT-Nash training (official recipe). alpha starts at ones. Every `every`
     steps it is re-solved from per-cluster gradients (should_update(), then update(G)); in
     between it is kept. The loss is sum_k alpha_k L_k / K, and the caller clips the gradient
-    norm to `max_norm`. Call step() once per training step. On update steps the combined
-    gradient (alpha @ G) / K can be written directly with write_flat_grad, which saves one
-    backward. state_dict holds plain Python types.
+    norm to `max_norm`. Call step() at the end of each training step, after should_update() and
+    loss(), as the official counter advances after use (calling it first moves the solves to
+    steps 24, 49, ...); or pass the 0-based step to should_update(step), as train.py does. On
+    update steps the combined gradient (alpha @ G) / K, G the gradients of L_k given to update(),
+    can be written directly with write_flat_grad, which saves one backward. state_dict holds
+    plain Python types.
     """
 
     def __init__(self, num_clusters, every=NASH_EVERY, max_norm=NASH_MAX_NORM,
@@ -692,10 +699,12 @@ class NashMTL:
         return (self.alpha_tensor(losses) * losses).sum() / self.num_clusters
 
     def state_dict(self):
+        """alpha and the step / update / failure counters, as plain Python types."""
         return dict(alpha=[float(a) for a in self.alpha], steps=self.steps, updates=self.updates,
                     failures=self.failures)
 
     def load_state_dict(self, state):
+        """Restore from state_dict(); the number of clusters must match."""
         alpha = np.asarray(state["alpha"], dtype=np.float64)
         if alpha.shape != (self.num_clusters,):
             raise ValueError(f"state has {alpha.size} alphas, expected {self.num_clusters}")
@@ -896,8 +905,12 @@ def _cluster_command(args):
 
 def _affinity_command(args):
     # Project modules are imported here only, so the module itself needs none of them.
-    from data import LatentFolder, load_dataset, to_model_input
-    from sample import load_model
+    try:
+        from data import LatentFolder, load_dataset, to_model_input
+        from sample import load_model
+    except ImportError as e:
+        raise SystemExit(f"the affinity command needs this repo's data.py and sample.py ({e}); elsewhere, call "
+                         f"gradient_affinity(grad_fn, T) with a grad_fn of your own") from None
 
     device = torch.device(args.device)
     total = None
@@ -955,6 +968,7 @@ def _affinity_command(args):
 
 
 def main(argv=None):
+    """CLI: `cluster` prints (and draws) a clustering; `affinity` computes TAS from checkpoints."""
     parser = argparse.ArgumentParser(description="ANT interval clustering and task affinity "
                                                  "(Go et al., NeurIPS 2023)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -964,7 +978,8 @@ def main(argv=None):
     c.add_argument("-k", "--clusters", type=int, default=5, help="number of clusters (paper: 5)")
     c.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                    help="noise schedule for snr / log-snr")
-    c.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
+    c.add_argument("--timesteps", type=int, default=1000,
+                   help="diffusion steps T (--objective gradient takes T from --tas)")
     c.add_argument("--tas", default=None, help="(T, T) task affinity .npy for --objective gradient")
     c.add_argument("--plot", default=None, help="write a PNG of the clustering here")
     a = sub.add_parser("affinity", help="task affinity TAS (T, T) from training checkpoints")

@@ -3026,6 +3026,15 @@ def test_method_parsing_accepts_combinations_and_rejects_meaningless_ones():
             train.parse_method(bad)
 
 
+
+def test_default_out_folder_uses_the_canonical_method_spelling(tmp_path, monkeypatch):
+    # curriculum+dtr and dtr+curriculum are one method: one default folder, so --resume auto finds the run either way
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("curriculum+dtr", "dtr+curriculum"):
+        train.main(TINY + ["--method", spelling, "--global-batch-size", "4", "--max-steps", "1", "--resume", "auto"])
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["DiT-S-4-dtr_curriculum"]
+    assert last_checkpoint(tmp_path / "results" / "DiT-S-4-dtr_curriculum")["step"] == 1
+
 METHODS = ["dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum", "dtr+ant-uw", "curriculum+ant-uw"]
 METHOD_FLAGS = ["--nash-every", "2", "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "2",
                 "--curriculum-clusters", "5"]

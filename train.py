@@ -189,10 +189,7 @@ class Method:
         return None
 
     def log_fields(self):
-        if self.curriculum is None:
-            return {}
-        lo, hi = self.curriculum.active_range
-        return {"curriculum/stage": self.curriculum.stage, "curriculum/t_min": lo, "curriculum/t_max": hi}
+        return {} if self.curriculum is None else self.curriculum.log_dict()
 
     def state_dict(self):
         state = {"order_gen": self.order_gen.get_state(), "intervals": [list(iv) for iv in self.intervals]} if self.ant else {}
@@ -434,7 +431,7 @@ def train_step(run, x, y, step):
     if run.distributed and method.uw is not None:
         for p in method.uw.parameters():  # SUM then divide inside: gloo (CPU runs) has no AVG before torch 2.7
             method.nt.all_reduce_mean(p.grad)
-    max_norm = args.nash_max_norm if method.nash is not None else args.max_grad_norm  # Nash-MTL clips (official)
+    max_norm = method.nash.max_norm if method.nash is not None else args.max_grad_norm  # Nash-MTL clips (official; --nash-max-norm)
     if max_norm > 0:
         gnorm = torch.nn.utils.clip_grad_norm_(run.params, max_norm, foreach=True)
     else:
@@ -543,6 +540,7 @@ def train(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     master = rank == 0
+    args.method = parse_method(args.method)  # canonical order first: dtr+curriculum and curriculum+dtr share a default --out
     args.out = args.out or os.path.join("results", f"{args.model.replace('/', '-')}-{args.method.replace('+', '_')}")
 
     def log(msg):
@@ -556,7 +554,6 @@ def train(args):
                     print(f"warning: cannot append to {os.path.join(args.out, 'log.txt')} ({e})", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- flags
-    args.method = parse_method(args.method)
     if args.model not in DiT_models:
         raise ConfigError(f"unknown --model {args.model!r}; choose one of {', '.join(DiT_models)}")
     patch = int(args.model.split("/")[1])
