@@ -49,6 +49,7 @@ import tempfile
 import time
 
 import torch
+import torch._functorch.config as functorch_config
 
 import data as datasets
 import diffusion as gd
@@ -68,7 +69,8 @@ KERNEL_FAMILIES = (  # Inductor's own kernels first: their names list the aten o
 )
 
 # bf16 dense peaks (no sparsity) from the vendors' data sheets, TFLOP/s; first match on the name wins.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+PEAK_TFLOPS = (("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0),
+               ("A100", 312.0))  # the NVL cards: 1,671 with sparsity
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +181,12 @@ class MethodBench:
         torch.manual_seed(0)  # every method starts from the same weights
         before = allocated(device)
         self.name = name
+        donated = functorch_config.donated_buffer
         self.run = train.build_run(args, device, distributed=False, log=lambda msg: print(msg, file=sys.stderr))
+        # build_run turns AOTAutograd's donated buffers off for PCGrad/Nash (K backwards through one graph) by a
+        # process-wide flag, read when the model is compiled on its first step: keep this run's own value and
+        # restore the previous one, so the runs built after it (and compiled later) get train.py's setting.
+        self.donated_buffer, functorch_config.donated_buffer = functorch_config.donated_buffer, donated
         self.static_bytes = allocated(device) - before  # weights and EMA; warm_up adds AdamW's state
         self.device, self.step = device, 0
         m = self.run.method
@@ -204,7 +211,8 @@ class MethodBench:
         """train.py's loop body without its logging bookkeeping: the curriculum reads the loss at
         once (a host sync, as train.py does to pace it); other methods' lagged read is free."""
         x = datasets.to_model_input(images) if images.dtype == torch.uint8 else images  # latents go in as they are
-        terms, _, _, _ = train.train_step(self.run, x, labels, step)
+        with functorch_config.patch(donated_buffer=self.donated_buffer):  # (re)compiles see this run's setting
+            terms, _, _, _ = train.train_step(self.run, x, labels, step)
         if self.run.method.curriculum is not None:
             self.run.method.after_step(step, float(terms["loss"].detach().mean()))
 

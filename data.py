@@ -44,7 +44,11 @@ def center_crop_arr(pil_image, image_size):
 
 
 def to_rgb(img):
-    """Grey, palette, CMYK and RGBA images to RGB; PIL drops the alpha channel (as ADM's convert("RGB"))."""
+    """Grey, palette, CMYK and RGBA images to RGB; PIL drops the alpha channel (as ADM's convert("RGB")).
+    16-bit grey (PNG/TIFF mode I;16) keeps its high byte: PIL's own conversion clips every value
+    above 255 to white (and so does ADM's convert("RGB"))."""
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
@@ -128,7 +132,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __init__(self, path, image_size, skip_bad=False, num_threads=16):
         self.path, self.image_size = str(path), image_size
-        self.is_zip = self.path.endswith(".zip")
+        self.is_zip = self.path.lower().endswith(".zip")
         if self.is_zip:
             try:
                 with zipfile.ZipFile(self.path) as zf:
@@ -139,6 +143,8 @@ class ImageFiles(torch.utils.data.Dataset):
             names = [os.path.relpath(os.path.join(root, f), self.path)
                      for root, _, files in os.walk(self.path, followlinks=True) for f in files
                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+        # Hidden files and folders (.ipynb_checkpoints/, macOS ._x.jpg) are neither images nor classes.
+        names = [n for n in names if not any(part.startswith(".") for part in n.replace(os.sep, "/").split("/"))]
         names.sort()
         if not names:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.path}")
@@ -288,19 +294,33 @@ class LatentFolder(torch.utils.data.Dataset):
         return state
 
 
+def is_latent_folder(path):
+    """True for a folder whose manifest.json was written by latents.py encode (or cannot be read, so
+    that LatentFolder says what is wrong); an image folder may hold a manifest.json of its own."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):
+        return False
+    try:
+        with open(manifest) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return True
+    return not isinstance(m, dict) or str(m.get("format", "")).startswith("latents.py encode")
+
+
 def load_dataset(path, image_size, skip_bad=False, shapes_size=10000, seed=0):
     """The dataset behind --data: None or "shapes" (built-in), a folder, a .zip, an .npz, or a
-    latent folder (a folder with manifest.json, from latents.py encode)."""
+    latent folder (see is_latent_folder). Hidden files and folders are skipped."""
     if path in (None, "shapes"):
         return ShapesDataset(image_size, shapes_size, seed)
     path = str(path)
     if not os.path.exists(path):
         raise DataError(f"data path {path} does not exist; give a folder, .zip or .npz, or omit --data for the built-in shapes")
-    if path.endswith(".npz"):
+    if path.lower().endswith(".npz"):
         return ArrayDataset(path, image_size)
-    if os.path.isfile(os.path.join(path, MANIFEST)):
+    if is_latent_folder(path):
         return LatentFolder(path)
-    if os.path.isdir(path) or path.endswith(".zip"):
+    if os.path.isdir(path) or path.lower().endswith(".zip"):
         return ImageFiles(path, image_size, skip_bad=skip_bad)
     raise DataError(f"cannot use {path} as data: expected a folder, a .zip or an .npz")
 

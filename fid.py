@@ -307,7 +307,10 @@ def has_classifier(net):
 # ----------------------------------------------------------------------------------------------
 
 def _to_rgb(img):
-    """Any PIL mode (grey, palette, RGBA, CMYK, ...) -> RGB; alpha is dropped as pytorch-fid does."""
+    """Any PIL mode (grey, palette, RGBA, CMYK, ...) -> RGB; alpha is dropped as pytorch-fid does.
+    16-bit grey keeps its high byte (PIL's conversion would clip it to white), as data.to_rgb."""
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")

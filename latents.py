@@ -185,11 +185,23 @@ def done_images(out, num_images):
     return done
 
 
+def pwrite_all(fd, data, offset):
+    """os.pwrite until every byte is written: a full disk (or a signal) can make one call write only
+    part of `data` without an error; the next call then raises (ENOSPC) instead of the batch being
+    logged as done with rows that were never written."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(f"pwrite wrote nothing at byte {offset}")
+        view, offset = view[written:], offset + written
+
+
 def pwrite_rows(fd, offset, row_bytes, rows, values):
     """Write values (n, ...) at sorted global rows through pwrite, one call per run of consecutive rows."""
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     for run, vals in zip(np.split(rows, breaks), np.split(values, breaks)):
-        os.pwrite(fd, np.ascontiguousarray(vals).tobytes(), offset + int(run[0]) * row_bytes)
+        pwrite_all(fd, np.ascontiguousarray(vals).tobytes(), offset + int(run[0]) * row_bytes)
 
 
 def prepare_folder(args, dataset, vae, out, log):
@@ -288,7 +300,7 @@ def encode(args):
 
     if args.seed < 0:
         raise LatentError(f"--seed {args.seed}: use a seed >= 0")
-    if os.path.isfile(os.path.join(str(args.data), datasets.MANIFEST)):
+    if datasets.is_latent_folder(str(args.data)):
         raise LatentError(f"{args.data} is already a latent folder; --data takes images (a folder, .zip or .npz)")
     dataset = datasets.load_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images)
     if rank == 0:  # rank 0 first, so a hub download happens once and lands in the cache for the others
@@ -340,6 +352,8 @@ def decode(args):
     labels) or the first rows of a latent folder -> OUT/images.npz (ADM format: arr_0 (N, H, W, 3)
     uint8, arr_1 labels) and OUT/grid.png."""
     from sample import save_grid, to_uint8
+    if args.num is not None and args.num < 1:
+        raise LatentError(f"--num {args.num}: give a positive count, or leave it out to decode all")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if os.path.isdir(args.latents):
         if not os.path.isfile(os.path.join(args.latents, datasets.MANIFEST)):

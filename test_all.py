@@ -755,6 +755,23 @@ def test_zip_skips_macos_resource_forks(tmp_path):
     assert len(ds) == 4 and ds.classes == ["a", "b"] and ds.labels == [0, 0, 1, 1]
 
 
+def test_hidden_entries_manifest_json_and_upper_case_extensions(tmp_path):
+    _write_images(tmp_path / "imgs", 2)
+    (tmp_path / "imgs" / ".ipynb_checkpoints").mkdir()  # once a class of its own, shifting every label
+    Image.new("RGB", (20, 20)).save(tmp_path / "imgs" / ".ipynb_checkpoints" / "0.png")
+    (tmp_path / "imgs" / "a" / "._0.png").write_bytes(b"macOS resource fork")  # once "cannot read image"
+    (tmp_path / "imgs" / "manifest.json").write_text('{"name": "my dataset"}')  # once taken for a latent folder
+    ds = datasets.load_dataset(tmp_path / "imgs", 16)
+    assert len(ds) == 4 and ds.classes == ["a", "b"] and ds.labels == [0, 0, 1, 1]
+    with zipfile.ZipFile(tmp_path / "IMGS.ZIP", "w") as zf:
+        for p in sorted((tmp_path / "imgs").rglob("*.png")):
+            zf.write(p, p.relative_to(tmp_path / "imgs").as_posix())
+    assert datasets.load_dataset(str(tmp_path / "IMGS.ZIP"), 16).labels == [0, 0, 1, 1]
+    (tmp_path / "imgs" / "manifest.json").write_text('{"format": "latents.py encode v1"}')
+    with pytest.raises(datasets.DataError, match="latent folder"):  # a real latents.py manifest still means latents
+        datasets.load_dataset(tmp_path / "imgs", 16)
+
+
 def test_forked_workers_open_their_own_zip_handle(tmp_path):
     # Once the parent has read an item, a forked DataLoader worker inherits its ZipFile (and file
     # position); reading through it raced with the other workers and blamed intact images (bad CRC).
@@ -4386,6 +4403,9 @@ def test_latent_mistakes_give_one_line_errors(latent_setup, tmp_path, capsys):
     err = _exit_message(capsys, latents.main, ["decode", "--latents", str(folder), "--out", str(tmp_path / "d"),
                                                "--vae", str(tmp_path / "missing-vae")])
     assert "cannot load the VAE" in err and "internet" in err
+    for num in ("0", "-3"):  # 0 once decoded everything, -3 all but the last 3
+        err = _exit_message(capsys, latents.main, ["decode", "--latents", str(folder), "--out", str(tmp_path / "d"), "--num", num])
+        assert f"--num {num}: give a positive count" in err
 
 
 def test_pwrite_rows_writes_each_run_at_its_rows_and_done_images_cuts_a_torn_record(tmp_path):
@@ -4515,6 +4535,7 @@ def test_peak_tflops_known_gpus_override_and_unknown():
     assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.peak_tflops("NVIDIA H200") == 989.0
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_tflops("NVIDIA H100 NVL") == bench.peak_tflops("NVIDIA H200 NVL") == 835.0
     assert bench.peak_tflops("NVIDIA GeForce RTX 4090") is None
     assert bench.peak_tflops("NVIDIA GeForce RTX 4090", override=165.0) == 165.0
 
@@ -4735,3 +4756,74 @@ def test_sampler_trajectories_with_an_oracle_model_step_by_step():
                 var = 1 / (1 / (1 - a_prev) + (1 - beta) / beta) if t_prev is not None else 0.0
                 mean = x0 if t_prev is None else var * (math.sqrt(a_prev) * x0 / (1 - a_prev) + math.sqrt(1 - beta) * x / beta)
                 torch.testing.assert_close(x_next, mean, rtol=0, atol=1e-4)
+
+
+def test_16_bit_grey_images_keep_their_values(tmp_path):
+    # PIL's convert("RGB") clips mode I;16 at 255, turning a 16-bit ramp almost entirely white
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(tmp_path / "x16.png")
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "x8.png")
+    with Image.open(tmp_path / "x16.png") as img:
+        assert img.mode.startswith("I;16")
+    ds = datasets.load_dataset(str(tmp_path), 32)
+    (x16, _), (x8, _) = ds[ds.names.index("x16.png")], ds[ds.names.index("x8.png")]
+    assert torch.equal(x16, x8)
+    fx = fid.ImageFiles(tmp_path)
+    assert torch.equal(fx[fx.names.index("x16.png")], fx[fx.names.index("x8.png")])
+
+
+def test_encode_never_logs_a_batch_whose_latents_were_written_short(monkeypatch, tmp_path):
+    # A full disk makes pwrite return a short count without an error; the rest must be retried (and
+    # then raise ENOSPC) rather than the batch being logged done with zero rows.
+    real = os.pwrite
+    calls = []
+
+    def short_pwrite(fd, data, offset):
+        calls.append(len(data))
+        return real(fd, bytes(data)[: max(1, len(data) // 3)], offset)  # a third at a time
+
+    path = tmp_path / "f"
+    path.write_bytes(b"\0" * 4096)
+    fd = os.open(path, os.O_WRONLY)
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    values = np.arange(4 * 6, dtype=np.float16).reshape(4, 6) + 1  # rows 1, 2, 5, 6 of 12 bytes
+    latents.pwrite_rows(fd, 100, 12, np.array([1, 2, 5, 6]), values)
+    os.close(fd)
+    stored = np.frombuffer(path.read_bytes()[100:100 + 12 * 8], dtype=np.float16).reshape(8, 6)
+    assert np.array_equal(stored[[1, 2, 5, 6]], values) and not stored[[0, 3, 4, 7]].any()
+    assert len(calls) > 2  # the short writes were continued
+
+    def full_disk(fd, data, offset):
+        if offset > 100 + 12:
+            raise OSError(28, "No space left on device")
+        return real(fd, bytes(data)[:12], offset)
+
+    fd = os.open(path, os.O_WRONLY)
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        latents.pwrite_rows(fd, 100, 12, np.array([0, 1, 2]), values[:3])
+    os.close(fd)
+
+
+def test_bench_compiles_each_run_with_its_own_donated_buffer_setting(monkeypatch, tmp_path):
+    # build_run turns AOTAutograd's donated buffers off process-wide for PCGrad/Nash; the runs built
+    # around it must still compile (on their first step) with train.py's setting.
+    import torch._functorch.config as functorch_config
+    seen = {}
+    real_step = train.train_step
+
+    def spy(run, x, y, step):
+        seen.setdefault(run.args.method, functorch_config.donated_buffer)
+        return real_step(run, x, y, step)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # only the flag matters here
+    default = functorch_config.donated_buffer
+    argv = ["--model", "DiT-S/4", "--image-size", "16", "--precision", "fp32", "--depth", "1", "--hidden-size", "32",
+            "--num-heads", "2", "--compile"]
+    benches = [bench.MethodBench(m, argv, 10, 3, 8, torch.device("cpu"), str(tmp_path)) for m in ("vanilla", "ant-pcgrad", "dtr")]
+    assert functorch_config.donated_buffer == default
+    images, labels = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 10, (8,))
+    for b in benches:
+        b.warm_up(1, images, labels)
+    assert seen == {"vanilla": default, "ant-pcgrad": False, "dtr": default}
