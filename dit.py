@@ -93,6 +93,8 @@ class LabelEmbedder(nn.Module):
     def forward(self, labels, train, force_drop_ids=None):
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
+        elif self.dropout_prob >= 1:  # trained on the null class only (unconditional): the class rows never train,
+            labels = torch.full_like(labels, self.num_classes)  # so sampling conditions on the null row too
         return self.embedding_table(labels)  # (N, D)
 
 

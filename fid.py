@@ -287,7 +287,8 @@ def load_inception(path=None, device="cpu"):
                 f"could not download the FID Inception weights ({e}). Fetch {FID_WEIGHTS_FILE} from "
                 f"{FID_WEIGHTS_URL} on a machine with internet access and either pass it with "
                 f"--inception PATH (load_inception(path=...)) or place it at {cache}.") from e
-    net = FIDInceptionV3()
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG (a training run's resume) alone
+        net = FIDInceptionV3()
     net.load_state_dict(state_dict, strict=True)
     net.requires_grad_(False).eval()
     net = net.to(device)
@@ -460,7 +461,8 @@ def _batches(images, batch_size, num_workers, limit):
         if len(dataset) == 0:
             raise ValueError("the image dataset is empty")
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
-                                             num_workers=num_workers, collate_fn=_collate)
+                                             num_workers=num_workers, collate_fn=_collate,
+                                             generator=torch.Generator())  # its seed draw must not shift the global RNG
         return loader, len(loader), len(dataset)
     if limit is not None:
         raise ValueError("limit needs a path, an array or a sized Dataset, not a stream of batches")

@@ -249,6 +249,17 @@ def test_label_dropout_rate_train_only():
     assert torch.equal(emb(labels, train=False, force_drop_ids=force)[:, 0].long(), torch.where(force == 1, 10, labels))
 
 
+def test_label_dropout_one_samples_from_the_null_class_it_trained():
+    # --class-dropout-prob 1 trains only the null row; the class rows stay at their random init, so an eval forward
+    # (grids, FID, sample.py) must condition on the null row too, not on an untrained class row.
+    emb = LabelEmbedder(4, 1, 1.0)
+    with torch.no_grad():
+        emb.embedding_table.weight.copy_(torch.arange(5.0)[:, None])
+    labels = torch.arange(4)
+    assert emb(labels, train=True)[:, 0].tolist() == [4.0] * 4
+    assert emb(labels, train=False)[:, 0].tolist() == [4.0] * 4
+
+
 def test_timestep_embedder_feeds_cos_then_sin_features_to_its_mlp():
     # The forward, not just the static helper: mlp([cos(t f), sin(t f)]) with f_j = 10000^(-j/half), in float64 by hand
     torch.manual_seed(0)
@@ -2283,6 +2294,18 @@ def test_plot_cli_errors_without_curriculum_records(tmp_path):
 
 DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 SHARED_WEIGHTS = DATA / "fid_inception_v3_nofc.pth"
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="shared Inception weights absent")
+def test_fid_loading_and_reference_statistics_leave_the_global_rng_alone():
+    # train.py loads the Inception after restoring a checkpoint's RNG and computes the reference before step 0: a draw
+    # from the global RNG there makes --fid-every runs resume differently from an uninterrupted run (and differ from
+    # the same run without FID).
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    net = fid.load_inception(SHARED_WEIGHTS)
+    fid.extract_features(datasets.ShapesDataset(16, 4), net, keys=("pool",), batch_size=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 # ----------------------------------------------------------------------------------------------
