@@ -3581,6 +3581,30 @@ def test_metrics_average_the_loss_its_timestep_buckets_and_the_ant_tensors_over_
             assert rec[f"ant/{key}{k}"] == pytest.approx(mean[k].item(), rel=1e-5)
 
 
+def test_ant_cluster_losses_are_averaged_over_the_steps_that_drew_the_cluster(tmp_path, monkeypatch):
+    # curriculum+ant-uw, stage 1 = [750, 1000): ANT clusters 0-2 get no sample (no ant/L key), cluster 3 = [600, 800)
+    # only some steps; its L_k is 0 in the others, which once pulled the logged mean down
+    seen = []
+    real = train.train_step
+
+    def spy(run, x, y, step):
+        terms, t, extra, bad = real(run, x, y, step)
+        seen.append({k: v.detach().double() for k, v in extra.items()})
+        return terms, t, extra, bad
+
+    monkeypatch.setattr(train, "train_step", spy)
+    out = run_train(tmp_path, "--method", "curriculum+ant-uw", "--curriculum-clusters", "4", "--curriculum-pacing", "fixed",
+                    "--curriculum-stage-steps", "100", "--global-batch-size", "5", "--max-steps", "8", "--log-every", "8")
+    rec = [r for r in metrics(out) if "loss" in r][0]
+    present = torch.stack([s["present"] for s in seen])  # (8, 5)
+    assert present[:, :3].sum() == 0 and 0 < present[:, 3].sum() < 8 and present[:, 4].all()
+    assert not any(f"ant/L{k}" in rec for k in range(3)) and "ant/present0" not in rec
+    L = torch.stack([s["L"] for s in seen])
+    for k in (3, 4):
+        assert rec[f"ant/L{k}"] == pytest.approx(L[present[:, k] > 0, k].mean().item(), rel=1e-5)
+    assert rec["ant/w0"] == pytest.approx(torch.stack([s["w"] for s in seen])[:, 0].mean().item(), rel=1e-5)
+
+
 def test_two_process_curriculum_paces_on_the_all_rank_mean_loss(tmp_path):
     # The pacer's smoothed loss is the EMA of the all-rank mean loss, which metrics.jsonl logs each step. A rank
     # pacing on its own loss would drift from the others: the mid-stage checkpoint compares the method state too.

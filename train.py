@@ -152,7 +152,7 @@ class Method:
             present = torch.zeros(K, dtype=torch.bool, device=cluster.device).scatter_(0, cluster, True)
             loss = self.uw(L, present)
             loss.backward()
-            return loss.detach(), {"L": L.detach(), "w": self.uw.weights().detach()}
+            return loss.detach(), {"L": L.detach(), "w": self.uw.weights().detach(), "present": present.float()}
         if self.nash is not None and not self.nash.should_update(step):
             loss = self.nash.loss(L)
             loss.backward()
@@ -948,12 +948,15 @@ def train(args):
             for i in range(nb):
                 if stats[1 + nb + i] > 0:
                     record[f"loss_t{i}"] = stats[1 + i] / stats[1 + nb + i]
-            pos = 1 + 2 * nb
+            pos, sums = 1 + 2 * nb, {}
             for k, v in extra_sum.items():
-                vals = stats[pos: pos + v.numel()]
-                pos += v.numel()
+                sums[k], pos = stats[pos: pos + v.numel()], pos + v.numel()
+            present = sums.pop("present", None)  # UW: in how many (step, rank) pairs each cluster had samples
+            for k, vals in sums.items():
                 for i, val in enumerate(vals):
-                    record[f"ant/{k}{i}"] = val / (n_logged * world)
+                    n = present[i] if k == "L" and present is not None else n_logged * world
+                    if n > 0:  # L_k is 0 where cluster k had no sample (a curriculum hides it): not a loss to average
+                        record[f"ant/{k}{i}"] = val / n
             record.update(trained_in)
             write_metrics(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
