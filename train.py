@@ -405,10 +405,10 @@ def build_run(args, device, distributed, log=print):
         import torch._functorch.config as functorch_config
         functorch_config.donated_buffer = False
     fwd_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
-    # broadcast_buffers=False: the only buffer is DTR's mask table, a pure function of the flags and the same on every
-    # rank; DDP would otherwise broadcast it (T x C floats, 4.6 MB for XL) from rank 0 before every forward.
-    ddp_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False) if distributed else fwd_model
+    # DDP broadcasts buffers before each forward: for DTR that is the mask table (T x C floats, 3 MB for B/2), the same
+    # on every rank. broadcast_buffers=False would skip it, but torch 2.13 deprecates that flag with a warning per rank
+    # and its replacement (forward_sync_buffers) does not exist in older versions; the copy is small next to a step.
+    ddp_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else fwd_model
     ema_pairs = (list(ema.parameters()), list(model.parameters()))
     with torch.no_grad():  # DDP has broadcast rank 0's weights into the model: the EMA starts from them too (official DiT)
         torch._foreach_copy_(*ema_pairs)
