@@ -4108,12 +4108,15 @@ def test_skip_nonfinite_tolerates_n_bad_steps_without_nan_weights(tmp_path, monk
         calls["n"] += 1
         if calls["n"] == 2:
             out["loss"] = out["loss"] * float("inf")
+        calls[calls["n"]] = out["loss"].detach().clone()
         return out
 
     monkeypatch.setattr(gd.Diffusion, "training_losses", poisoned)
-    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "4", "--skip-nonfinite", "1")
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "4", "--skip-nonfinite", "1", "--log-every", "2")
     ckpt = last_checkpoint(out)
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for k in ("model", "ema") for v in ckpt[k].values())
+    first = [r for r in metrics(out) if "loss" in r][0]  # steps 1 and 2: only step 1's losses are finite
+    assert first["step"] == 2 and first["loss"] == pytest.approx(calls[1].mean().item(), rel=1e-5)  # once halved by zeros
 
 
 def test_truncated_jpeg_is_named_and_skipped_on_request(tmp_path, capsys):

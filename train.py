@@ -870,7 +870,6 @@ def train(args):
     nb = 10  # loss split into 10 timestep buckets
     bucket_sum = torch.zeros(nb, device=device)
     bucket_cnt = torch.zeros(nb, device=device)
-    loss_sum = torch.zeros((), device=device)
     extra_sum, n_logged = {}, 0
     nonfinite = 0
     pending = None  # (step, flags tensor) of the previous step, read one step late
@@ -914,11 +913,12 @@ def train(args):
 
         # Bookkeeping on the device; read back only at log steps (and the lagged flags below).
         with torch.no_grad():
-            lv = torch.nan_to_num(terms["loss"].detach().float(), nan=0.0, posinf=0.0)
+            lv = terms["loss"].detach().float()  # (B,)
+            finite = torch.isfinite(lv)  # a skipped non-finite step's samples count neither as losses nor as zeros
+            lv = torch.where(finite, lv, 0.0)
             b = (diffusion.original_timesteps(t) * nb // diffusion.num_timesteps).long()
             bucket_sum.index_add_(0, b, lv)
-            bucket_cnt.index_add_(0, b, torch.ones_like(lv))
-            loss_sum += lv.mean()
+            bucket_cnt.index_add_(0, b, finite.float())
             for k, v in extra.items():
                 extra_sum[k] = extra_sum.get(k, 0) + v.float()
             n_logged += 1
@@ -938,17 +938,18 @@ def train(args):
             if pending is not None:
                 keep_going = resolve(pending) and keep_going
                 pending = None
-            stats = torch.cat([loss_sum.view(1), bucket_sum, bucket_cnt] + [v.view(-1) for v in extra_sum.values()])
+            stats = torch.cat([bucket_sum, bucket_cnt] + [v.view(-1) for v in extra_sum.values()])
             if distributed:
                 dist.all_reduce(stats)
             stats = stats.tolist()
             elapsed = time.time() - t0
-            record = {"step": step, "loss": stats[0] / (n_logged * world), "steps_per_s": n_logged / elapsed,
-                      "images_per_s": n_logged * args.global_batch_size / elapsed}
+            n_finite = sum(stats[nb: 2 * nb])  # finite per-sample losses over the steps and ranks of this record
+            record = {"step": step, "loss": sum(stats[:nb]) / n_finite if n_finite else float("nan"),
+                      "steps_per_s": n_logged / elapsed, "images_per_s": n_logged * args.global_batch_size / elapsed}
             for i in range(nb):
-                if stats[1 + nb + i] > 0:
-                    record[f"loss_t{i}"] = stats[1 + i] / stats[1 + nb + i]
-            pos, sums = 1 + 2 * nb, {}
+                if stats[nb + i] > 0:
+                    record[f"loss_t{i}"] = stats[i] / stats[nb + i]
+            pos, sums = 2 * nb, {}
             for k, v in extra_sum.items():
                 sums[k], pos = stats[pos: pos + v.numel()], pos + v.numel()
             present = sums.pop("present", None)  # UW: in how many (step, rank) pairs each cluster had samples
@@ -963,7 +964,7 @@ def train(args):
             if master:
                 tqdm.write(f"step {step:7d}  loss {record['loss']:.4f}  {record['steps_per_s']:.2f} steps/s  "
                            f"{record['images_per_s']:.1f} img/s")
-            bucket_sum.zero_(), bucket_cnt.zero_(), loss_sum.zero_()
+            bucket_sum.zero_(), bucket_cnt.zero_()
             extra_sum, n_logged, t0 = {}, 0, time.time()
 
         t_pause = time.time()  # checkpoints, grids and FID do not count against the training throughput
