@@ -92,10 +92,35 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+RANK_ABORT = "terminate called without an active exception"  # std::terminate in a rank's C++ layer
+
+
+class RankAbort(AssertionError):
+    """A torchrun rank died with RANK_ABORT: see retry_rank_abort."""
+
+
 def torchrun(*args, nproc=2, timeout=300, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if r.returncode != 0 and RANK_ABORT in r.stderr:
+        raise RankAbort(r.stderr[-3000:])
+    return r
+
+
+def retry_rank_abort(test):
+    """Run a torchrun test once more, in a fresh folder, when a rank aborted with RANK_ABORT (SIGABRT). About 1 in
+    100 two-process launches on the 2-core CPU machine ends so, in the different tests alike; we have not found the
+    cause, and it did not recur in about 140 further launches. A real failure fails the rerun too."""
+    @functools.wraps(test)
+    def wrapper(**kwargs):
+        try:
+            return test(**kwargs)
+        except RankAbort:
+            retry = kwargs["tmp_path"] / "retry"
+            retry.mkdir()
+            return test(**{**kwargs, "tmp_path": retry})
+    return wrapper
 
 
 # ==============================================================================================
@@ -922,6 +947,29 @@ def test_sample_py_writes_npz_in_adm_format(tmp_path):
         sample.main(flags + ["--num-samples", "2"])
 
 
+def test_retry_rank_abort_reruns_once_in_a_fresh_folder(tmp_path):
+    seen = []
+
+    @retry_rank_abort
+    def flaky(tmp_path):
+        seen.append(tmp_path)
+        if len(seen) < 3:
+            raise RankAbort(RANK_ABORT)
+
+    with pytest.raises(RankAbort):  # a second abort is a failure
+        flaky(tmp_path=tmp_path)
+    assert seen == [tmp_path, tmp_path / "retry"]
+    @retry_rank_abort
+    def failing(tmp_path):
+        seen.append(tmp_path)
+        raise AssertionError("other")
+
+    with pytest.raises(AssertionError, match="other"):  # any other failure is not retried
+        failing(tmp_path=tmp_path / "x")
+    assert len(seen) == 3
+
+
+@retry_rank_abort
 def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     out = tmp_path / "ddp"
     r = torchrun("train.py", *TINY, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2", "--out", str(out))
@@ -929,6 +977,7 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     assert r.stdout.count("model replicas, EMA and method state identical on 2 ranks") == 2
 
 
+@retry_rank_abort
 def test_resume_on_another_number_of_processes(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "2")
     r = torchrun("train.py", *TINY, "--global-batch-size", "4", "--max-steps", "4", "--ckpt-every", "2",
@@ -938,6 +987,7 @@ def test_resume_on_another_number_of_processes(tmp_path):
     assert last_checkpoint(out)["step"] == 4 and len(last_checkpoint(out)["rng"]) == 2
 
 
+@retry_rank_abort
 def test_two_process_sampling_splits_exactly(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
     ckpt = sorted((out / "checkpoints").glob("*.pt"))[-1]
@@ -990,6 +1040,7 @@ def test_corrupt_image_is_named(tmp_path, capsys):
     assert "broken.png" in err and "--skip-bad-images" in err
 
 
+@retry_rank_abort
 def test_global_batch_must_divide_over_ranks(tmp_path):
     r = torchrun("train.py", *TINY, "--global-batch-size", "5", "--max-steps", "1", "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "not divisible by the 2 processes" in r.stderr
@@ -3118,6 +3169,7 @@ def test_curriculum_smoothing_flag_reaches_the_pacer():
 
 
 @pytest.mark.parametrize("method", ["ant-pcgrad", "ant-nash", "dtr+curriculum", "ant-uw"])
+@retry_rank_abort
 def test_two_process_methods_keep_replicas_and_decisions_identical(tmp_path, method):
     r = torchrun("train.py", *TINY, "--method", method, "--global-batch-size", "10", "--max-steps", "4", "--ckpt-every", "2",
                  *METHOD_FLAGS, "--out", str(tmp_path / "o"))
@@ -3126,6 +3178,7 @@ def test_two_process_methods_keep_replicas_and_decisions_identical(tmp_path, met
 
 
 @pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="shared Inception weights absent")
+@retry_rank_abort
 def test_two_process_fid_during_training_with_synced_emas(tmp_path):
     # The EMA once started from each rank's own initialisation (DDP syncs only the model), so rank 1
     # sampled its share of the FID images from a different network; the checksum now covers the EMA.
@@ -3605,6 +3658,7 @@ def test_ant_cluster_losses_are_averaged_over_the_steps_that_drew_the_cluster(tm
     assert rec["ant/w0"] == pytest.approx(torch.stack([s["w"] for s in seen])[:, 0].mean().item(), rel=1e-5)
 
 
+@retry_rank_abort
 def test_two_process_curriculum_paces_on_the_all_rank_mean_loss(tmp_path):
     # The pacer's smoothed loss is the EMA of the all-rank mean loss, which metrics.jsonl logs each step. A rank
     # pacing on its own loss would drift from the others: the mid-stage checkpoint compares the method state too.
@@ -4174,6 +4228,7 @@ train.main(sys.argv[1:])
 """
 
 
+@retry_rank_abort
 def test_replica_drift_stops_the_run_at_the_checkpoint(tmp_path):
     script = tmp_path / "drift.py"
     script.write_text(DRIFT_ON_RANK_1.format(repo=str(REPO)))
