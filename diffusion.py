@@ -27,12 +27,10 @@ WEIGHTINGS = ("constant", "min-snr", "p2")
 def get_beta_schedule(name, num_timesteps):
     """float64 betas (T,). "linear": DDPM's 1e-4..0.02, scaled by 1000/T (DiT, ADM);
     "cosine": Nichol & Dhariwal 2021 eq. 17, betas clipped at 0.999."""
-    if num_timesteps < 2:
-        raise ValueError(f"a diffusion needs at least 2 timesteps, got {num_timesteps}")
     if name == "linear":
         if num_timesteps <= 20:  # beta_T = 0.02 * 1000 / T reaches 1: alpha_bar_T = 0 and a NaN loss or black samples
-            raise ValueError(f"the linear schedule scaled to T={num_timesteps} timesteps ends at beta = {20 / num_timesteps:g} "
-                             f">= 1 (alpha_bar_T = 0); use at least 21 timesteps or the cosine schedule")
+            raise ValueError(f"the linear schedule scaled to T={num_timesteps} timesteps ends at beta = 20 / T >= 1 "
+                             f"(alpha_bar_T = 0); use at least 21 timesteps or the cosine schedule")
         scale = 1000 / num_timesteps
         return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
     if name == "cosine":
@@ -133,7 +131,11 @@ class Diffusion:
         betas are re-derived from the kept alphas_cumprod; `timestep_map` sends step i back to its
         original timestep, which is what the model (and a DTR router) sees.
         """
-        keep = space_timesteps(self.num_timesteps, section_counts)
+        try:
+            keep = space_timesteps(self.num_timesteps, section_counts)
+        except ValueError as e:  # a bad --steps flag: say what would work
+            raise ValueError(f"{e}; use e.g. {min(250, self.num_timesteps)} (DDPM steps, at most "
+                             f"{self.num_timesteps})") from None
         new_betas, last = [], 1.0
         for t in keep:
             new_betas.append(1.0 - self.alphas_cumprod[t] / last)

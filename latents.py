@@ -356,8 +356,9 @@ def decode(args):
         raise LatentError(f"--num {args.num}: give a positive count, or leave it out to decode all")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if os.path.isdir(args.latents):
-        if not os.path.isfile(os.path.join(args.latents, datasets.MANIFEST)):
-            raise LatentError(f"{args.latents} is not a latent folder (no {datasets.MANIFEST}); give one, or an .npz of latents")
+        if not datasets.is_latent_folder(args.latents):
+            raise LatentError(f"{args.latents} is not a latent folder (no {datasets.MANIFEST} from latents.py encode); "
+                              f"give one, or an .npz of latents")
         folder = datasets.LatentFolder(args.latents)
         n = min(args.num or len(folder), len(folder))
         z = torch.from_numpy(np.asarray(folder.array()[:n], dtype=np.float32))  # (n, C, h, w)

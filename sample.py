@@ -243,8 +243,7 @@ def main(argv=None):
     try:
         diffusion.respace(args.steps)
     except ValueError as e:
-        T = diffusion.num_timesteps
-        sys.exit(f"error: --steps {args.steps}: {e}; use e.g. {min(250, T)} (DDPM steps, at most {T})")
+        sys.exit(f"error: --steps {args.steps}: {e}")
     if args.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:
         sys.exit("error: this model was trained without label dropout, so it has no null class for guidance; use --cfg-scale 1")
     try:
@@ -298,9 +297,9 @@ def main(argv=None):
         save_grid(all_images[:64], os.path.join(args.out, "grid.png"))
         if args.save_png:  # in their own folder, so that scoring it (fid.py OUT/png REF) does not count grid.png
             from PIL import Image
-            os.makedirs(os.path.join(args.out, "png"), exist_ok=True)
+            os.makedirs(png_dir, exist_ok=True)
             for i, img in enumerate(all_images):
-                Image.fromarray(img).save(os.path.join(args.out, "png", f"{i:06d}.png"))
+                Image.fromarray(img).save(os.path.join(png_dir, f"{i:06d}.png"))
         print(f"wrote {len(all_images)} samples to {os.path.join(args.out, 'samples.npz')}")
         if args.fid_ref:
             try:

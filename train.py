@@ -44,8 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as datasets
 import latents
 from dit import DiT_models
-from sample import (build_diffusion, build_model, check_seed, generate, max_seed, method_parts, resolve_device,
-                    sample_indices, save_grid, to_uint8)
+from sample import (SEED_STRIDE, build_diffusion, build_model, check_seed, generate, max_seed, method_parts,
+                    resolve_device, sample_indices, save_grid, to_uint8)
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's modes
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
@@ -574,15 +574,15 @@ def train(args):
         raise ConfigError(f"--class-dropout-prob {args.class_dropout_prob}: must be in [0, 1] (0.1 in the papers)")
     if args.global_batch_size % world:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
-    if args.fid_every and args.fid_samples < max(2, world):
-        raise ConfigError(f"--fid-samples {args.fid_samples}: FID needs at least 2 samples (a covariance) and one per "
-                          f"process ({world}); use thousands for a meaningful value")
     if args.fid_every:
+        if args.fid_samples < max(2, world):
+            raise ConfigError(f"--fid-samples {args.fid_samples}: FID needs at least 2 samples (a covariance) and one per "
+                              f"process ({world}); use thousands for a meaningful value")
         try:  # FID samples are drawn with seed global_seed + 1
             check_seed(args.global_seed + 1, args.fid_samples)
         except ValueError:
             raise ConfigError(f"--global-seed {args.global_seed}: the FID samples are drawn with seed {args.global_seed + 1}, "
-                              f"whose per-sample generators (seed * 1000003 + i) would pass 2^32 with --fid-samples "
+                              f"whose per-sample generators (seed * {SEED_STRIDE} + i) would pass 2^32 with --fid-samples "
                               f"{args.fid_samples}; use --global-seed 0..{max_seed(args.fid_samples) - 1}") from None
     if args.curriculum_clusters == 0 and "curriculum" in args.method and "ant" not in args.method:
         raise ConfigError("--curriculum-clusters 0 means 'the ANT clusters', which needs an ANT method (e.g. curriculum+ant-uw)")
@@ -685,8 +685,7 @@ def train(args):
         try:
             diffusion.respace(steps)
         except ValueError as e:
-            T = diffusion.num_timesteps
-            raise ConfigError(f"{flag} {steps}: {e}; use e.g. {min(250, T)} (DDPM steps, at most {T})") from None
+            raise ConfigError(f"{flag} {steps}: {e}") from None
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
