@@ -151,9 +151,11 @@ class Diffusion:
             self._cache[key] = torch.from_numpy(np.asarray(getattr(self, name))).to(device)
         return self._cache[key]
 
-    def _extract(self, name, t, ndim):
-        """Gather a float64 schedule array at integer steps t (N,) as float32 shaped (N, 1, ..., 1)."""
-        return self._table(name, t.device)[t].float().view(-1, *([1] * (ndim - 1)))
+    def _extract(self, name, t, like):
+        """Gather a float64 schedule array at integer steps t (N,), shaped (N, 1, ..., 1) to broadcast against
+        `like`: float64 for a float64 `like` (exact analysis), float32 otherwise (as the official code)."""
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return self._table(name, t.device)[t].to(dtype).view(-1, *([1] * (like.ndim - 1)))
 
     def original_timesteps(self, t):
         """Map (N,) step indices of this (possibly respaced) diffusion to original timesteps (N,)."""
@@ -163,24 +165,24 @@ class Diffusion:
 
     def q_sample(self, x_start, t, noise):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4)."""
-        return (self._extract("sqrt_alphas_cumprod", t, x_start.ndim) * x_start
-                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * noise)
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
     def q_posterior(self, x_start, x_t, t):
         """Mean and clipped log variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7)."""
-        mean = (self._extract("posterior_mean_coef1", t, x_t.ndim) * x_start
-                + self._extract("posterior_mean_coef2", t, x_t.ndim) * x_t)
-        return mean, self._extract("posterior_log_variance_clipped", t, x_t.ndim)
+        mean = (self._extract("posterior_mean_coef1", t, x_t) * x_start
+                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
+        return mean, self._extract("posterior_log_variance_clipped", t, x_t)
 
     def predict_xstart(self, x_t, t, eps):
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t
-                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim) * eps)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     def predict_eps(self, x_t, t, x_start):
         """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1)."""
-        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - x_start)
-                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim))
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x_start)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
 
     # -------------------------------------------------------------------- reverse process
 
@@ -194,13 +196,13 @@ class Diffusion:
             if model_output.shape[1] != 2 * C:
                 raise ValueError(f"a learn_sigma model must output {2 * C} channels, got {model_output.shape[1]}")
             eps, v = model_output[:, :C], model_output[:, C:]
-            min_log = self._extract("posterior_log_variance_clipped", t, x_t.ndim)
-            max_log = self._extract("log_betas", t, x_t.ndim)
+            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
+            max_log = self._extract("log_betas", t, x_t)
             frac = (v + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
         else:
             eps = model_output
-            log_variance = self._extract("fixed_log_variance", t, x_t.ndim).expand_as(x_t)
+            log_variance = self._extract("fixed_log_variance", t, x_t).expand_as(x_t)
         pred_xstart = self.predict_xstart(x_t, t, eps)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
@@ -231,7 +233,7 @@ class Diffusion:
             vb = self._vb_bits_per_dim(frozen, x_start, x_t, t)  # (N,)
         else:
             vb = torch.zeros_like(mse)
-        weight = self._extract("loss_weight", t, 1).view(-1)  # (N,)
+        weight = self._extract("loss_weight", t, mse)  # (N,)
         return {"loss": weight * mse + vb, "mse": mse, "vb": vb, "weight": weight}
 
     def _vb_bits_per_dim(self, model_output, x_start, x_t, t):
@@ -273,8 +275,8 @@ class Diffusion:
             out = model_fn(x, self.original_timesteps(t)).float()
             _, _, x0 = self.p_mean_variance(out, x, t, clip_denoised)
             eps = self.predict_eps(x, t, x0)
-            abar = self._extract("alphas_cumprod", t, x.ndim)
-            abar_prev = self._extract("alphas_cumprod_prev", t, x.ndim)
+            abar = self._extract("alphas_cumprod", t, x)
+            abar_prev = self._extract("alphas_cumprod_prev", t, x)
             sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
             x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
             if i > 0 and eta > 0:

@@ -289,13 +289,18 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output PNG path")
     args = p.parse_args(argv)
 
-    router = TaskRouter(args.channels, args.timesteps, args.alpha, args.beta, args.kind, args.seed)
-    s = router.stats
-    if args.kind == "dtr":
-        title = f"DTR masks  T={args.timesteps} C={args.channels} alpha={args.alpha:g} beta={args.beta:g}"
-    else:
-        title = f"R-TR masks  T={args.timesteps} C={args.channels} beta={args.beta:g} seed={args.seed}"
-    size = draw_masks(router.masks, title, args.out)
+    if not args.out.lower().endswith(".png"):
+        p.error(f"--out {args.out}: the masks are drawn as a PNG; pass a path ending in .png")
+    try:  # bad values and unwritable paths end in one line with the usage, not a traceback
+        router = TaskRouter(args.channels, args.timesteps, args.alpha, args.beta, args.kind, args.seed)
+        s = router.stats
+        if args.kind == "dtr":
+            title = f"DTR masks  T={args.timesteps} C={args.channels} alpha={args.alpha:g} beta={args.beta:g}"
+        else:
+            title = f"R-TR masks  T={args.timesteps} C={args.channels} beta={args.beta:g} seed={args.seed}"
+        size = draw_masks(router.masks, title, args.out)
+    except (ValueError, OSError) as e:
+        p.error(str(e))
     print(router)
     print(f"active channels per task : {s['active']} of {args.channels}")
     print(f"shared by all tasks      : {s['shared']}")

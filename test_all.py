@@ -460,12 +460,16 @@ def test_q_posterior_equals_bayes_from_betas(schedule):
     x0 = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
     xt = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
     mean, log_var = d.q_posterior(x0.float(), xt.float(), torch.tensor(T_CHECK))
+    mean64, log_var64 = d.q_posterior(x0, xt, torch.tensor(T_CHECK))  # float64 inputs get float64 coefficients
+    assert mean.dtype == log_var.dtype == torch.float32 and mean64.dtype == log_var64.dtype == torch.float64
     for i, t in enumerate(T_CHECK):
         beta, alpha, abar_prev = betas[t], 1 - betas[t], abar[t - 1]
         var = 1 / (1 / (1 - abar_prev) + alpha / beta)
         ref = var * (math.sqrt(abar_prev) * x0[i].numpy() / (1 - abar_prev) + math.sqrt(alpha) * xt[i].numpy() / beta)
         np.testing.assert_allclose(mean[i].double().numpy(), ref, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(log_var[i].double().numpy().ravel(), math.log(var), rtol=1e-6)
+        np.testing.assert_allclose(mean64[i].numpy(), ref, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(log_var64[i].numpy().ravel(), math.log(var), rtol=1e-12)
     # t = 0 has variance 0; its clipped log variance is t = 1's
     _, lv = d.q_posterior(x0[:2].float(), xt[:2].float(), torch.tensor([0, 1]))
     assert lv[0].item() == lv[1].item()
@@ -1410,6 +1414,21 @@ def test_cli_writes_png_and_prints_counts(tmp_path, capsys, kind):
     with Image.open(out) as im:
         assert im.format == "PNG" and 200 <= im.height <= 700 and 500 <= im.width <= 1400
         assert np.asarray(im.convert("RGB")).std() > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--channels", "0"], "channels must be an integer >= 1, got 0"),
+    (["--channels", "8", "--beta", "1.5"], "beta (fraction of active channels per task) must be in (0, 1]"),
+    (["--channels", "8", "--out", "masks.jpg"], "pass a path ending in .png"),
+    (["--channels", "8", "--out", "no/such/folder/masks.png"], "No such file or directory"),
+])
+def test_cli_bad_input_is_one_usage_error(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    argv = argv if "--out" in argv else argv + ["--out", "masks.png"]
+    with pytest.raises(SystemExit) as e:
+        dtr_main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err and not list(tmp_path.iterdir())
 
 
 # ==============================================================================================
