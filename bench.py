@@ -187,8 +187,10 @@ class MethodBench:
         # process-wide flag, read when the model is compiled on its first step: keep this run's own value and
         # restore the previous one, so the runs built after it (and compiled later) get train.py's setting.
         self.donated_buffer, functorch_config.donated_buffer = functorch_config.donated_buffer, donated
-        self.static_bytes = allocated(device) - before  # weights and EMA; warm_up adds AdamW's state
+        self.static_bytes = allocated(device) - before  # weights and EMA; the first step adds AdamW's state
         self.device, self.step = device, 0
+        # CUDA graphs replay from a private memory pool the allocator statistics do not follow: no peak for them
+        self.cuda_graphs = args.compile and args.compile_mode in ("max-autotune", "reduce-overhead")
         m = self.run.method
         self.K = len(m.intervals) if m.intervals is not None else 1
         self.every = m.nash.every if m.nash is not None else None
@@ -226,7 +228,7 @@ class MethodBench:
 
     def warm_up(self, n, images, labels):
         """n untimed steps with the run's natural counter (Nash's step 0 is an update); on CUDA
-        adds the memory they leave resident (AdamW's moments) to static_bytes."""
+        adds the memory they leave resident (AdamW's moments, on the first step) to static_bytes."""
         before = allocated(self.device)
         for _ in range(n):
             self.one_step(images, labels, self.step)
@@ -235,15 +237,19 @@ class MethodBench:
         self.static_bytes += allocated(self.device) - before
 
     def timed_block(self, n, images, labels, update=False):
-        """Mean ms per step over a block of n steps; on CUDA also the block's peak memory."""
+        """Mean ms per step over a block of n steps; on CUDA also the block's peak memory, once the
+        block holds a step after the run's first (whose optimizer step allocates AdamW's moments)."""
         cuda = self.device.type == "cuda"
+        measured = cuda and not self.cuda_graphs and (self.step > 0 or n > 1)
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
         seconds = timed(lambda: self.steps(n, images, labels, update), self.device)
-        if cuda:  # this block's peak above the live runs, plus this run's own resident memory
+        if measured:  # this block's peak above the live runs, plus this run's own resident memory
             peak = torch.cuda.max_memory_allocated(self.device) - base + self.static_bytes
             self.peak_bytes = max(self.peak_bytes or 0, peak)
+        if cuda:  # what the block left resident is this run's too (AdamW's moments when --warmup 0)
+            self.static_bytes += torch.cuda.memory_allocated(self.device) - base
         return 1000.0 * seconds / n
 
     def round_ms(self, r):
@@ -292,11 +298,15 @@ def profile_method(b, n, images, labels):
 
 
 def check_memory(num_params, methods, num_clusters, device):
-    """Refuse on CUDA when the runs alone (weights, EMA, grads, AdamW's two moments, PCGrad/Nash's
-    (K, P) gradient matrix) would not fit, before any of them is built."""
+    """Refuse on CUDA when the runs alone would not fit: each run's weights, EMA and AdamW's two
+    moments, and one step's grads and PCGrad/Nash's (K, P) gradient matrix (one run steps at a
+    time; set_to_none frees its grads). Called once the first run is built: its weights and EMA
+    are already allocated, its moments not yet."""
     if device.type != "cuda":
         return
-    need = sum(num_params * 4 * (5 + (num_clusters if "pcgrad" in m or "nash" in m else 0)) for m in methods)
+    matrix = max((num_clusters for m in methods if "pcgrad" in m or "nash" in m), default=0)
+    copies = 4 * len(methods) - 2 + 1 + matrix  # fp32 copies of the weights: 4 a run, less the 2 held, 1 + K a step
+    need = num_params * 4 * copies
     free = torch.cuda.mem_get_info(device)[0]
     if need > free:
         raise ValueError(f"the {len(methods)} runs need about {need / 2**30:.1f} GiB before activations, "
@@ -442,7 +452,8 @@ def print_report(result):
     if m["device"] == "cuda":
         peak = c["peak_tflops"]
         print("Peak memory: max_memory_allocated during a method's steps above the other live runs, plus its own "
-              "weights, EMA and AdamW state. MFU: training FLOPs (forward + bwd/step backwards) x img/s over "
+              "weights, EMA and AdamW state (n/a if its only timed step was its first, or with CUDA graphs). "
+              "MFU: training FLOPs (forward + bwd/step backwards) x img/s over "
               + (f"{peak:g} TFLOP/s (bf16 dense peak)." if peak else "an unknown peak: pass --peak-tflops."))
     else:
         print(f"Peak memory: n/a per method on the CPU (no allocator statistics; all runs share one process). "
@@ -521,7 +532,7 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     with tempfile.TemporaryDirectory() as out_dir:
         benches = [MethodBench(methods[0], train_argv, args.num_classes, args.in_channels, args.batch_size, device, out_dir)]
         num_params = sum(p.numel() for p in benches[0].run.params)
-        check_memory(num_params, methods[1:], benches[0].run.args.ant_clusters, device)
+        check_memory(num_params, methods, benches[0].run.args.ant_clusters, device)
         benches += [MethodBench(m, train_argv, args.num_classes, args.in_channels, args.batch_size, device, out_dir)
                     for m in methods[1:]]
     model = benches[0].run.model

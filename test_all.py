@@ -4765,6 +4765,85 @@ def test_bench_rounds_medians_ratios_nash_amortisation_mfu_and_json_on_a_scripte
     assert json.loads(path.read_text()) == json.loads(json.dumps(result, default=float))
 
 
+def _fake_cuda_memory(monkeypatch):
+    """A CUDA allocator counter the test drives: bench's memory reads see it, syncs do nothing."""
+    mem = types.SimpleNamespace(now=0, peak=0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: mem.now)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem.peak)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: setattr(mem, "peak", mem.now))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    return mem
+
+
+@pytest.mark.parametrize("warmup,steps,rounds,graphs,measured", [
+    (1, 1, 1, False, True), (0, 2, 1, False, True), (0, 1, 2, False, True), (0, 1, 1, False, False),
+    (1, 2, 2, True, False)])
+def test_bench_peak_memory_is_each_runs_own_step_with_its_adamw_state_on_a_scripted_allocator(
+        monkeypatch, tmp_path, warmup, steps, rounds, graphs, measured):
+    # Two live runs on a fake allocator: weights w and EMA w at build, AdamW's moments 2w allocated lazily by the
+    # first optimizer step, activations a and grads w inside each step. A method's peak is its own
+    # 2w + 2w + w + a, whatever the other run holds, also when the moments appear inside a timed block
+    # (--warmup 0); a run's first step alone shows no such peak: n/a, as with CUDA graphs (a private pool).
+    mem = _fake_cuda_memory(monkeypatch)
+    size = {"vanilla": (100, 1000), "dtr": (50, 3000)}  # (w, a) in bytes
+    moments = set()
+
+    def alloc(n):
+        mem.now += n
+        mem.peak = max(mem.peak, mem.now)
+
+    def build_run(args, device, distributed, log):
+        alloc(2 * size[args.method][0])  # weights and EMA
+        return types.SimpleNamespace(method=types.SimpleNamespace(intervals=None, nash=None, curriculum=None))
+
+    def one_step(self, images, labels, step):
+        w, a = size[self.name]
+        alloc(a), alloc(w), alloc(-a)  # forward activations, backward's grads, activations freed
+        if self.name not in moments:  # AdamW's exp_avg and exp_avg_sq, at the first optimizer step
+            moments.add(self.name), alloc(2 * w)
+        alloc(-w)  # zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(train, "build_run", build_run)
+    monkeypatch.setattr(bench.MethodBench, "one_step", one_step)
+    argv = ["--model", "DiT-S/4", "--image-size", "16"] + (["--compile", "--compile-mode", "reduce-overhead"] if graphs else [])
+    benches = [bench.MethodBench(m, argv, 10, 3, 4, torch.device("cuda"), str(tmp_path)) for m in ("vanilla", "dtr")]
+    bench.bench_training(benches, None, None, warmup, steps, rounds, log=lambda msg: None)
+    for b in benches:
+        w, a = size[b.name]
+        assert b.peak_bytes == (5 * w + a if measured else None), b.name
+
+
+def test_bench_memory_check_counts_the_first_runs_adamw_state(monkeypatch):
+    # check_memory runs once vanilla's weights and EMA are built; its AdamW moments are still to come, like the
+    # other runs' weights, EMA and moments, and one step's grads and PCGrad/Nash's (K, P) matrix. Its
+    # arguments come from a real bench call, stopped there.
+    check, seen = bench.check_memory, []
+
+    def stop(*args):
+        seen.append(args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "check_memory", stop)
+    with pytest.raises(KeyboardInterrupt):
+        bench.bench(BENCH_TINY + ["--batch-size", "2", "--methods", "vanilla,dtr"], log=lambda msg: None)
+    num_params, methods, clusters, _ = seen[0]
+    free = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[-1], 80 * 2**30))
+    copy = 4 * num_params  # bytes of one fp32 copy of the weights
+    for copies, fits in [(7, True), (6.9, False)]:  # vanilla 2 moments, dtr 4 copies, 1 step's grads
+        free.append(int(copies * copy))
+        if fits:
+            check(num_params, methods, clusters, torch.device("cuda"))
+        else:
+            with pytest.raises(ValueError, match="runs need about"):
+                check(num_params, methods, clusters, torch.device("cuda"))
+    free.append(16 * copy - 1)  # 3 runs: 4 x 3 - 2, 1 step's grads, one K = 5 matrix at a time
+    with pytest.raises(ValueError, match="the 3 runs need"):
+        check(num_params, ["vanilla", "ant-pcgrad", "ant-nash"], clusters, torch.device("cuda"))
+    free.append(16 * copy)
+    check(num_params, ["vanilla", "ant-pcgrad", "ant-nash"], clusters, torch.device("cuda"))
+
+
 def test_bench_latent_inputs_compile_mode_and_profile(monkeypatch, capsys):
     modes = []
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)  # the mode reaches it
