@@ -47,7 +47,7 @@ def to_rgb(img):
     """Grey, palette, CMYK and RGBA images to RGB; PIL drops the alpha channel (as ADM's convert("RGB")).
     16-bit grey (PNG/TIFF mode I;16) keeps its high byte: PIL's own conversion clips every value
     above 255 to white (and so does ADM's convert("RGB"))."""
-    if img.mode.startswith("I;16"):
+    if img.mode.startswith("I;16"):  # Pillow >= 10.3 opens 16-bit grey PNG so (older ones: mode I)
         img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -295,8 +295,9 @@ class LatentFolder(torch.utils.data.Dataset):
 
 
 def is_latent_folder(path):
-    """True for a folder whose manifest.json was written by latents.py encode (or cannot be read, so
-    that LatentFolder says what is wrong); an image folder may hold a manifest.json of its own."""
+    """True for a folder whose manifest.json was written by latents.py encode, or whose manifest
+    cannot be read next to a latents.npy (so that LatentFolder says what is wrong). An image folder
+    may hold a manifest.json of its own, in any format (a dict, a list, JSON lines)."""
     manifest = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest):
         return False
@@ -304,8 +305,10 @@ def is_latent_folder(path):
         with open(manifest) as f:
             m = json.load(f)
     except (OSError, ValueError):
+        m = None
+    if isinstance(m, dict) and str(m.get("format", "")).startswith("latents.py encode"):
         return True
-    return not isinstance(m, dict) or str(m.get("format", "")).startswith("latents.py encode")
+    return os.path.isfile(os.path.join(path, "latents.npy"))
 
 
 def load_dataset(path, image_size, skip_bad=False, shapes_size=10000, seed=0):

@@ -310,7 +310,7 @@ def has_classifier(net):
 def _to_rgb(img):
     """Any PIL mode (grey, palette, RGBA, CMYK, ...) -> RGB; alpha is dropped as pytorch-fid does.
     16-bit grey keeps its high byte (PIL's conversion would clip it to white), as data.to_rgb."""
-    if img.mode.startswith("I;16"):
+    if img.mode.startswith("I;16"):  # Pillow >= 10.3 opens 16-bit grey PNG so (older ones: mode I)
         img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -318,7 +318,10 @@ def _to_rgb(img):
 
 
 def _is_image_name(name):
-    return name.lower().endswith(IMAGE_EXTENSIONS) and "__MACOSX" not in name
+    """An image by its extension, outside __MACOSX and hidden files or folders (.ipynb_checkpoints/,
+    macOS ._x.png), which data.ImageFiles skips too."""
+    hidden = any(part.startswith(".") for part in name.replace(os.sep, "/").split("/"))
+    return name.lower().endswith(IMAGE_EXTENSIONS) and "__MACOSX" not in name and not hidden
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -444,7 +447,7 @@ def _batches(images, batch_size, num_workers, limit):
         path = Path(images)
         if not path.exists():
             raise ValueError(f"no such file or folder: {path}")
-        images = _npz_images(path) if path.suffix == ".npz" else ImageFiles(path)
+        images = _npz_images(path) if path.suffix.lower() == ".npz" else ImageFiles(path)
     if isinstance(images, (np.ndarray, torch.Tensor)):
         if images.ndim != 4:
             raise ValueError(f"an image array must be (N, H, W, 3) or (N, 3, H, W), got shape {tuple(images.shape)}")
@@ -642,7 +645,7 @@ def compute_statistics(images, net, keep=(), batch_size=50, num_workers=0, limit
 def is_statistics_file(path):
     """True for an .npz holding `mu` and `sigma` (ours, pytorch-fid's or an ADM reference batch)."""
     path = Path(path)
-    if path.suffix != ".npz" or not path.is_file():
+    if path.suffix.lower() != ".npz" or not path.is_file():
         return False
     with np.load(path) as data:
         return "mu" in data.files and "sigma" in data.files
@@ -716,6 +719,14 @@ def load_or_compute_stats(source, net, cache_path=None, keep=(), key=None, **kwa
     return stats
 
 
+def check_is_possible(metrics, net):
+    """Refuse "is" among `metrics` when net's classifier is zeroed: IS would be exactly 1 whatever the samples."""
+    if "is" in metrics and not has_classifier(net):
+        raise ValueError("the Inception fc weight is all zeros (fid_inception_v3_nofc.pth?), so these weights cannot "
+                         "give an Inception Score; drop 'is' from the metrics, or use pytorch-fid's "
+                         "pt_inception-2015-12-05-6726825d.pth")
+
+
 def evaluate(samples, reference, net, metrics=("fid",), batch_size=50, num_workers=0, limit=None,
              progress=True, pr_batch_size=5000):
     """Score `samples` against `reference` with the ADM evaluator's metrics; returns a dict with
@@ -729,10 +740,7 @@ def evaluate(samples, reference, net, metrics=("fid",), batch_size=50, num_worke
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
-    if "is" in metrics and not has_classifier(net):  # IS would come out exactly 1 whatever the samples
-        raise ValueError("the Inception fc weight is all zeros (fid_inception_v3_nofc.pth?), so these weights cannot "
-                         "give an Inception Score; drop 'is' from the metrics, or use pytorch-fid's "
-                         "pt_inception-2015-12-05-6726825d.pth")
+    check_is_possible(metrics, net)
     kwargs = dict(batch_size=batch_size, num_workers=num_workers, limit=limit, progress=progress)
     keep_samples = (("pool",) if "pr" in metrics else ()) + (("logits",) if "is" in metrics else ())
     keep_reference = ("pool",) if "pr" in metrics else ()
@@ -942,6 +950,8 @@ def main(argv=None):
         if unknown:
             raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
         net = load_inception(args.inception, device=args.device)
+        if args.reference is not None:  # before the samples' features, which evaluate() would refuse afterwards
+            check_is_possible(metrics, net)
         kwargs = dict(batch_size=args.batch_size, num_workers=num_workers, limit=args.limit)
         if args.reference is None:
             samples = load_or_compute_stats(args.samples, net, keep=("pool",) if "pr" in metrics else (), **kwargs)

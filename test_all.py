@@ -807,8 +807,15 @@ def test_hidden_entries_manifest_json_and_upper_case_extensions(tmp_path):
         for p in sorted((tmp_path / "imgs").rglob("*.png")):
             zf.write(p, p.relative_to(tmp_path / "imgs").as_posix())
     assert datasets.load_dataset(str(tmp_path / "IMGS.ZIP"), 16).labels == [0, 0, 1, 1]
+    for foreign in ('[{"file": "a/0.png"}]', '{"file": "a/0.png"}\n{"file": "a/1.png"}\n'):  # a list, JSON lines
+        (tmp_path / "imgs" / "manifest.json").write_text(foreign)  # once "not a readable latent folder"
+        assert len(datasets.load_dataset(tmp_path / "imgs", 16)) == 4
     (tmp_path / "imgs" / "manifest.json").write_text('{"format": "latents.py encode v1"}')
     with pytest.raises(datasets.DataError, match="latent folder"):  # a real latents.py manifest still means latents
+        datasets.load_dataset(tmp_path / "imgs", 16)
+    (tmp_path / "imgs" / "manifest.json").write_text('{"format": "latents.py enc')  # torn, next to the latents
+    (tmp_path / "imgs" / "latents.npy").write_bytes(b"")
+    with pytest.raises(datasets.DataError, match="not a readable latent folder"):
         datasets.load_dataset(tmp_path / "imgs", 16)
 
 
@@ -1101,6 +1108,14 @@ def test_resume_mismatch_names_flags_that_exist(tmp_path, capsys):
         with pytest.raises(SystemExit):
             run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "3", "--resume", "auto", *flags)
         assert says in capsys.readouterr().err, flags
+
+
+def test_resume_mismatch_with_a_model_override_the_checkpoint_left_unset_says_to_leave_it_out():
+    args = types.SimpleNamespace(**{k: 0 for k in train.MODEL_SETTINGS}, data="d", latent=None)
+    for key, flag in (("depth", "--depth"), ("hidden_size", "--hidden-size"), ("num_heads", "--num-heads")):
+        with pytest.raises(train.ConfigError, match=f"leave out {flag} or start") as e:  # once "pass --depth None"
+            train.check_compatible({**vars(args), key: None}, args)
+        assert "None or" not in str(e.value)
 
 
 def test_resume_onto_another_latent_space_is_refused():
@@ -2814,6 +2829,21 @@ def write_folder(folder, images):
     return folder
 
 
+def test_fid_skips_hidden_entries_and_reads_upper_case_npz(tmp_path):
+    # as data.ImageFiles: a notebook's .ipynb_checkpoints/ copy was counted twice, macOS ._x.png failed to decode
+    folder = write_folder(tmp_path / "imgs", make_images(4))
+    (folder / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(make_images(1, seed=9)[0]).save(folder / ".ipynb_checkpoints" / "000.png")
+    (folder / "a" / "._001.png").write_bytes(b"macOS resource fork")
+    assert sorted(fid.ImageFiles(folder).names) == sorted(str(Path(d) / f"{i:03d}.png") for i, d in enumerate("baba"))
+    net = TinyNet()
+    with open(tmp_path / "S.NPZ", "wb") as f:  # np.savez would append .npz to the name
+        np.savez(f, arr_0=make_images(4))
+    np.savez(tmp_path / "s.npz", arr_0=make_images(4))
+    upper, lower = (fid.compute_statistics(str(tmp_path / n), net, progress=False) for n in ("S.NPZ", "s.npz"))
+    np.testing.assert_array_equal(upper["mu"], lower["mu"])
+
+
 def test_folder_zip_npz_and_arrays_give_identical_features(tmp_path):
     images = make_images()
     folder = write_folder(tmp_path / "imgs", images)
@@ -2974,6 +3004,18 @@ def test_is_is_refused_when_the_classifier_weights_are_zero():
     with pytest.raises(ValueError, match="all zeros.*cannot give an Inception Score"):
         fid.evaluate(make_images(), make_images(seed=1), net, metrics=("fid", "is"), progress=False)
     assert net.calls == 0
+
+
+def test_cli_refuses_is_before_featurising_the_samples(tmp_path, monkeypatch, capsys):
+    # fid.py SAMPLES REF --metrics fid,is once ran the Inception over every sample before evaluate() refused IS
+    net = TinyNet(fc_scale=0.0)
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": net)
+    samples = write_folder(tmp_path / "samples", make_images(10, seed=1))
+    reference = write_folder(tmp_path / "reference", make_images(12, seed=2))
+    with pytest.raises(SystemExit):
+        fid.main([str(samples), str(reference), "--metrics", "fid,is"])
+    assert "cannot give an Inception Score" in capsys.readouterr().err and net.calls == 0
+    fid.main([str(samples), "--save-stats", str(tmp_path / "s.npz"), "--metrics", "is"])  # no score: nothing to refuse
 
 
 def test_cli_save_stats_round_trip(tmp_path, monkeypatch, capsys):
@@ -3676,6 +3718,34 @@ def test_ant_cluster_losses_are_averaged_over_the_steps_that_drew_the_cluster(tm
         assert rec[f"ant/L{k}"] == pytest.approx(L[present[:, k] > 0, k].mean().item(), rel=1e-5)
     assert rec["ant/w0"] == pytest.approx(torch.stack([s["w"] for s in seen])[:, 0].mean().item(), rel=1e-5)
 
+
+def test_a_skipped_step_is_left_out_of_the_logged_loss_and_ant_values(tmp_path, monkeypatch):
+    # --skip-nonfinite: step 2's losses are inf. The record's loss already left them out, but its ant/L_k came out
+    # inf (and the JSON "Infinity"), and its ant/w_k were averaged over a step that did not train.
+    real, seen = gd.Diffusion.training_losses, []
+    real_step = train.train_step
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        if len(seen) == 1:
+            out["loss"] = out["loss"] * float("inf")
+        return out
+
+    def spy(run, x, y, step):
+        terms, t, extra, bad = real_step(run, x, y, step)
+        seen.append(({k: v.detach().double() for k, v in extra.items()}, bool(bad)))
+        return terms, t, extra, bad
+
+    monkeypatch.setattr(gd.Diffusion, "training_losses", poisoned)
+    monkeypatch.setattr(train, "train_step", spy)
+    out = run_train(tmp_path, "--method", "ant-uw", "--global-batch-size", "5", "--max-steps", "3", "--skip-nonfinite", "1",
+                    "--log-every", "3")
+    assert [bad for _, bad in seen] == [False, True, False]
+    rec = [r for r in metrics(out) if "loss" in r][0]
+    for name in ("L", "w"):
+        kept = torch.stack([extra[name] for extra, bad in seen if not bad])  # (2, K)
+        for k in range(5):
+            assert rec[f"ant/{name}{k}"] == pytest.approx(kept[:, k].mean().item(), rel=1e-5), (name, k)
 
 @retry_rank_abort
 def test_two_process_curriculum_paces_on_the_all_rank_mean_loss(tmp_path):
@@ -4967,7 +5037,7 @@ def test_16_bit_grey_images_keep_their_values(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "x16.png")
     Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "x8.png")
     with Image.open(tmp_path / "x16.png") as img:
-        assert img.mode.startswith("I;16")
+        assert img.mode.startswith("I;16")  # Pillow >= 10.3 (requirements.txt); older ones open it as mode I
     ds = datasets.load_dataset(str(tmp_path), 32)
     (x16, _), (x8, _) = ds[ds.names.index("x16.png")], ds[ds.names.index("x8.png")]
     assert torch.equal(x16, x8)

@@ -352,6 +352,8 @@ def check_compatible(saved, args):
                 fix = f"train on the checkpoint's data (--data {saved.get('data')})"
             elif key == "learn_sigma":
                 fix = f"pass --learn-sigma {int(bool(saved.get(key)))}"
+            elif key in ("depth", "hidden_size", "num_heads") and saved.get(key) is None:  # the --model config's value
+                fix = f"leave out --{key.replace('_', '-')}"
             else:
                 fix = f"pass --{key.replace('_', '-')} {saved.get(key)}"
             raise ConfigError(f"checkpoint was trained with {key}={saved.get(key)!r} but the flags say {getattr(args, key)!r}; "
@@ -869,6 +871,7 @@ def train(args):
     nb = 10  # loss split into 10 timestep buckets
     bucket_sum = torch.zeros(nb, device=device)
     bucket_cnt = torch.zeros(nb, device=device)
+    kept_steps = torch.zeros(1, device=device)  # steps not skipped as non-finite, on this rank
     extra_sum, n_logged = {}, 0
     nonfinite = 0
     pending = None  # (step, flags tensor) of the previous step, read one step late
@@ -912,14 +915,16 @@ def train(args):
 
         # Bookkeeping on the device; read back only at log steps (and the lagged flags below).
         with torch.no_grad():
+            kept = ~bad  # () a skipped non-finite step's samples and method tensors count neither as values nor as zeros
             lv = terms["loss"].detach().float()  # (B,)
-            finite = torch.isfinite(lv)  # a skipped non-finite step's samples count neither as losses nor as zeros
+            finite = torch.isfinite(lv) & kept  # (B,)
             lv = torch.where(finite, lv, 0.0)
             b = (diffusion.original_timesteps(t) * nb // diffusion.num_timesteps).long()
             bucket_sum.index_add_(0, b, lv)
             bucket_cnt.index_add_(0, b, finite.float())
-            for k, v in extra.items():
-                extra_sum[k] = extra_sum.get(k, 0) + v.float()
+            for k, v in extra.items():  # a skipped step's L_k can be NaN or inf
+                extra_sum[k] = extra_sum.get(k, 0) + torch.where(kept, v.float(), 0.0)
+            kept_steps += kept.float()
             n_logged += 1
             flags = torch.stack([lv.mean(), bad.float(), stop_flag.fill_(float(stop_requested[0]))])
             if distributed:
@@ -937,24 +942,25 @@ def train(args):
             if pending is not None:
                 keep_going = resolve(pending) and keep_going
                 pending = None
-            stats = torch.cat([bucket_sum, bucket_cnt] + [v.view(-1) for v in extra_sum.values()])
+            stats = torch.cat([bucket_sum, bucket_cnt, kept_steps] + [v.view(-1) for v in extra_sum.values()])
             if distributed:
                 dist.all_reduce(stats)
             stats = stats.tolist()
             elapsed = time.time() - t0
-            n_finite = sum(stats[nb: 2 * nb])  # finite per-sample losses over the steps and ranks of this record
+            n_finite = sum(stats[nb: 2 * nb])  # finite per-sample losses of the kept steps, all ranks
+            n_kept = stats[2 * nb]  # kept (step, rank) pairs
             record = {"step": step, "loss": sum(stats[:nb]) / n_finite if n_finite else float("nan"),
                       "steps_per_s": n_logged / elapsed, "images_per_s": n_logged * args.global_batch_size / elapsed}
             for i in range(nb):
                 if stats[nb + i] > 0:
                     record[f"loss_t{i}"] = stats[i] / stats[nb + i]
-            pos, sums = 2 * nb, {}
+            pos, sums = 2 * nb + 1, {}
             for k, v in extra_sum.items():
                 sums[k], pos = stats[pos: pos + v.numel()], pos + v.numel()
             present = sums.pop("present", None)  # UW: in how many (step, rank) pairs each cluster had samples
             for k, vals in sums.items():
                 for i, val in enumerate(vals):
-                    n = present[i] if k == "L" and present is not None else n_logged * world
+                    n = present[i] if k == "L" and present is not None else n_kept
                     if n > 0:  # L_k is 0 where cluster k had no sample (a curriculum hides it): not a loss to average
                         record[f"ant/{k}{i}"] = val / n
             record.update(trained_in)
@@ -963,7 +969,7 @@ def train(args):
             if master:
                 tqdm.write(f"step {step:7d}  loss {record['loss']:.4f}  {record['steps_per_s']:.2f} steps/s  "
                            f"{record['images_per_s']:.1f} img/s")
-            bucket_sum.zero_(), bucket_cnt.zero_()
+            bucket_sum.zero_(), bucket_cnt.zero_(), kept_steps.zero_()
             extra_sum, n_logged, t0 = {}, 0, time.time()
 
         t_pause = time.time()  # checkpoints, grids and FID do not count against the training throughput
