@@ -20,7 +20,8 @@ What it measures, per method (any '+'-joined train.py method; vanilla is always 
   bf16 dense peak (`peak_tflops`, or --peak-tflops).
 Optional sections: --sample (images/s of sample.generate on the EMA model, DDIM-50 and DDPM-250
 with guidance 1.5 by default, once per distinct network among the methods: the plain DiT, and a
-DTR- or R-TR-routed DiT for each router kind benchmarked) and --fid (images/s of
+DTR- or R-TR-routed DiT for each router kind benchmarked; with --compile the EMA is compiled as in
+train.py, by sample.compile_for_sampling, during the untimed warm-up) and --fid (images/s of
 fid.FIDInceptionV3 with random weights on images of the generated size, i.e. 8x the latent size
 with --in-channels 4, resized to 299 inside the network as in a real evaluation).
 
@@ -345,7 +346,7 @@ def bench_sampling(benches, samplers, cfg_scale, batch_size, device, fwd_flops):
         y = torch.randint(ema.num_classes, (batch_size,), generator=gen).to(device)
         sample = lambda steps: generate(ema, diffusion, y, noise, steps=steps, cfg_scale=cfg_scale,
                                         clip_denoised=ema.in_channels == 3, precision=b.run.args.precision)
-        sample("ddim2")  # warm-up
+        sample("ddim2")  # warm-up; with --compile also the compile, for this batch size (the same in every sampler)
         for steps in samplers:
             n_steps = len(gd.space_timesteps(diffusion.num_timesteps, steps))
             seconds = timed(lambda: sample(steps), device)
@@ -460,7 +461,8 @@ def print_report(result):
               f"Process max RSS with every run alive: {result['max_rss_mb']:.0f} MB."
               + (f" MFU against the given {c['peak_tflops']:g} TFLOP/s." if c["peak_tflops"] else ""))
     if result.get("sample"):
-        print(f"\n{'sampling (EMA model)':<44}{'sampler':>9}{'cfg':>6}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}{'MFU':>7}")
+        what = "sampling (EMA model" + (", compiled)" if c["compile"] else ")")
+        print(f"\n{what:<44}{'sampler':>9}{'cfg':>6}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}{'MFU':>7}")
         for s in result["sample"]:
             mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else "n/a"
             print(f"{s['network']:<44}{s['sampler']:>9}{s['cfg_scale']:>6g}{_num(s['images_per_s']):>9}"

@@ -283,7 +283,8 @@ class DiT(nn.Module):
         if not 1 <= k <= self.in_channels:
             raise ValueError(f"guided_channels must be in 1..{self.in_channels} (the epsilon channels), got {k}")
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y).float()  # (N, C_out, H, W); guidance in fp32 under autocast
+        # self(...), not self.forward: a model compiled in place (sample.compile_for_sampling) compiles __call__
+        out = self(torch.cat([half, half], dim=0), t, y).float()  # (N, C_out, H, W); guidance in fp32 under autocast
         eps, rest = out[:, :k], out[:, k:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

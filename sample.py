@@ -103,6 +103,24 @@ def resolve_device(name=None):
     return device
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's modes
+
+
+def compile_for_sampling(model, mode="default"):
+    """Compile the network in place (nn.Module.compile) for the samplers, with static shapes; returns it.
+
+    In place, not torch.compile(model)'s wrapper: guidance calls model.forward_with_cfg, which the
+    wrapper would leave uncompiled, and the state dict keeps its keys. Static shapes: a sampling
+    call site uses one batch size (sample_indices pads its last batch), so it compiles once, on its
+    first batch, and reuses that graph for every later batch and evaluation; train.py's grid (16
+    samples) and its FID batches are two sites, two graphs. The default (dynamic=None) would
+    recompile at the second shape into one graph with a symbolic batch size, which Inductor cannot
+    specialise to the batch. Only the network is compiled: the sampler's own work per step is a few
+    elementwise passes over (N, C, H, W)."""
+    model.compile(mode=mode, dynamic=False)
+    return model
+
+
 @torch.no_grad()
 def generate(model, diffusion, labels, noise, steps="250", cfg_scale=1.0, clip_denoised=True, guided_channels=None,
              progress=False, noise_fn=None, precision="bf16"):
@@ -145,31 +163,37 @@ def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, ste
     Sample i draws its starting noise, its (uniform random, or class_labels[i % len]) label and
     then the DDPM steps' noise from a generator seeded with (seed, i), so the result does not
     depend on how indices are split across ranks or batches, and the global RNG is not touched.
-    For a latent model, `decode` (a latents.Decoder) turns the samples into images; `precision` as
-    in generate. See check_seed for the seeds allowed."""
-    if len(indices):
-        check_seed(seed, max(indices) + 1)
+    Every batch has min(batch_size, len(indices)) rows, so that a compiled network sees one shape
+    (compile_for_sampling): the last is padded with rows of zero noise and label 0, dropped at the
+    end. The DiT treats rows independently (no batch statistics), so the padding changes no real
+    sample. For a latent model, `decode` (a latents.Decoder) turns the samples into images;
+    `precision` as in generate. See check_seed for the seeds allowed."""
+    if len(indices) == 0:  # a rank with no samples to make
+        side = model.input_size * (1 if decode is None else decode.factor)
+        return torch.zeros(0, side, side, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    check_seed(seed, max(indices) + 1)
     images, labels = [], []
+    batch_size = min(batch_size, len(indices))
+    shape = (model.in_channels, model.input_size, model.input_size)
     for start in range(0, len(indices), batch_size):
         idx = indices[start: start + batch_size]
+        pad = batch_size - len(idx)  # padding rows (the last batch only)
         gens = [torch.Generator().manual_seed(seed * SEED_STRIDE + i) for i in idx]
-        noise = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size, generator=g) for g in gens])
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens] + [torch.zeros(shape)] * pad)  # (B, C, H, W)
         if class_labels:
             y = torch.tensor([class_labels[i % len(class_labels)] for i in idx])
         else:
             y = torch.cat([torch.randint(model.num_classes, (1,), generator=g) for g in gens])
 
-        def step_noise(x, gens=gens):  # (n, C, H, W), row j from sample idx[j]'s own generator
-            z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])  # on the CPU
+        def step_noise(x, gens=gens, pad=pad):  # (B, C, H, W), row j from sample idx[j]'s own generator, then zeros
+            z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens] + [torch.zeros(x.shape[1:])] * pad)
             return z.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else z  # no host sync per step
 
-        x = generate(model, diffusion, y.to(device), noise.to(device), steps, cfg_scale, clip_denoised=clip_denoised,
-                     guided_channels=guided_channels, progress=progress, noise_fn=step_noise, precision=precision)
+        x = generate(model, diffusion, torch.cat([y, y.new_zeros(pad)]).to(device), noise.to(device), steps, cfg_scale,
+                     clip_denoised=clip_denoised, guided_channels=guided_channels, progress=progress,
+                     noise_fn=step_noise, precision=precision)[: len(idx)]  # (n, C, H, W)
         images.append(to_uint8(x if decode is None else decode(x)))
         labels.append(y)
-    if not images:
-        side = model.input_size * (1 if decode is None else decode.factor)
-        return torch.zeros(0, side, side, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     return torch.cat(images), torch.cat(labels)
 
 
@@ -211,6 +235,9 @@ def parse_args(argv=None):
     p.add_argument("--vae", default=None, help="latent models: the VAE to decode with (default: the one saved in the checkpoint)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
                    help="CUDA: bf16 autocast (fast, as train.py), or fp32 with TF32 matmuls as the official DiT sampler")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (compile_for_sampling): one compile before the first batch, then faster steps")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode with --compile (as train.py)")
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
 
@@ -220,6 +247,8 @@ def main(argv=None):
     for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
         if value < 1:
             sys.exit(f"error: {flag} {value}: must be a positive number")
+    if args.compile_mode != "default" and not args.compile:
+        sys.exit(f"error: --compile-mode {args.compile_mode} has no effect without --compile; add --compile")
     if args.fid_ref is not None and args.num_samples < 2:
         sys.exit(f"error: --fid-ref needs at least 2 samples for a covariance, got --num-samples {args.num_samples}")
     png_dir = os.path.join(args.out, "png")
@@ -275,6 +304,8 @@ def main(argv=None):
         except (OSError, ValueError, RuntimeError) as e:
             sys.exit(f"error: {e}")
 
+    if args.compile:
+        compile_for_sampling(model, args.compile_mode)
     mine = list(range(rank, args.num_samples, world))  # global sample i is made by rank i % W
     images, labels = sample_indices(model, diffusion, mine, device, args.seed, args.batch_size, args.steps, args.cfg_scale,
                                     clip_denoised=targs.get("latent") is None, guided_channels=args.guided_channels,

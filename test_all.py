@@ -4011,6 +4011,108 @@ def test_generate_guides_the_requested_channels_against_the_null_class():
         assert (sample.to_uint8(other).int() - images.int()).abs().max() > 1
 
 
+# ---------------------------------------------------------------------------------------------- compiled sampling
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches and counters emptied before and after the test: compiled graphs hang on
+    DiT.forward's code object, which every test's DiT shares, so another test's graphs would be reused or counted."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset(), counters.clear()
+    yield
+    torch._dynamo.reset(), counters.clear()
+
+
+def record_graphs(monkeypatch):
+    """Make torch.compile trace with Dynamo as usual but run each graph eagerly (fast: no Inductor). Returns a list
+    that gets, per graph compiled, ("sampling" or "training" by the grad mode, batch size of the (N, 3, 16, 16) input)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        n = [x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and tuple(x.shape[1:]) == (3, 16, 16)]
+        graphs.append(("training" if torch.is_grad_enabled() else "sampling", *n))
+        return gm.forward
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    return graphs
+
+
+def test_compiled_sampling_equals_eager_and_reads_the_updated_weights(fresh_dynamo):
+    # Inductor (C++ kernels on the CPU) against the eager network: DDIM with guidance on 2 samples and DDPM without on
+    # 4 both run the network on a batch of 4, so one graph serves both; an in-place weight update (as the EMA's lerp)
+    # reaches the compiled graph without a recompile
+    from torch._dynamo.utils import counters
+    eager, d = _random_dit(), gd.Diffusion()
+    compiled = sample.compile_for_sampling(copy.deepcopy(eager))
+    noise, y = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+
+    def run(model, n, **kw):  # DDPM's step noise from a generator seeded afresh: the same draws for both models
+        gen = torch.Generator().manual_seed(1)
+        return sample.generate(model, d, y[:n], noise[:n], noise_fn=lambda x: torch.randn(x.shape, generator=gen), **kw)
+
+    outs = []
+    for _ in range(2):  # before and after an update of the weights
+        for n, kw in ((2, dict(steps="ddim3", cfg_scale=1.5)), (4, dict(steps="3"))):
+            outs.append(run(compiled, n, **kw))
+            torch.testing.assert_close(outs[-1], run(eager, n, **kw), rtol=1e-3, atol=1e-4)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(2)
+            for a, b in zip(eager.parameters(), compiled.parameters()):
+                delta = 0.02 * torch.randn(a.shape, generator=g)
+                a.add_(delta), b.add_(delta)
+    assert not torch.allclose(outs[0], outs[2], atol=1e-3)  # the update changed the samples
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_sampling_pads_the_short_last_batch_and_compiles_once(monkeypatch, fresh_dynamo):
+    graphs = record_graphs(monkeypatch)
+    model, d = _random_dit(), gd.Diffusion()
+    eager = copy.deepcopy(model)
+    sample.compile_for_sampling(model)
+    idx = [5, 0, 3, 7, 2, 9, 11]  # batches of 4 and 3: the last is padded to 4 rows, 8 through the network with guidance
+    for steps in ("3", "ddim2"):
+        got, labels = sample.sample_indices(model, d, idx, CPU, seed=4, batch_size=4, steps=steps, cfg_scale=1.5)
+        want, want_labels = sample.sample_indices(eager, d, idx, CPU, seed=4, batch_size=4, steps=steps, cfg_scale=1.5)
+        assert got.shape == (7, 16, 16, 3) and torch.equal(labels, want_labels)
+        assert (got.int() - want.int()).abs().max() <= 1
+    assert graphs == [("sampling", 8)]  # one graph for every batch of both runs
+    # fewer samples than the batch size: the batch shrinks to them rather than padding 2 samples to 64
+    sample.sample_indices(model, d, [0, 1], CPU, steps="ddim2")
+    assert graphs == [("sampling", 8), ("sampling", 2)]
+    images, labels = sample.sample_indices(model, d, [], CPU, steps="ddim2")  # a rank with nothing to do
+    assert images.shape == (0, 16, 16, 3) and labels.shape == (0,)
+
+
+def test_train_compile_samples_from_the_ema_compiled_once_per_batch_size(tmp_path, monkeypatch, fresh_dynamo):
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
+    flags = ["--global-batch-size", "4", "--max-steps", "3", "--fid-every", "1", "--fid-samples", "6", "--fid-batch-size", "4",
+             "--fid-steps", "ddim2", "--fid-cfg", "1.5", "--fid-ref-limit", "16", "--sample-every", "2", "--sample-steps", "ddim2",
+             "--ema-decay", "0.5", "--lr", "1e-2"]
+    eager = [r["fid"] for r in metrics(run_train(tmp_path, *flags, name="eager")) if "fid" in r]
+    graphs = record_graphs(monkeypatch)
+    out = run_train(tmp_path, *flags, "--compile", name="compiled")
+    # three FID evaluations (6 samples: a batch of 4 and one of 2 padded to 4, doubled by guidance) and two grids (16)
+    assert sorted(graphs) == [("sampling", 8), ("sampling", 16), ("training", 4)]
+    assert sorted(p.name for p in out.glob("samples_*.png")) == ["samples_0000002.png", "samples_0000003.png"]
+    compiled = [r["fid"] for r in metrics(out) if "fid" in r]
+    assert len(compiled) == 3 and compiled == pytest.approx(eager, rel=1e-5)  # the compiled EMA follows the updates
+
+
+def test_sample_py_compile_samples_as_eager(tmp_path, fresh_dynamo, capsys):
+    from torch._dynamo.utils import counters
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--ema-decay", "0.5", "--lr", "1e-2")
+    flags = ["--ckpt", str(checkpoints(out)[-1]), "--num-samples", "5", "--batch-size", "2", "--steps", "ddim3",
+             "--cfg-scale", "1.5"]
+    sample.main(flags + ["--out", str(tmp_path / "eager")])
+    sample.main(flags + ["--out", str(tmp_path / "compiled"), "--compile"])  # Inductor
+    eager, compiled = np.load(tmp_path / "eager" / "samples.npz"), np.load(tmp_path / "compiled" / "samples.npz")
+    np.testing.assert_array_equal(compiled["arr_1"], eager["arr_1"])
+    assert np.abs(compiled["arr_0"].astype(int) - eager["arr_0"].astype(int)).max() <= 1
+    assert len(np.unique(eager["arr_0"])) > 10  # trained weights: the samples are not a flat image
+    assert counters["stats"]["unique_graphs"] == 1  # batches of 2, 2 and 1 padded to 2 (4 with guidance)
+    with pytest.raises(SystemExit, match="add --compile"):
+        sample.main(flags + ["--out", str(tmp_path / "x"), "--compile-mode", "max-autotune-no-cudagraphs"])
+
+
 def test_to_uint8_rounds_to_nearest_and_puts_channels_last():
     # (x + 1) * 127.5 rounded, as the official DiT sampler's clamp(127.5 x + 128) truncated: 0 -> 128, not 127
     x = torch.tensor([-2.0, -1.0, -0.999, -0.5, 0.0, 0.5, 0.999, 1.0, 1.5]).view(1, 1, 1, 9).expand(1, 3, 1, 9).clone()
@@ -4916,12 +5018,12 @@ def test_bench_memory_check_counts_the_first_runs_adamw_state(monkeypatch):
 
 def test_bench_latent_inputs_compile_mode_and_profile(monkeypatch, capsys):
     modes = []
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)  # the mode reaches it
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: modes.append(mode) or model)  # the mode reaches it
     result = bench.bench(BENCH_TINY + ["--batch-size", "4", "--methods", "vanilla,dtr", "--in-channels", "4", "--warmup", "0",
                                        "--steps", "1", "--rounds", "1", "--profile", "2", "--compile",
                                        "--compile-mode", "max-autotune-no-cudagraphs"], log=lambda msg: None)
     out = capsys.readouterr().out
-    assert modes == ["max-autotune-no-cudagraphs"] * 2
+    assert modes == ["max-autotune-no-cudagraphs"] * 4  # each run's model, and its EMA for the samplers
     assert result["config"]["in_channels"] == 4 and "16x16x4" in out and "N(0, 1) latents" in out
     assert "compiled (max-autotune-no-cudagraphs)" in out
     for name in ("vanilla", "dtr"):

@@ -44,10 +44,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as datasets
 import latents
 from dit import DiT_models
-from sample import (SEED_STRIDE, build_diffusion, build_model, check_seed, generate, max_seed, method_parts,
-                    resolve_device, sample_indices, save_grid, to_uint8)
+from sample import (COMPILE_MODES, SEED_STRIDE, build_diffusion, build_model, check_seed, compile_for_sampling, generate,
+                    max_seed, method_parts, resolve_device, sample_indices, save_grid, to_uint8)
 
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's modes
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
 ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
 # Settings that must match between a checkpoint and the flags of a resumed run.
@@ -394,6 +393,8 @@ def build_run(args, device, distributed, log=print):
                           f"use --compile-mode max-autotune-no-cudagraphs or default")
     model = build_model(vars(args)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if args.compile:  # the grids and FID sample from the EMA: one compile per sampling batch size, on first use
+        compile_for_sampling(ema, args.compile_mode)
     diffusion = build_diffusion(vars(args))
     method = Method(args, diffusion, device, log)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -495,7 +496,7 @@ def parse_args(argv=None):
     a("--max-steps", type=int, default=400_000, help="stop after this many steps (papers: 400K)")
     a("--global-seed", type=int, default=0)
     a("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on CUDA (CPU always runs fp32)")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action="store_true", help="torch.compile the model, and the EMA for the grids and FID samples")
     a("--compile-mode", default="default", choices=COMPILE_MODES,
       help="torch.compile mode with --compile: max-autotune-no-cudagraphs lets Inductor pick Triton matmul templates "
            "and fuse the elementwise epilogues into them (minutes of compile time); the two others add CUDA graphs")
