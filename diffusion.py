@@ -86,6 +86,10 @@ class Diffusion:
                  min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0, betas=None, timestep_map=None):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        if weighting == "min-snr" and not min_snr_gamma > 0:  # gamma <= 0 gives every sample weight 0 (or < 0)
+            raise ValueError(f"min_snr_gamma must be > 0 (Hang et al.: 5), got {min_snr_gamma}")
+        if weighting == "p2" and not (p2_gamma >= 0 and p2_k >= 0):  # a negative k makes (k + SNR)^-gamma NaN
+            raise ValueError(f"p2_gamma and p2_k must be >= 0 (Choi et al.: gamma 1, k 1), got {p2_gamma} and {p2_k}")
         self.schedule, self.learn_sigma, self.weighting = schedule, learn_sigma, weighting
         self.min_snr_gamma, self.p2_gamma, self.p2_k = min_snr_gamma, p2_gamma, p2_k
         betas = get_beta_schedule(schedule, num_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)

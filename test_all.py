@@ -1042,6 +1042,15 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
                                       "--ant-clusters", "4")  # batch 4: one per cluster
     assert "null class" in _train_error(tmp_path, capsys, "--sample-cfg", "4", "--class-dropout-prob", "0")
     assert "--fid-steps ddimx" in _train_error(tmp_path, capsys, "--fid-steps", "ddimx")
+    # values that once trained silently: no clipping, no model override, zero loss weights; or ended in a traceback
+    for flag, value, says in (("--max-grad-norm", "-1", "0 or more"), ("--nash-max-norm", "-1", "0 or more"),
+                              ("--uw-lr", "-1", "0 or more"), ("--max-steps", "0", "positive"), ("--depth", "0", "positive"),
+                              ("--num-heads", "0", "positive"), ("--image-size", "0", "positive"),
+                              ("--global-seed", "-1", "0 or more")):
+        err = _train_error(tmp_path, capsys, flag, value)
+        assert err.startswith(f"error: {flag} ") and says in err, err
+    assert "min_snr_gamma must be > 0" in _train_error(tmp_path, capsys, "--weighting", "min-snr", "--min-snr-gamma", "0")
+    assert "p2_k must be >= 0" in _train_error(tmp_path, capsys, "--weighting", "p2", "--p2-k", "-1")
 
 
 def test_corrupt_image_is_named(tmp_path, capsys):

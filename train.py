@@ -460,7 +460,7 @@ def parse_args(argv=None):
     a("--depth", type=int, default=None, help="override the config's depth (small models for CPU runs and tests)")
     a("--hidden-size", type=int, default=None, help="override the config's width")
     a("--num-heads", type=int, default=None, help="override the config's number of heads")
-    a("--learn-sigma", type=int, default=1, help="1: learned-range variance + hybrid loss (DiT); 0: fixed variance, MSE only")
+    a("--learn-sigma", type=int, default=1, choices=(0, 1), help="1: learned-range variance + hybrid loss (DiT); 0: fixed variance, MSE only")
     a("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance (DiT: 0.1)")
     a("--num-timesteps", type=int, default=1000, help="T (all three papers: 1000)")
     a("--schedule", default="linear", choices=("linear", "cosine"), help="linear (DiT) or cosine (ADM, used by ANT)")
@@ -563,14 +563,21 @@ def train(args):
     if args.image_size % patch:
         raise ConfigError(f"--image-size {args.image_size} is not divisible by the patch size {patch} of {args.model}")
     for flag, value in (("--global-batch-size", args.global_batch_size), ("--log-every", args.log_every),
-                        ("--ckpt-every", args.ckpt_every), ("--nash-every", args.nash_every)):
-        if value < 1:
+                        ("--ckpt-every", args.ckpt_every), ("--nash-every", args.nash_every),
+                        ("--max-steps", args.max_steps), ("--image-size", args.image_size),
+                        ("--depth", args.depth), ("--hidden-size", args.hidden_size), ("--num-heads", args.num_heads)):
+        if value is not None and value < 1:  # None: a model override left to the --model config
             raise ConfigError(f"{flag} {value}: must be a positive number")
     for flag, value in (("--sample-every", args.sample_every), ("--fid-every", args.fid_every),
                         ("--keep-last", args.keep_last), ("--skip-nonfinite", args.skip_nonfinite),
-                        ("--num-workers", args.num_workers)):
-        if value < 0:
+                        ("--num-workers", args.num_workers), ("--max-grad-norm", args.max_grad_norm),
+                        ("--nash-max-norm", args.nash_max_norm)):
+        if not value >= 0:
             raise ConfigError(f"{flag} {value}: must be 0 or more (0 turns it off)")
+    if not args.uw_lr >= 0:
+        raise ConfigError(f"--uw-lr {args.uw_lr}: must be 0 or more (official: 0.025)")
+    if args.global_seed < 0:
+        raise ConfigError(f"--global-seed {args.global_seed}: must be 0 or more")
     if not 0 <= args.ema_decay < 1:
         raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1) (0.9999 in the papers)")
     if not 0 <= args.class_dropout_prob <= 1:  # 1: every label is the null class (unconditional)
