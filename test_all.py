@@ -4438,6 +4438,49 @@ def test_replica_drift_stops_the_run_at_the_checkpoint(tmp_path):
     assert not list((tmp_path / "drift" / "checkpoints").glob("*.pt"))  # nothing written from drifted replicas
 
 
+COMPILED_DDP = """
+import functools, os, sys, torch
+sys.path.insert(0, {repo!r})
+import train
+torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 50_000  # DDP's (and DDPOptimizer's) first bucket: below the cap below
+train.DDP = functools.partial(train.DDP, bucket_cap_mb=0.05)  # several buckets, as DiT-S/2 has at 25 MB
+torch.compile = functools.partial(torch.compile, backend="aot_eager")  # fast, same autograd
+real_backward = train.Method.backward
+def counting_backward(self, loss_vec, cluster, params, step):
+    if step == 0 and os.environ["RANK"] == "0":
+        seen, stack = set(), [loss_vec.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                stack.extend(next_node for next_node, _ in node.next_functions)
+        print("compiled backward pieces:", sum("CompiledFunction" in node.name() for node in seen))
+    return real_backward(self, loss_vec, cluster, params, step)
+train.Method.backward = counting_backward
+train.main(sys.argv[1:])
+"""
+
+
+@retry_rank_abort
+def test_two_process_compiled_model_splits_backward_at_ddp_buckets_and_matches_eager(tmp_path):
+    # DDP(torch.compile(model)): the compile runs inside DDP's forward, so Dynamo's DDPOptimizer splits the graph at
+    # the bucket boundaries and each bucket can all-reduce while backward goes on. ANT-Nash every 2 steps covers both
+    # paths: K backward passes through the split graph under no_sync (steps 0, 2), DDP's all-reduce (step 1).
+    script = tmp_path / "compiled_ddp.py"
+    script.write_text(COMPILED_DDP.format(repo=str(REPO)))
+    flags = [*TINY, "--method", "ant-nash", "--nash-every", "2", "--global-batch-size", "10", "--max-steps", "3",
+             "--class-dropout-prob", "0"]
+    r = torchrun(str(script), *flags, "--compile", "--out", str(tmp_path / "compiled"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split("compiled backward pieces: ")[1].split()[0]) > 1
+    assert "model replicas, EMA and method state identical on 2 ranks" in r.stdout
+    r = torchrun("train.py", *flags, "--out", str(tmp_path / "eager"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    compiled, eager = last_checkpoint(tmp_path / "compiled")["model"], last_checkpoint(tmp_path / "eager")["model"]
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=0, atol=1e-6)
+
+
 def test_torchrun_max_restarts_recovers_from_a_crashed_worker(tmp_path):
     script = tmp_path / "crash_once.py"
     script.write_text(CRASH_ONCE.format(repo=str(REPO)))
