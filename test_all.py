@@ -4902,6 +4902,18 @@ def test_bad_counts_are_refused():
         bench.parse_args(BENCH_TINY + ["--steps", "0"])
 
 
+def test_bench_refuses_the_train_flags_train_py_refuses(capsys):
+    # bench builds its runs with train.build_run, not train(): --depth 0 used to bench the config's depth 12 and a
+    # negative --max-grad-norm to time steps without clipping
+    for flag, value, says in (("--depth", "0", "positive"), ("--max-grad-norm", "-1", "0 or more"),
+                              ("--uw-lr", "-1", "0 or more")):
+        with pytest.raises(SystemExit):
+            bench.main(BENCH_TINY + ["--methods", "vanilla", "--steps", "1", "--rounds", "1", flag, value])
+        err = capsys.readouterr().err
+        assert f"error: {flag} -" in err or f"error: {flag} 0:" in err, err
+        assert says in err, err
+
+
 def test_bench_times_every_method_and_writes_the_table_and_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     result = bench.bench(BENCH_TINY + ["--batch-size", "10", "--methods", "vanilla,dtr,ant-pcgrad,ant-nash,curriculum,dtr+ant-uw",
@@ -5105,7 +5117,9 @@ def test_compiled_pcgrad_and_nash_can_backpropagate_once_per_cluster(monkeypatch
     # AOTAutograd hands the saved activations to the first backward ("donated buffers") unless told
     # not to; PCGrad and Nash's update steps backpropagate through the same graph K times.
     import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
     monkeypatch.setattr(functorch_config, "donated_buffer", True)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)  # restored: build_run turns it off
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))  # fast, same autograd
     result = bench.bench(BENCH_TINY + ["--batch-size", "10", "--methods", "vanilla,ant-pcgrad,ant-nash", "--compile",
                                        "--nash-every", "1", "--warmup", "1", "--steps", "1", "--rounds", "1"], log=lambda msg: None)
@@ -5232,6 +5246,38 @@ def test_encode_never_logs_a_batch_whose_latents_were_written_short(monkeypatch,
     os.close(fd)
 
 
+RETAINED_BACKWARDS = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import train
+if sys.argv[1] == "pcgrad":
+    train.keep_graph_for_cluster_backwards()  # what build_run sets for compiled PCGrad / Nash
+torch.manual_seed(0)
+N = torch.nn
+model = N.Sequential(N.Linear(8, 16), N.GELU(), N.LayerNorm(16), N.Linear(16, 8), N.GELU())
+loss = torch.compile(model)(torch.randn(4, 8)).pow(2).sum()
+if sys.argv[1] == "pcgrad":  # two backward passes through one graph, as PCGrad's clusters
+    g1 = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    g2 = torch.autograd.grad(loss, list(model.parameters()))
+    print("max difference", max(float((a - b).abs().max()) for a, b in zip(g1, g2)))
+else:  # a plain method compiled first on this machine: one backward, with donated buffers
+    loss.backward()
+"""
+
+
+def test_compiled_cluster_backwards_ignore_a_backward_cached_with_donated_buffers(tmp_path):
+    # torch 2.13: Inductor's FX graph cache does not key on the donated-buffer setting, so a second process compiling
+    # the same graph for PCGrad got the first process's backward, which overwrites a saved activation: the second
+    # cluster's gradient came out wrong by 1.49 without any error. keep_graph_for_cluster_backwards turns the cache off.
+    script = tmp_path / "retained.py"
+    script.write_text(RETAINED_BACKWARDS.format(repo=str(REPO)))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    for kind in ("vanilla", "pcgrad"):
+        r = subprocess.run([sys.executable, str(script), kind], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.split("max difference")[1]) == 0.0
+
+
 def test_bench_compiles_each_run_with_its_own_donated_buffer_setting(monkeypatch, tmp_path):
     # build_run turns AOTAutograd's donated buffers off process-wide for PCGrad/Nash; the runs built
     # around it must still compile (on their first step) with train.py's setting.
@@ -5245,6 +5291,8 @@ def test_bench_compiles_each_run_with_its_own_donated_buffer_setting(monkeypatch
 
     monkeypatch.setattr(train, "train_step", spy)
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # only the flag matters here
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)  # restored: build_run turns it off
     default = functorch_config.donated_buffer
     argv = ["--model", "DiT-S/4", "--image-size", "16", "--precision", "fp32", "--depth", "1", "--hidden-size", "32",
             "--num-heads", "2", "--compile"]

@@ -382,6 +382,44 @@ def init_distributed(backend):
         dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world)
 
 
+def check_flags(args):
+    """Refuse the flag values that would train silently wrong or crash later, with one line saying what to
+    pass. Needs no data and no process group: train() and bench.py (which builds runs directly) call it."""
+    for flag, value in (("--global-batch-size", args.global_batch_size), ("--log-every", args.log_every),
+                        ("--ckpt-every", args.ckpt_every), ("--nash-every", args.nash_every),
+                        ("--max-steps", args.max_steps), ("--image-size", args.image_size),
+                        ("--depth", args.depth), ("--hidden-size", args.hidden_size), ("--num-heads", args.num_heads)):
+        if value is not None and value < 1:  # None: a model override left to the --model config
+            raise ConfigError(f"{flag} {value}: must be a positive number")
+    for flag, value in (("--sample-every", args.sample_every), ("--fid-every", args.fid_every),
+                        ("--keep-last", args.keep_last), ("--skip-nonfinite", args.skip_nonfinite),
+                        ("--num-workers", args.num_workers), ("--max-grad-norm", args.max_grad_norm),
+                        ("--nash-max-norm", args.nash_max_norm)):
+        if not value >= 0:
+            raise ConfigError(f"{flag} {value}: must be 0 or more (0 turns it off)")
+    if not args.uw_lr >= 0:
+        raise ConfigError(f"--uw-lr {args.uw_lr}: must be 0 or more (official: 0.025)")
+    if args.global_seed < 0:
+        raise ConfigError(f"--global-seed {args.global_seed}: must be 0 or more")
+    if not 0 <= args.ema_decay < 1:
+        raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1) (0.9999 in the papers)")
+    if not 0 <= args.class_dropout_prob <= 1:  # 1: every label is the null class (unconditional)
+        raise ConfigError(f"--class-dropout-prob {args.class_dropout_prob}: must be in [0, 1] (0.1 in the papers)")
+
+
+def keep_graph_for_cluster_backwards():
+    """Compile settings for PCGrad and Nash-MTL, whose per-cluster gradients backpropagate K times through one
+    compiled graph (retain_graph=True). AOTAutograd's donated buffers let the first backward overwrite the saved
+    activations, so they go off. Inductor's on-disk FX graph cache goes off too: its key leaves out the donated-buffer
+    setting (torch 2.13), so a backward cached by an earlier compile of the same model with donated buffers (any
+    other method on this machine) would come back and make the second cluster's gradient silently wrong. The
+    price is a full compile at every start."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    functorch_config.donated_buffer = False
+    inductor_config.fx_graph_cache = False
+
+
 def build_run(args, device, distributed, log=print):
     """Model, EMA, diffusion, method and optimiser for `args`: what train() and bench.py step."""
     if args.compile_mode != "default" and not args.compile:
@@ -403,10 +441,7 @@ def build_run(args, device, distributed, log=print):
         groups.append({"params": list(method.uw.parameters()), "lr": args.uw_lr, "weight_decay": args.uw_weight_decay})
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     if args.compile and method.ant in ("ant-pcgrad", "ant-nash"):
-        # Per-cluster gradients backpropagate through one graph K times (retain_graph=True); AOTAutograd's
-        # donated buffers free the saved activations after the first backward, so turn them off.
-        import torch._functorch.config as functorch_config
-        functorch_config.donated_buffer = False
+        keep_graph_for_cluster_backwards()
     # Compiled inside DDP (PyTorch's advice). The compile happens in DDP's first forward, where Dynamo's DDPOptimizer
     # splits the graph at DDP's bucket boundaries (6 pieces for DiT-S/2 at the default 25 MB), so each bucket
     # all-reduces while the rest of backward runs. torch.compile(DDP(model)) gives the same pieces and weights, plus 3
@@ -566,26 +601,7 @@ def train(args):
     patch = int(args.model.split("/")[1])
     if args.image_size % patch:
         raise ConfigError(f"--image-size {args.image_size} is not divisible by the patch size {patch} of {args.model}")
-    for flag, value in (("--global-batch-size", args.global_batch_size), ("--log-every", args.log_every),
-                        ("--ckpt-every", args.ckpt_every), ("--nash-every", args.nash_every),
-                        ("--max-steps", args.max_steps), ("--image-size", args.image_size),
-                        ("--depth", args.depth), ("--hidden-size", args.hidden_size), ("--num-heads", args.num_heads)):
-        if value is not None and value < 1:  # None: a model override left to the --model config
-            raise ConfigError(f"{flag} {value}: must be a positive number")
-    for flag, value in (("--sample-every", args.sample_every), ("--fid-every", args.fid_every),
-                        ("--keep-last", args.keep_last), ("--skip-nonfinite", args.skip_nonfinite),
-                        ("--num-workers", args.num_workers), ("--max-grad-norm", args.max_grad_norm),
-                        ("--nash-max-norm", args.nash_max_norm)):
-        if not value >= 0:
-            raise ConfigError(f"{flag} {value}: must be 0 or more (0 turns it off)")
-    if not args.uw_lr >= 0:
-        raise ConfigError(f"--uw-lr {args.uw_lr}: must be 0 or more (official: 0.025)")
-    if args.global_seed < 0:
-        raise ConfigError(f"--global-seed {args.global_seed}: must be 0 or more")
-    if not 0 <= args.ema_decay < 1:
-        raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1) (0.9999 in the papers)")
-    if not 0 <= args.class_dropout_prob <= 1:  # 1: every label is the null class (unconditional)
-        raise ConfigError(f"--class-dropout-prob {args.class_dropout_prob}: must be in [0, 1] (0.1 in the papers)")
+    check_flags(args)
     if args.global_batch_size % world:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
     if args.fid_every:
