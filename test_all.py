@@ -1049,8 +1049,15 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
                               ("--global-seed", "-1", "0 or more")):
         err = _train_error(tmp_path, capsys, flag, value)
         assert err.startswith(f"error: {flag} ") and says in err, err
-    assert "min_snr_gamma must be > 0" in _train_error(tmp_path, capsys, "--weighting", "min-snr", "--min-snr-gamma", "0")
-    assert "p2_k must be >= 0" in _train_error(tmp_path, capsys, "--weighting", "p2", "--p2-k", "-1")
+    for flags in (["--weighting", "min-snr", "--min-snr-gamma", "0"], ["--weighting", "p2", "--p2-k", "-1"],
+                  ["--curriculum-patience", "0"], ["--curriculum-stage-steps", "0"], ["--curriculum-smoothing", "1"],
+                  ["--curriculum-clusters", "1001"], ["--ant-clusters", "0"]):  # once named by their parameters
+        err = _train_error(tmp_path, capsys, *flags)
+        assert err.startswith("error: --") and f"{flags[-2]} " in err, flags
+    with pytest.raises(ValueError, match="min_snr_gamma must be > 0"):  # a copied diffusion.py checks it too
+        gd.Diffusion(weighting="min-snr", min_snr_gamma=0)
+    with pytest.raises(ValueError, match="p2_gamma and p2_k must be >= 0"):
+        gd.Diffusion(weighting="p2", p2_k=-1)
 
 
 def test_corrupt_image_is_named(tmp_path, capsys):

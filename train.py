@@ -388,7 +388,9 @@ def check_flags(args):
     for flag, value in (("--global-batch-size", args.global_batch_size), ("--log-every", args.log_every),
                         ("--ckpt-every", args.ckpt_every), ("--nash-every", args.nash_every),
                         ("--max-steps", args.max_steps), ("--image-size", args.image_size),
-                        ("--depth", args.depth), ("--hidden-size", args.hidden_size), ("--num-heads", args.num_heads)):
+                        ("--depth", args.depth), ("--hidden-size", args.hidden_size), ("--num-heads", args.num_heads),
+                        ("--curriculum-patience", args.curriculum_patience),
+                        ("--curriculum-stage-steps", args.curriculum_stage_steps)):
         if value is not None and value < 1:  # None: a model override left to the --model config
             raise ConfigError(f"{flag} {value}: must be a positive number")
     for flag, value in (("--sample-every", args.sample_every), ("--fid-every", args.fid_every),
@@ -401,6 +403,18 @@ def check_flags(args):
         raise ConfigError(f"--uw-lr {args.uw_lr}: must be 0 or more (official: 0.025)")
     if args.global_seed < 0:
         raise ConfigError(f"--global-seed {args.global_seed}: must be 0 or more")
+    # the paper modules and Diffusion check these too, naming their parameters; here the flags are named
+    if not 1 <= args.ant_clusters <= args.num_timesteps:
+        raise ConfigError(f"--ant-clusters {args.ant_clusters}: must be in 1..{args.num_timesteps} (paper: 5)")
+    if not 0 <= args.curriculum_clusters <= args.num_timesteps:
+        raise ConfigError(f"--curriculum-clusters {args.curriculum_clusters}: must be in 0..{args.num_timesteps} "
+                          f"(paper: 20; 0 = the ANT clusters)")
+    if not 0 <= args.curriculum_smoothing < 1:
+        raise ConfigError(f"--curriculum-smoothing {args.curriculum_smoothing}: an EMA decay, must be in [0, 1) (default 0.995)")
+    if args.weighting == "min-snr" and not args.min_snr_gamma > 0:
+        raise ConfigError(f"--min-snr-gamma {args.min_snr_gamma}: must be > 0 (Hang et al.: 5)")
+    if args.weighting == "p2" and not (args.p2_gamma >= 0 and args.p2_k >= 0):
+        raise ConfigError(f"--p2-gamma {args.p2_gamma} --p2-k {args.p2_k}: must be >= 0 (Choi et al.: 1 and 1)")
     if not 0 <= args.ema_decay < 1:
         raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1) (0.9999 in the papers)")
     if not 0 <= args.class_dropout_prob <= 1:  # 1: every label is the null class (unconditional)
