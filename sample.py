@@ -251,6 +251,9 @@ def main(argv=None):
         sys.exit(f"error: --compile-mode {args.compile_mode} has no effect without --compile; add --compile")
     if args.fid_ref is not None and args.num_samples < 2:
         sys.exit(f"error: --fid-ref needs at least 2 samples for a covariance, got --num-samples {args.num_samples}")
+    if os.path.exists(os.path.join(args.out, "samples.npz")):  # hours of sampling for a 50K FID: never overwritten
+        sys.exit(f"error: {os.path.join(args.out, 'samples.npz')} holds an earlier run's samples; pass another --out, "
+                 f"or delete it to sample again")
     png_dir = os.path.join(args.out, "png")
     if args.save_png and os.path.isdir(png_dir) and os.listdir(png_dir):
         sys.exit(f"error: {png_dir} already holds PNGs of an earlier run, which a run with fewer samples would leave "

@@ -954,6 +954,11 @@ def test_sample_py_writes_npz_in_adm_format(tmp_path):
     pngs = sorted((tmp_path / "s" / "png").iterdir())  # apart from grid.png, so a folder score counts only samples
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
     assert np.array_equal(np.asarray(Image.open(pngs[3])), arr["arr_0"][3])
+    saved = (tmp_path / "s" / "samples.npz").read_bytes()
+    with pytest.raises(SystemExit, match="holds an earlier run's samples"):  # once overwritten without a word
+        sample.main(flags + ["--num-samples", "2"])
+    assert (tmp_path / "s" / "samples.npz").read_bytes() == saved
+    (tmp_path / "s" / "samples.npz").unlink()
     with pytest.raises(SystemExit, match="already holds PNGs"):  # 2 new ones would sit among 3 stale ones
         sample.main(flags + ["--num-samples", "2"])
 
