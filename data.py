@@ -1,5 +1,6 @@
 """
-Datasets for train.py: image folders, zip files, .npz arrays and a built-in procedural set.
+Datasets for train.py: image folders, zip files, .npz/.npy arrays (memory-mapped where stored
+uncompressed) and a built-in procedural set.
 
 Every dataset yields (image, label) with image a uint8 tensor (3, H, W), already centre-cropped
 and resized like ADM/DiT (`center_crop_arr`), and label an int64 class index (0 for every image of
@@ -14,6 +15,8 @@ train.py uses as they are.
 import io
 import json
 import os
+import struct
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -217,23 +220,77 @@ class ImageFiles(torch.utils.data.Dataset):
         return {**self.__dict__, "_zip": None, "_zip_pid": None}
 
 
+def array_data_offset(path, member="arr_0.npy"):
+    """(offset, shape, fortran_order, dtype) of the raw array bytes in an .npy file, or in `member`
+    of an .npz; None when that member is compressed (np.savez_compressed) or has an .npy header of
+    version 3 (only structured dtypes with non-Latin-1 field names need one).
+
+    numpy cannot memory-map a member of a zip, but np.savez stores each one uncompressed
+    (ZIP_STORED): a verbatim .npy file inside the zip. It starts after the member's local file
+    header, which sits at `header_offset` and is 30 fixed bytes (the name and extra-field lengths at
+    bytes 26-29) plus the name and the extra field. The .npy file is a magic string, a header
+    (shape, order, dtype), then the data, so np.memmap at the returned offset maps the array.
+    fid._npz_images maps sample files the same way (fid.py imports nothing from this repo)."""
+    with open(path, "rb") as f:
+        if path.lower().endswith(".npz"):
+            with zipfile.ZipFile(f) as zf:
+                info = zf.getinfo(member)
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            f.seek(info.header_offset)
+            name_len, extra_len = struct.unpack("<26xHH", f.read(30))
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return None
+        shape, fortran_order, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
+        return f.tell(), shape, fortran_order, dtype
+
+
+def open_array(path):
+    """The array of an .npy, or arr_0 of an .npz: a read-only np.memmap when the file holds it
+    uncompressed in C order (np.save, np.savez), else read into memory (np.savez_compressed, Fortran
+    order, object arrays)."""
+    where = array_data_offset(path)
+    if where is not None and not where[2] and not where[3].hasobject:
+        offset, shape, _, dtype = where
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    if path.lower().endswith(".npy"):
+        return np.load(path)
+    with np.load(path) as data:
+        return data["arr_0"]
+
+
 class ArrayDataset(torch.utils.data.Dataset):
-    """An .npz with arr_0 (N, H, W, C) uint8 images and optional arr_1 (N,) integer labels."""
+    """arr_0 (N, H, W, C) uint8 images and optional arr_1 (N,) integer labels of an .npz (the ADM/DiT
+    format), or (N, H, W, C) images of an .npy (unconditional). Memory-mapped where the file allows
+    (np.savez, np.save), so that every rank and DataLoader worker reads the one copy in the OS page
+    cache instead of holding its own; each process maps the file itself (see __getstate__)."""
 
     def __init__(self, path, image_size):
+        self.path, self.image_size = str(path), image_size
         try:
-            data = np.load(path)
+            if self.path.lower().endswith(".npy"):
+                keys, labels = ["arr_0"], None
+            else:
+                with np.load(self.path) as data:
+                    keys = list(data.keys())
+                    labels = data["arr_1"] if "arr_1" in keys else None
+            images = open_array(self.path) if "arr_0" in keys else None
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot read {path}: {e}") from None
-        if "arr_0" not in data:
-            raise DataError(f"{path} has no 'arr_0' array (expected N x H x W x C uint8 images); it has {list(data.keys())}")
-        images = data["arr_0"]
+        if images is None:
+            raise DataError(f"{path} has no 'arr_0' array (expected N x H x W x C uint8 images); it has {keys}")
         if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.dtype != np.uint8:
             raise DataError(f"{path}: arr_0 must be N x H x W x C uint8 with C in 1, 3, 4; got {images.shape} {images.dtype}")
         if len(images) == 0:
             raise DataError(f"{path}: arr_0 holds no images")
-        self.images, self.image_size = images, image_size
-        self.labels = data["arr_1"].astype(np.int64) if "arr_1" in data else np.zeros(len(images), dtype=np.int64)
+        if not isinstance(images, np.memmap):
+            warnings.warn(f"{path}: arr_0 is compressed (np.savez_compressed) or in Fortran order, so each process "
+                          f"reads all {images.nbytes / 1e6:,.1f} MB of it into memory; save it with "
+                          f"np.savez(path, arr_0=np.ascontiguousarray(images), arr_1=labels) to memory-map it")
+        self.images = images
+        self.labels = labels.astype(np.int64) if labels is not None else np.zeros(len(images), dtype=np.int64)
         if self.labels.shape != (len(images),) or self.labels.min() < 0:
             raise DataError(f"{path}: arr_1 must hold {len(images)} non-negative labels, got shape {self.labels.shape}")
         self.num_classes = int(self.labels.max()) + 1
@@ -251,6 +308,16 @@ class ArrayDataset(torch.utils.data.Dataset):
         else:
             arr = np.asarray(to_rgb(img))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), int(self.labels[i])
+
+    # A pickled np.memmap carries all its bytes: a spawned DataLoader worker maps the file again instead.
+    # (A forked one reads the parent's map, which is safe: it is read-only and has no file position.)
+    def __getstate__(self):
+        return {**self.__dict__, "images": None if isinstance(self.images, np.memmap) else self.images}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.images is None:
+            self.images = open_array(self.path)
 
 
 class LatentFolder(torch.utils.data.Dataset):
@@ -312,25 +379,35 @@ def is_latent_folder(path):
 
 
 def load_dataset(path, image_size, skip_bad=False, shapes_size=10000, seed=0):
-    """The dataset behind --data: None or "shapes" (built-in), a folder, a .zip, an .npz, or a
+    """The dataset behind --data: None or "shapes" (built-in), a folder, a .zip, an .npz or .npy, or a
     latent folder (see is_latent_folder). Hidden files and folders are skipped."""
     if path in (None, "shapes"):
         return ShapesDataset(image_size, shapes_size, seed)
     path = str(path)
     if not os.path.exists(path):
-        raise DataError(f"data path {path} does not exist; give a folder, .zip or .npz, or omit --data for the built-in shapes")
-    if path.lower().endswith(".npz"):
+        raise DataError(f"data path {path} does not exist; give a folder, .zip, .npz or .npy, or omit --data for the built-in shapes")
+    if path.lower().endswith((".npz", ".npy")):
         return ArrayDataset(path, image_size)
     if is_latent_folder(path):
         return LatentFolder(path)
     if os.path.isdir(path) or path.lower().endswith(".zip"):
         return ImageFiles(path, image_size, skip_bad=skip_bad)
-    raise DataError(f"cannot use {path} as data: expected a folder, a .zip or an .npz")
+    raise DataError(f"cannot use {path} as data: expected a folder, a .zip, an .npz or an .npy")
 
 
-def dataset_to_tensor(dataset, num_workers=0):
-    """Decode a whole dataset once: (uint8 (N, 3, H, W) or float16 latents, int64 (N,)). For sets held on the GPU."""
+def dataset_to_tensor(dataset, num_workers=0, device="cpu"):
+    """Decode a whole dataset once: (uint8 (N, 3, H, W) or float16 latents, int64 (N,)) on `device`.
+    For sets held on the GPU. Each batch is copied into tensors allocated up front, so host memory
+    holds one batch, not the whole set twice (a list of batches, then their concatenation)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers,
                                          generator=torch.Generator())  # leaves the global RNG (and resume) alone
-    images, labels = zip(*loader)
-    return torch.cat(images), torch.cat([torch.as_tensor(y) for y in labels])
+    images = labels = None
+    start = 0
+    for x, y in loader:  # x: (B, 3, H, W) uint8 or (B, C, h, w) float16
+        if images is None:
+            images = torch.empty((len(dataset), *x.shape[1:]), dtype=x.dtype, device=device)  # (N, 3, H, W)
+            labels = torch.empty(len(dataset), dtype=torch.int64, device=device)  # (N,)
+        images[start: start + len(x)] = x
+        labels[start: start + len(x)] = torch.as_tensor(y)
+        start += len(x)
+    return images, labels

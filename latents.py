@@ -301,7 +301,7 @@ def encode(args):
     if args.seed < 0:
         raise LatentError(f"--seed {args.seed}: use a seed >= 0")
     if datasets.is_latent_folder(str(args.data)):
-        raise LatentError(f"{args.data} is already a latent folder; --data takes images (a folder, .zip or .npz)")
+        raise LatentError(f"{args.data} is already a latent folder; --data takes images (a folder, .zip, .npz or .npy)")
     dataset = datasets.load_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images)
     if rank == 0:  # rank 0 first, so a hub download happens once and lands in the cache for the others
         vae = load_vae(args.vae, device)

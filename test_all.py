@@ -12,9 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
+import tracemalloc
 import types
+import warnings
 import zipfile
 from fractions import Fraction
 from pathlib import Path
@@ -858,6 +861,86 @@ def test_npz_images_are_centre_cropped_and_made_rgb_and_labels_are_class_indices
     np.savez(tmp_path / "rgba.npz", arr_0=rgba)
     np.testing.assert_array_equal(datasets.load_dataset(str(tmp_path / "rgba.npz"), 16)[0][0].permute(1, 2, 0).numpy(),
                                   rgba[0, ..., :3])  # alpha dropped, colours kept
+
+
+def test_npz_and_npy_arrays_are_memory_mapped_where_stored_uncompressed_and_read_as_before(tmp_path):
+    rng = np.random.default_rng(3)
+    images, labels = rng.integers(0, 256, (5, 20, 24, 3), dtype=np.uint8), np.array([2, 0, 1, 2, 0])
+    expected = [datasets.center_crop_arr(Image.fromarray(img), 16) for img in images]
+    np.savez(tmp_path / "plain.npz", arr_1=labels, arr_0=images)  # ADM's format, uncompressed; arr_0 not first
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images, arr_1=labels)
+    np.savez(tmp_path / "fortran.npz", arr_0=np.asfortranarray(images), arr_1=labels)
+    np.save(tmp_path / "images.npy", images)
+    for name, mapped in (("plain.npz", True), ("compressed.npz", False), ("fortran.npz", False), ("images.npy", True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = datasets.load_dataset(str(tmp_path / name), 16)
+        assert isinstance(ds.images, np.memmap) == mapped, name
+        assert any("MB of it into memory" in str(w.message) for w in caught) != mapped, name  # says so, with the size
+        for i in range(5):
+            x, y = ds[i]
+            np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), expected[i], err_msg=name)
+            assert y == (0 if name.endswith(".npy") else labels[i])
+    np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32))  # refused, as when it was read whole
+    with pytest.raises(datasets.DataError, match="uint8"):
+        datasets.load_dataset(str(tmp_path / "float.npz"), 16)
+    # Only the items asked for are read: numpy reports its allocations to tracemalloc.
+    np.savez(tmp_path / "big.npz", arr_0=rng.integers(0, 256, (400, 64, 64, 3), dtype=np.uint8))  # 4.9 MB
+    tracemalloc.start()
+    try:
+        ds = datasets.load_dataset(str(tmp_path / "big.npz"), 64)
+        ds[7], ds[399]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 400 * 64 * 64 * 3 / 10
+
+
+def test_mapped_array_dataset_is_reopened_not_pickled_and_serves_forked_workers(tmp_path):
+    images = np.random.default_rng(4).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=images, arr_1=np.arange(64) % 5)
+    ds = datasets.load_dataset(str(tmp_path / "d.npz"), 16)
+    expected = [ds[i] for i in range(64)]  # the parent's map is open before the workers fork
+    blob = pickle.dumps(ds)  # what a spawned worker receives
+    assert len(blob) < images.nbytes / 4
+    clone = pickle.loads(blob)
+    assert isinstance(clone.images, np.memmap) and all(torch.equal(clone[i][0], expected[i][0]) for i in range(64))
+    sampler = train.StreamSampler(64, 6, 0, 1, seed=0, start_step=5)  # a resumed run's batches
+    indices = list(itertools.islice(train.StreamSampler(64, 6, 0, 1, seed=0, start_step=5), 12))  # crosses an epoch
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=2, multiprocessing_context="fork")
+    for idx, (x, y) in zip(indices, loader):
+        assert torch.equal(x, torch.stack([expected[i][0] for i in idx])) and y.tolist() == [expected[i][1] for i in idx]
+
+
+def test_dataset_to_tensor_fills_one_preallocated_tensor(tmp_path):
+    images = np.random.default_rng(5).integers(0, 256, (300, 16, 16, 3), dtype=np.uint8)  # two loader batches
+    np.savez(tmp_path / "d.npz", arr_0=images, arr_1=np.arange(300) % 7)
+    ds = datasets.load_dataset(str(tmp_path / "d.npz"), 16)
+    x, y = datasets.dataset_to_tensor(ds, device="cpu")
+    assert x.dtype == torch.uint8 and torch.equal(x, torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert y.dtype == torch.int64 and y.tolist() == (np.arange(300) % 7).tolist()
+    # Host memory: one copy of the set (the result), not the decoded batches plus their concatenation
+    # (and, before memory-mapping, the whole arr_0 besides). Measured in a fresh process.
+    np.savez(tmp_path / "big.npz", arr_0=np.zeros((3000, 64, 64, 3), np.uint8))  # 36.9 MB
+    script = textwrap.dedent(f"""
+        import threading, time, data
+        peak = [0]
+        def anon():
+            return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) * 1024
+        def watch():
+            while True:
+                peak[0] = max(peak[0], anon())
+                time.sleep(0.001)
+        start = anon()
+        threading.Thread(target=watch, daemon=True).start()
+        data.dataset_to_tensor(data.load_dataset({str(tmp_path / "big.npz")!r}, 64))
+        time.sleep(0.01)
+        print((peak[0] - start) / (3000 * 64 * 64 * 3))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 1.7  # 1.25 here; 3.1 before, and 2 or more with either half of the fix
 
 
 def test_images_with_a_short_side_below_the_target_are_counted(tmp_path):

@@ -249,8 +249,7 @@ class StreamSampler:
 def batches(dataset, sampler, args, device):
     """Infinite iterator of (uint8 images (B, 3, H, W) or float16 latents, labels (B,)) on the device."""
     if args.data_on_device:
-        images, labels = datasets.dataset_to_tensor(dataset, args.num_workers)
-        images, labels = images.to(device), labels.to(device)
+        images, labels = datasets.dataset_to_tensor(dataset, args.num_workers, device)
         for idx in sampler:
             idx = torch.tensor(idx, device=device)
             yield images[idx], labels[idx]
@@ -504,7 +503,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # data and model
-    a("--data", default="shapes", help="image folder, .zip, .npz (arr_0, arr_1), 'shapes' (built-in, offline), "
+    a("--data", default="shapes", help="image folder, .zip, .npz (arr_0, arr_1) or .npy, 'shapes' (built-in, offline), "
                                        "or a latent folder from latents.py encode")
     a("--image-size", type=int, default=32, help="training resolution in pixels (centre crop + resize like ADM); for a "
                                                  "latent folder, the pixel size it was encoded at (the DiT sees image_size / 8 for the SD VAE)")
