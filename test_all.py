@@ -2727,6 +2727,11 @@ def test_shared_weights_load_strictly_and_give_feature_shapes():
     assert feats["pool"].shape == (2, 2048) and feats["spatial"].shape == (2, 2023)
     assert feats["logits"].shape == (2, 1008) and not feats["logits"].any()
     assert (feats["pool"] >= 0).all() and feats["pool"].mean() > 0.05  # post-ReLU average pool
+    # pytorch-fid 0.3.0's own InceptionV3([3]) with this weights file on these two images (run once, outside this
+    # suite, which cannot depend on it); fid.py matched it to conv rounding (channels_last vs its default layout)
+    np.testing.assert_allclose(feats["pool"].sum(axis=1), [516.454069404248, 538.2071577436691], rtol=1e-4)
+    np.testing.assert_allclose(feats["pool"][:, :4], [[0.45919302, 0.0, 0.01034413, 0.00845708],
+                                                      [0.29717863, 0.0, 0.01441012, 0.01537843]], rtol=1e-3, atol=1e-6)
 
 
 def test_load_inception_offline_names_the_file_and_flag(monkeypatch):
