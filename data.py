@@ -222,8 +222,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def array_data_offset(path, member="arr_0.npy"):
     """(offset, shape, fortran_order, dtype) of the raw array bytes in an .npy file, or in `member`
-    of an .npz; None when that member is compressed (np.savez_compressed) or has an .npy header of
-    version 3 (only structured dtypes with non-Latin-1 field names need one).
+    of an .npz; None when that member is compressed (np.savez_compressed), has an .npy header of
+    version 3 (only structured dtypes with non-Latin-1 field names need one) or is missing (a zip
+    written by hand may name it "arr_0", which np.load reads as well).
 
     numpy cannot memory-map a member of a zip, but np.savez stores each one uncompressed
     (ZIP_STORED): a verbatim .npy file inside the zip. It starts after the member's local file
@@ -234,8 +235,8 @@ def array_data_offset(path, member="arr_0.npy"):
     with open(path, "rb") as f:
         if path.lower().endswith(".npz"):
             with zipfile.ZipFile(f) as zf:
-                info = zf.getinfo(member)
-            if info.compress_type != zipfile.ZIP_STORED:
+                info = zf.NameToInfo.get(member)
+            if info is None or info.compress_type != zipfile.ZIP_STORED:
                 return None
             f.seek(info.header_offset)
             name_len, extra_len = struct.unpack("<26xHH", f.read(30))
@@ -245,6 +246,12 @@ def array_data_offset(path, member="arr_0.npy"):
             return None
         shape, fortran_order, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
         return f.tell(), shape, fortran_order, dtype
+
+
+def file_stamp(path):
+    """(device, inode, size, mtime) of a file: changes when it is rewritten in place or renamed over."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def open_array(path):
@@ -270,6 +277,7 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __init__(self, path, image_size):
         self.path, self.image_size = str(path), image_size
         try:
+            self.stamp = file_stamp(self.path)  # what a spawned worker checks before it maps the file again
             if self.path.lower().endswith(".npy"):
                 keys, labels = ["arr_0"], None
             else:
@@ -298,9 +306,14 @@ class ArrayDataset(torch.utils.data.Dataset):
         self.skipped = []
 
     def __len__(self):
-        return len(self.images)
+        return len(self.labels)
 
     def __getitem__(self, i):
+        if self.images is None:  # a spawned worker's copy (see __getstate__): map the file on first use
+            if file_stamp(self.path) != self.stamp:
+                raise DataError(f"{self.path} was rewritten or replaced after this run opened it; restart the run, "
+                                f"and write new data under another name while a run reads the old")
+            self.images = open_array(self.path)
         img = self.images[i]
         img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
         if img.size != (self.image_size, self.image_size):
@@ -309,15 +322,12 @@ class ArrayDataset(torch.utils.data.Dataset):
             arr = np.asarray(to_rgb(img))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), int(self.labels[i])
 
-    # A pickled np.memmap carries all its bytes: a spawned DataLoader worker maps the file again instead.
-    # (A forked one reads the parent's map, which is safe: it is read-only and has no file position.)
+    # A pickled np.memmap carries all its bytes: a spawned DataLoader worker maps the file again instead (in
+    # __getitem__, so that a DataError reaches train.py as one line), if it is still the file the parent mapped:
+    # rewritten or renamed over since, it holds other images, or fewer than the labels index. A forked worker reads
+    # the parent's map, which is safe: it is read-only and has no file position.
     def __getstate__(self):
         return {**self.__dict__, "images": None if isinstance(self.images, np.memmap) else self.images}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if self.images is None:
-            self.images = open_array(self.path)
 
 
 class LatentFolder(torch.utils.data.Dataset):

@@ -904,12 +904,46 @@ def test_mapped_array_dataset_is_reopened_not_pickled_and_serves_forked_workers(
     blob = pickle.dumps(ds)  # what a spawned worker receives
     assert len(blob) < images.nbytes / 4
     clone = pickle.loads(blob)
-    assert isinstance(clone.images, np.memmap) and all(torch.equal(clone[i][0], expected[i][0]) for i in range(64))
+    assert all(torch.equal(clone[i][0], expected[i][0]) for i in range(64)) and isinstance(clone.images, np.memmap)
     sampler = train.StreamSampler(64, 6, 0, 1, seed=0, start_step=5)  # a resumed run's batches
     indices = list(itertools.islice(train.StreamSampler(64, 6, 0, 1, seed=0, start_step=5), 12))  # crosses an epoch
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=2, multiprocessing_context="fork")
     for idx, (x, y) in zip(indices, loader):
         assert torch.equal(x, torch.stack([expected[i][0] for i in idx])) and y.tolist() == [expected[i][1] for i in idx]
+
+
+def test_a_spawned_worker_refuses_an_array_file_rewritten_or_replaced_since_the_parent_mapped_it(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, arr_0=np.zeros((8, 16, 16, 3), np.uint8), arr_1=np.arange(8) % 2)
+
+    def renamed_over():  # the parent keeps its map of the old file
+        np.savez(tmp_path / "new.npz", arr_0=np.ones((2, 16, 16, 3), np.uint8))
+        os.replace(tmp_path / "new.npz", path)
+
+    def rewritten():  # in place: the parent's map now reads the new bytes too (or dies of SIGBUS past their end)
+        np.savez(path, arr_0=np.ones((9, 16, 16, 3), np.uint8), arr_1=np.arange(9) % 2)
+
+    for replace in (renamed_over, rewritten):
+        ds = datasets.load_dataset(str(path), 16)
+        blob = pickle.dumps(ds)  # what a spawned (or, Python >= 3.14's default, forkserver) worker receives
+        replace()
+        with pytest.raises(datasets.DataError, match="rewritten or replaced after this run opened it"):
+            pickle.loads(blob)[5]  # it once mapped the new file: other images, or an IndexError past its 2
+    # np.load reads a member that a zip written by hand names "arr_0" (no .npy): so does ArrayDataset, unmapped
+    with zipfile.ZipFile(tmp_path / "hand.npz", "w") as zf:
+        with zf.open("arr_0", "w") as f:
+            np.lib.format.write_array(f, np.full((3, 16, 16, 3), 9, np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert datasets.load_dataset(str(tmp_path / "hand.npz"), 16)[2][0].eq(9).all()
+
+
+def test_a_data_error_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
+    _write_images(tmp_path / "imgs", 4)
+    png = (tmp_path / "imgs" / "a" / "0.png").read_bytes()
+    (tmp_path / "imgs" / "a" / "0.png").write_bytes(png[:len(png) // 2])  # its header reads, its pixels do not
+    err = _train_error(tmp_path, capsys, "--data", str(tmp_path / "imgs"), "--num-workers", "1")
+    assert "0.png" in err and "--skip-bad-images" in err  # the worker's traceback once came with it
 
 
 def test_dataset_to_tensor_fills_one_preallocated_tensor(tmp_path):
@@ -1139,13 +1173,25 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
         assert err.startswith(f"error: {flag} ") and says in err, err
     for flags in (["--weighting", "min-snr", "--min-snr-gamma", "0"], ["--weighting", "p2", "--p2-k", "-1"],
                   ["--curriculum-patience", "0"], ["--curriculum-stage-steps", "0"], ["--curriculum-smoothing", "1"],
-                  ["--curriculum-clusters", "1001"], ["--ant-clusters", "0"]):  # once named by their parameters
+                  ["--method", "curriculum", "--curriculum-clusters", "1001"], ["--ant-clusters", "0"]):  # once named by their parameters
         err = _train_error(tmp_path, capsys, *flags)
         assert err.startswith("error: --") and f"{flags[-2]} " in err, flags
     with pytest.raises(ValueError, match="min_snr_gamma must be > 0"):  # a copied diffusion.py checks it too
         gd.Diffusion(weighting="min-snr", min_snr_gamma=0)
     with pytest.raises(ValueError, match="p2_gamma and p2_k must be >= 0"):
         gd.Diffusion(weighting="p2", p2_k=-1)
+
+
+def test_cluster_counts_are_bounded_by_T_only_for_the_method_that_uses_them():
+    small = ["--num-timesteps", "4", "--schedule", "cosine"]  # below the defaults: 5 ANT and 20 curriculum clusters
+    for method in ("vanilla", "dtr"):
+        train.check_flags(train.parse_args(small + ["--method", method]))  # neither count is used: nothing refused
+    train.check_flags(train.parse_args(small + ["--method", "ant-uw", "--ant-clusters", "4", "--curriculum-clusters", "0"]))
+    for flags, named in ((["--method", "ant-uw"], "--ant-clusters 5"), (["--method", "curriculum"], "--curriculum-clusters 20"),
+                         (["--method", "curriculum+ant-uw", "--curriculum-clusters", "0"], "--ant-clusters 5"),
+                         (["--ant-clusters", "0"], "--ant-clusters 0"), (["--curriculum-clusters", "-1"], "--curriculum-clusters -1")):
+        with pytest.raises(train.ConfigError, match=named):
+            train.check_flags(train.parse_args(small + flags))
 
 
 def test_corrupt_image_is_named(tmp_path, capsys):
@@ -1231,6 +1277,25 @@ def test_resume_onto_another_latent_space_is_refused():
     train.check_compatible({**saved, "latent": {**args.latent, "vae": "a"}}, args)  # a --vae override of the decoder is fine
     with pytest.raises(train.ConfigError, match="pixels"):
         train.check_compatible({**saved, "latent": None}, args)
+
+
+def test_sample_py_write_cut_short_leaves_no_samples_npz_that_refuses_the_rerun(tmp_path, monkeypatch):
+    flags = ["--ckpt", str(checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1]),
+             "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "ddim2"]
+    savez = np.savez
+
+    def disk_full(file, **arrays):
+        if "samples.npz" in str(getattr(file, "name", file)):  # the merged file, not a rank's shard
+            (file if hasattr(file, "write") else open(file, "wb")).write(b"PK\x03\x04 half a zip")
+            raise OSError(28, "No space left on device")
+        return savez(file, **arrays)
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        sample.main(flags)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == []  # no shard, no temporary file, no samples.npz
+    monkeypatch.setattr(np, "savez", savez)
+    sample.main(flags)  # the rerun samples again: a half samples.npz once refused it as "an earlier run's samples"
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
 
 
 def test_sample_py_checks_counts_steps_checkpoint_and_fid_inputs_before_sampling(tmp_path, capsys):

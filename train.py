@@ -402,10 +402,11 @@ def check_flags(args):
         raise ConfigError(f"--uw-lr {args.uw_lr}: must be 0 or more (official: 0.025)")
     if args.global_seed < 0:
         raise ConfigError(f"--global-seed {args.global_seed}: must be 0 or more")
-    # the paper modules and Diffusion check these too, naming their parameters; here the flags are named
-    if not 1 <= args.ant_clusters <= args.num_timesteps:
+    # the paper modules and Diffusion check these too, naming their parameters; here the flags are named. The bound
+    # T holds only for a method that uses the flag: the defaults (5, 20) exceed a small --num-timesteps of vanilla.
+    if args.ant_clusters < 1 or ("ant" in args.method and args.ant_clusters > args.num_timesteps):
         raise ConfigError(f"--ant-clusters {args.ant_clusters}: must be in 1..{args.num_timesteps} (paper: 5)")
-    if not 0 <= args.curriculum_clusters <= args.num_timesteps:
+    if args.curriculum_clusters < 0 or ("curriculum" in args.method and args.curriculum_clusters > args.num_timesteps):
         raise ConfigError(f"--curriculum-clusters {args.curriculum_clusters}: must be in 0..{args.num_timesteps} "
                           f"(paper: 20; 0 = the ANT clusters)")
     if not 0 <= args.curriculum_smoothing < 1:
@@ -1042,18 +1043,16 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (ConfigError, datasets.DataError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except Exception as e:
-        # A DataLoader worker wraps a DataError in its own traceback: show just the data error.
+        # A DataLoader worker's DataError comes back as a DataError (torch re-raises the worker's exception type)
+        # whose message is the worker's traceback: show just the data error, its last line.
         lines = str(e).strip().splitlines()
-        if "Original Traceback" in str(e) and lines and lines[-1].startswith(("DataError", "data.DataError")):
-            if int(os.environ.get("RANK", 0)) == 0:
-                print(f"error: {lines[-1].split(': ', 1)[1]}", file=sys.stderr)
-            sys.exit(2)
-        raise
+        worker = "Original Traceback" in str(e) and lines and lines[-1].startswith(("DataError", "data.DataError"))
+        if not (worker or isinstance(e, (ConfigError, datasets.DataError))):
+            raise
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {lines[-1].split(': ', 1)[1] if worker else e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
