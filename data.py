@@ -15,7 +15,6 @@ train.py uses as they are.
 import io
 import json
 import os
-import struct
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+import fid
 
 MANIFEST = "manifest.json"  # marks a latent folder (latents.py)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -220,34 +221,6 @@ class ImageFiles(torch.utils.data.Dataset):
         return {**self.__dict__, "_zip": None, "_zip_pid": None}
 
 
-def array_data_offset(path, member="arr_0.npy"):
-    """(offset, shape, fortran_order, dtype) of the raw array bytes in an .npy file, or in `member`
-    of an .npz; None when that member is compressed (np.savez_compressed), has an .npy header of
-    version 3 (only structured dtypes with non-Latin-1 field names need one) or is missing (a zip
-    written by hand may name it "arr_0", which np.load reads as well).
-
-    numpy cannot memory-map a member of a zip, but np.savez stores each one uncompressed
-    (ZIP_STORED): a verbatim .npy file inside the zip. It starts after the member's local file
-    header, which sits at `header_offset` and is 30 fixed bytes (the name and extra-field lengths at
-    bytes 26-29) plus the name and the extra field. The .npy file is a magic string, a header
-    (shape, order, dtype), then the data, so np.memmap at the returned offset maps the array.
-    fid._npz_images maps sample files the same way (fid.py imports nothing from this repo)."""
-    with open(path, "rb") as f:
-        if path.lower().endswith(".npz"):
-            with zipfile.ZipFile(f) as zf:
-                info = zf.NameToInfo.get(member)
-            if info is None or info.compress_type != zipfile.ZIP_STORED:
-                return None
-            f.seek(info.header_offset)
-            name_len, extra_len = struct.unpack("<26xHH", f.read(30))
-            f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            return None
-        shape, fortran_order, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
-        return f.tell(), shape, fortran_order, dtype
-
-
 def file_stamp(path):
     """(device, inode, size, mtime) of a file: changes when it is rewritten in place or renamed over."""
     st = os.stat(path)
@@ -256,16 +229,9 @@ def file_stamp(path):
 
 def open_array(path):
     """The array of an .npy, or arr_0 of an .npz: a read-only np.memmap when the file holds it
-    uncompressed in C order (np.save, np.savez), else read into memory (np.savez_compressed, Fortran
-    order, object arrays)."""
-    where = array_data_offset(path)
-    if where is not None and not where[2] and not where[3].hasobject:
-        offset, shape, _, dtype = where
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-    if path.lower().endswith(".npy"):
-        return np.load(path)
-    with np.load(path) as data:
-        return data["arr_0"]
+    uncompressed (np.save; np.savez in C order, see fid.npz_array), else read into memory
+    (np.savez_compressed, Fortran order in an .npz)."""
+    return np.load(path, mmap_mode="r") if path.lower().endswith(".npy") else fid.npz_array(path)
 
 
 class ArrayDataset(torch.utils.data.Dataset):

@@ -361,25 +361,29 @@ class ImageFiles(torch.utils.data.Dataset):
         return {**self.__dict__, "_zip": None, "_zip_pid": None}
 
 
-def _npz_images(path):
-    """arr_0 of an .npz as an array, memory-mapped when stored uncompressed (np.savez) so that
-    50k 256x256 samples are not read into memory at once."""
+def npz_array(path):
+    """arr_0 of an .npz as an array, memory-mapped when np.savez stored it uncompressed in C order, so
+    that 50k 256x256 samples (or a training set, data.ArrayDataset) are not read into memory at once;
+    otherwise (np.savez_compressed, Fortran order, a member named "arr_0" by hand) read whole.
+
+    numpy cannot memory-map a member of a zip, but a ZIP_STORED member is a verbatim .npy file. It
+    starts after the member's local file header, which sits at `header_offset` and is 30 fixed bytes
+    (the name and extra-field lengths at bytes 26-29) plus the name and the extra field; the .npy file
+    is a magic string, a header (shape, order, dtype), then the data, where the memmap starts."""
     with zipfile.ZipFile(path) as zf:
-        if "arr_0.npy" not in zf.namelist():
+        names = zf.namelist()
+        if "arr_0.npy" not in names and "arr_0" not in names:
             raise ValueError(f"{path} has no arr_0 (N x H x W x 3 uint8 images) to read; it holds "
-                             f"{[n[:-4] for n in zf.namelist()]} (a statistics file needs mu and sigma)")
-        info = zf.getinfo("arr_0.npy")
-    if info.compress_type == zipfile.ZIP_STORED:
+                             f"{[n[:-4] if n.endswith('.npy') else n for n in names]} (a statistics file needs mu and sigma)")
+        info = zf.NameToInfo.get("arr_0.npy")
+    if info is not None and info.compress_type == zipfile.ZIP_STORED:
         with open(path, "rb") as f:
             f.seek(info.header_offset)
-            local_header = f.read(30)  # zip local file header: fixed part
-            name_len, extra_len = struct.unpack("<HH", local_header[26:30])
+            name_len, extra_len = struct.unpack("<26xHH", f.read(30))  # zip local file header: fixed part
             f.seek(info.header_offset + 30 + name_len + extra_len)
             version = np.lib.format.read_magic(f)
-            if version in ((1, 0), (2, 0)):
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                               (2, 0): np.lib.format.read_array_header_2_0}[version]
-                shape, fortran, dtype = read_header(f)
+            if version in ((1, 0), (2, 0)):  # version 3: only structured dtypes with non-Latin-1 field names
+                shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
                 if not fortran and not dtype.hasobject:
                     return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape)
     with np.load(path) as data:
@@ -447,7 +451,7 @@ def _batches(images, batch_size, num_workers, limit):
         path = Path(images)
         if not path.exists():
             raise ValueError(f"no such file or folder: {path}")
-        images = _npz_images(path) if path.suffix.lower() == ".npz" else ImageFiles(path)
+        images = npz_array(path) if path.suffix.lower() == ".npz" else ImageFiles(path)
     if isinstance(images, (np.ndarray, torch.Tensor)):
         if images.ndim != 4:
             raise ValueError(f"an image array must be (N, H, W, 3) or (N, 3, H, W), got shape {tuple(images.shape)}")

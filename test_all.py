@@ -3039,7 +3039,7 @@ def test_folder_zip_npz_and_arrays_give_identical_features(tmp_path):
 
 def test_uncompressed_npz_is_memory_mapped(tmp_path):
     np.savez(tmp_path / "s.npz", arr_0=make_images(3), arr_1=np.arange(3))
-    arr = fid._npz_images(tmp_path / "s.npz")
+    arr = fid.npz_array(tmp_path / "s.npz")
     assert isinstance(arr, np.memmap)
     np.testing.assert_array_equal(arr, make_images(3))
 
