@@ -47,17 +47,6 @@ def center_crop_arr(pil_image, image_size):
     return arr[top: top + image_size, left: left + image_size]
 
 
-def to_rgb(img):
-    """Grey, palette, CMYK and RGBA images to RGB; PIL drops the alpha channel (as ADM's convert("RGB")).
-    16-bit grey (PNG/TIFF mode I;16) keeps its high byte: PIL's own conversion clips every value
-    above 255 to white (and so does ADM's convert("RGB"))."""
-    if img.mode.startswith("I;16"):  # Pillow >= 10.3 opens 16-bit grey PNG so (older ones: mode I)
-        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
 def to_model_input(images, flip=True, generator=None):
     """uint8 (N, 3, H, W) on any device -> float32 in [-1, 1], each image flipped left-right with
     probability 1/2 when `flip`. Runs on the images' device without a host sync."""
@@ -211,7 +200,7 @@ class ImageFiles(torch.utils.data.Dataset):
         name = self.names[i]
         try:
             with self._open(name) as img:
-                arr = center_crop_arr(to_rgb(img), self.image_size)  # (H, W, 3)
+                arr = center_crop_arr(fid.to_rgb(img), self.image_size)  # (H, W, 3)
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot read image {self._where(name)}: {type(e).__name__}: {e}. "
                             f"Remove it, or pass --skip-bad-images") from None
@@ -283,9 +272,9 @@ class ArrayDataset(torch.utils.data.Dataset):
         img = self.images[i]
         img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
         if img.size != (self.image_size, self.image_size):
-            arr = center_crop_arr(to_rgb(img), self.image_size)
+            arr = center_crop_arr(fid.to_rgb(img), self.image_size)
         else:
-            arr = np.asarray(to_rgb(img))
+            arr = np.asarray(fid.to_rgb(img))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), int(self.labels[i])
 
     # A pickled np.memmap carries all its bytes: a spawned DataLoader worker maps the file again instead (in

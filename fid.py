@@ -307,9 +307,10 @@ def has_classifier(net):
 #                               Reading images in batches
 # ----------------------------------------------------------------------------------------------
 
-def _to_rgb(img):
-    """Any PIL mode (grey, palette, RGBA, CMYK, ...) -> RGB; alpha is dropped as pytorch-fid does.
-    16-bit grey keeps its high byte (PIL's conversion would clip it to white), as data.to_rgb."""
+def to_rgb(img):
+    """Any PIL mode (grey, palette, RGBA, CMYK, ...) -> RGB; alpha is dropped as pytorch-fid and ADM's
+    convert("RGB") do. 16-bit grey (PNG/TIFF mode I;16) keeps its high byte: PIL's own conversion clips
+    every value above 255 to white. data.py decodes training images with it too."""
     if img.mode.startswith("I;16"):  # Pillow >= 10.3 opens 16-bit grey PNG so (older ones: mode I)
         img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
@@ -353,7 +354,7 @@ class ImageFiles(torch.utils.data.Dataset):
             file = self._zip.open(self.names[i])
         try:
             with file, Image.open(file) as img:
-                return torch.from_numpy(np.array(_to_rgb(img), dtype=np.uint8))  # (H, W, 3)
+                return torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8))  # (H, W, 3)
         except OSError as e:  # PIL's UnidentifiedImageError, truncated files
             raise ValueError(f"cannot decode {self.path / self.names[i]}: {e}; remove or replace that file") from None
 
@@ -405,7 +406,7 @@ def _as_image(item):
     if isinstance(item, (tuple, list)):
         item = item[0]
     if isinstance(item, Image.Image):
-        item = np.array(_to_rgb(item), dtype=np.uint8)
+        item = np.array(to_rgb(item), dtype=np.uint8)
     return torch.as_tensor(item)
 
 
