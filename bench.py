@@ -55,7 +55,7 @@ import torch._functorch.config as functorch_config
 import data as datasets
 import diffusion as gd
 import train
-from sample import generate, resolve_device
+from sample import CUDA_GRAPH_MODES, generate, resolve_device
 
 # Kernel families of --profile, first match on the lower-cased kernel (CUDA) or op (CPU) name wins. A
 # heuristic over the usual names: cuBLAS (gemm, xmma, nvjet), cuDNN, flash / memory-efficient / cuDNN
@@ -192,7 +192,7 @@ class MethodBench:
         self.static_bytes = allocated(device) - before  # weights and EMA; the first step adds AdamW's state
         self.device, self.step = device, 0
         # CUDA graphs replay from a private memory pool the allocator statistics do not follow: no peak for them
-        self.cuda_graphs = args.compile and args.compile_mode in ("max-autotune", "reduce-overhead")
+        self.cuda_graphs = args.compile and args.compile_mode in CUDA_GRAPH_MODES
         m = self.run.method
         self.K = len(m.intervals) if m.intervals is not None else 1
         self.every = m.nash.every if m.nash is not None else None

@@ -163,14 +163,25 @@ def load_decoder(latent, device="cpu", vae=None):
 #                                   Encoding a dataset
 # ----------------------------------------------------------------------------------------------
 
-def write_json(obj, path):
-    """Write JSON to a temporary file, fsync, rename: readers never see half a manifest."""
+def atomic_write(path, write, mode="wb"):
+    """Call write(f) on a temporary file in path's folder, fsync, then rename it to path: a crash or a
+    full disk mid-write leaves the previous file untouched and never half a file under the final name
+    (checkpoints, manifests, samples.npz)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, path):
+    """Write JSON atomically (atomic_write): readers never see half a manifest."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
 
 
 def done_images(out, num_images):

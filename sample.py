@@ -104,6 +104,7 @@ def resolve_device(name=None):
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's modes
+CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # the modes that add CUDA graphs
 
 
 def compile_for_sampling(model, mode="default"):
@@ -327,18 +328,9 @@ def main(argv=None):
         all_labels = np.concatenate([sh["labels"] for sh in shards])[order]
         for r in range(world):
             os.remove(os.path.join(args.out, f"shard{r}.npz"))
-        # Under a temporary name, then renamed: a write cut short (disk full, a job's time limit) leaves no half
-        # samples.npz for the check above to take for an earlier run's samples, refusing the rerun.
-        tmp = os.path.join(args.out, f"samples.npz.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, arr_0=all_images, arr_1=all_labels)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(args.out, "samples.npz"))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        # Atomically: a write cut short (disk full, a job's time limit) leaves no half samples.npz for the check
+        # above to take for an earlier run's samples, refusing the rerun.
+        latents.atomic_write(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=all_images, arr_1=all_labels))
         save_grid(all_images[:64], os.path.join(args.out, "grid.png"))
         if args.save_png:  # in their own folder, so that scoring it (fid.py OUT/png REF) does not count grid.png
             from PIL import Image

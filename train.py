@@ -44,8 +44,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as datasets
 import latents
 from dit import DiT_models
-from sample import (COMPILE_MODES, SEED_STRIDE, build_diffusion, build_model, check_seed, compile_for_sampling, generate,
-                    max_seed, method_parts, resolve_device, sample_indices, save_grid, to_uint8)
+from sample import (COMPILE_MODES, CUDA_GRAPH_MODES, SEED_STRIDE, build_diffusion, build_model, check_seed,
+                    compile_for_sampling, generate, max_seed, method_parts, resolve_device, sample_indices, save_grid,
+                    to_uint8)
 
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
 ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
@@ -266,18 +267,9 @@ def batches(dataset, sampler, args, device):
 # ----------------------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash mid-write
-    leaves the previous file untouched and never a half-written one under the final name."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save through latents.atomic_write: a crash mid-write leaves the previous checkpoint untouched and
+    never a half-written one under the final name."""
+    latents.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_step(path):
@@ -438,7 +430,7 @@ def build_run(args, device, distributed, log=print):
     """Model, EMA, diffusion, method and optimiser for `args`: what train() and bench.py step."""
     if args.compile_mode != "default" and not args.compile:
         raise ConfigError(f"--compile-mode {args.compile_mode} has no effect without --compile; add --compile")
-    if args.compile_mode in ("max-autotune", "reduce-overhead") and any(m in args.method for m in ("ant-pcgrad", "ant-nash")):
+    if args.compile_mode in CUDA_GRAPH_MODES and any(m in args.method for m in ("ant-pcgrad", "ant-nash")):
         # CUDA graphs reuse their output buffers on the next replay, while PCGrad/Nash backpropagate
         # through one forward K times; this pairing is untested, so it is refused rather than trusted.
         raise ConfigError(f"--compile-mode {args.compile_mode} (CUDA graphs) is not supported with {args.method}; "
