@@ -136,8 +136,7 @@ class ImageFiles(torch.utils.data.Dataset):
             names = [os.path.relpath(os.path.join(root, f), self.path)
                      for root, _, files in os.walk(self.path, followlinks=True) for f in files
                      if f.lower().endswith(IMAGE_EXTENSIONS)]
-        # Hidden files and folders (.ipynb_checkpoints/, macOS ._x.jpg) are neither images nor classes.
-        names = [n for n in names if not any(part.startswith(".") for part in n.replace(os.sep, "/").split("/"))]
+        names = [n for n in names if not fid.is_hidden(n)]  # .ipynb_checkpoints/, macOS ._x.jpg
         names.sort()
         if not names:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.path}")

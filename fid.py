@@ -318,11 +318,15 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
+def is_hidden(name):
+    """True for a path (zip member or relative path) inside a hidden file or folder: .ipynb_checkpoints/,
+    macOS ._x.png. Neither images nor classes, here and in data.ImageFiles."""
+    return any(part.startswith(".") for part in name.replace(os.sep, "/").split("/"))
+
+
 def _is_image_name(name):
-    """An image by its extension, outside __MACOSX and hidden files or folders (.ipynb_checkpoints/,
-    macOS ._x.png), which data.ImageFiles skips too."""
-    hidden = any(part.startswith(".") for part in name.replace(os.sep, "/").split("/"))
-    return name.lower().endswith(IMAGE_EXTENSIONS) and "__MACOSX" not in name and not hidden
+    """An image by its extension, outside __MACOSX and hidden files or folders."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and "__MACOSX" not in name and not is_hidden(name)
 
 
 class ImageFiles(torch.utils.data.Dataset):
