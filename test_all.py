@@ -32,6 +32,7 @@ from PIL import Image
 import scipy.optimize
 from scipy.stats import norm
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
@@ -3577,6 +3578,49 @@ def test_non_finite_gradient_with_a_finite_loss_is_skipped_too(monkeypatch):
         assert torch.equal(p.detach(), p0)
     for e, e0 in zip(run.ema.parameters(), ema_before):
         assert torch.equal(e.detach(), e0)
+
+
+class HostSyncLog(TorchDispatchMode):
+    """Records the ops that make the host wait for a CUDA device: reading a value (item(), bool(), float(),
+    or a tensor passed where an op takes a number), and ops whose output size depends on the data.
+    On the CPU they run as usual; the log is what would stall a GPU."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
+               "aten.bincount", "aten.repeat_interleave.Tensor", "aten.equal", "aten.is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if str(func).startswith(self.SYNCING) or bool_index:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_sync_log_sees_the_reads_that_stall_a_gpu():
+    x = torch.arange(4.0)
+    with HostSyncLog() as log:
+        float(x[0]), bool(x[1] > 0), x[x > 1], torch.bincount(x.long())
+        torch._foreach_lerp_([x.clone()], [x], x[1] * 0.5)  # a 0-d tensor weight is read as a Python number
+    assert log.syncs == ["aten._local_scalar_dense.default"] * 2 + ["aten.index.Tensor", "aten.bincount.default",
+                                                                    "aten._local_scalar_dense.default"]
+
+
+@pytest.mark.parametrize("method", ["vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum",
+                                    "dtr+ant-uw", "curriculum+ant-uw"])
+def test_train_step_never_waits_for_the_device(method):
+    # The step queues its work and returns: no value comes back to the host (train.py reads its flags one step late).
+    # The EMA's 0-d weight once went to torch._foreach_lerp_'s Scalar overload, a sync every step. Nash-MTL's
+    # update steps are the exception by design (the K x K Gram matrix goes to the CPU solver); step 1 is a plain one.
+    for max_norm in ("0", "1"):
+        run = make_run("--method", method, "--global-batch-size", "10", "--max-grad-norm", max_norm)
+        x, y = batch(10)
+        train.train_step(run, x, y, 0)
+        with HostSyncLog() as log:
+            train.train_step(run, x, y, 1)
+        assert log.syncs == [], (method, max_norm)
 
 
 def test_plain_backward_writes_the_gradient_of_the_batch_mean_loss():

@@ -488,7 +488,10 @@ def train_step(run, x, y, step):
     run.opt.found_inf = bad.float()  # fused AdamW skips the whole update on the device when set
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
-    torch._foreach_lerp_(*run.ema_pairs, (1 - args.ema_decay) * (1 - bad.float()))  # a skipped step keeps the EMA
+    w = (1 - args.ema_decay) * (1 - bad.float())  # () 0 on a skipped step, which keeps the EMA
+    # One 0-d device weight per tensor. A lone tensor weight would be converted to a Python number (the Scalar
+    # overload): a host sync every step, which left the GPU idle while the next step was queued.
+    torch._foreach_lerp_(*run.ema_pairs, [w] * len(run.ema_pairs[0]))
     return terms, t, extra, bad
 
 
