@@ -48,9 +48,11 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 import torch._functorch.config as functorch_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data as datasets
 import diffusion as gd
@@ -198,6 +200,7 @@ class MethodBench:
         self.every = m.nash.every if m.nash is not None else None
         self.nash_period = self.every if self.every is not None and self.every > 1 else None
         self.plain_ms, self.update_ms, self.peak_bytes = [], [], None
+        self.host_syncs = None  # count_host_syncs, after the timings
 
     def is_update(self, step):
         """A Nash-MTL update step (K backward passes instead of 1) of a run that has plain steps too."""
@@ -328,6 +331,43 @@ def bench_training(benches, images, labels, warmup, steps, rounds, log):
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{b.name} {b.plain_ms[-1]:.1f}" for b in benches) + " ms/step")
 
 
+class HostSyncLog(TorchDispatchMode):
+    """Logs the ops that make the host wait for a CUDA device: reading a value back (item(), bool(),
+    float(), or a 0-d tensor passed where an op takes a number) and ops whose output size depends on
+    the data. They run as usual; on the CPU the log is what would stall a GPU. Blind to tolist(),
+    numpy() and blocking host-to-device copies, which torch.cuda.set_sync_debug_mode sees on CUDA."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
+               "aten.bincount", "aten.repeat_interleave.Tensor", "aten.equal", "aten.is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if str(func).startswith(self.SYNCING) or bool_index:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_syncs(b, images, labels):
+    """Times the host waits for the device in one more plain step of b: on CUDA the synchronising calls that
+    torch.cuda.set_sync_debug_mode reports, on the CPU the ops HostSyncLog sees (those that would wait on a GPU)."""
+    if b.device.type != "cuda":
+        with HostSyncLog() as log:
+            b.steps(1, images, labels, update=False)
+        return len(log.syncs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            b.steps(1, images, labels, update=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 # ----------------------------------------------------------------------------------------------
 #                                   Sampling and FID throughput
 # ----------------------------------------------------------------------------------------------
@@ -395,7 +435,7 @@ def summarise(benches, batch_size, fwd_flops, peak):
             "ms_per_round": rounds_ms, "ratio_per_round": ratios,
             "backward_passes": passes, "backward_passes_plain": plain, "backward_passes_update": update,
             "flop_ratio": (1 + 2 * passes) / 3, "train_flops_per_image": flops_per_image,
-            "peak_memory_mb": None if b.peak_bytes is None else b.peak_bytes / 2**20,
+            "peak_memory_mb": None if b.peak_bytes is None else b.peak_bytes / 2**20, "host_syncs_per_step": b.host_syncs,
             "mfu": None if peak is None else flops_per_image * images_per_s / (peak * 1e12),
         }
         if b.update_ms:
@@ -434,7 +474,8 @@ def print_report(result):
           f"{fl['forward_per_image'] / 1e9:.4g} GFLOP/image forward, {3 * fl['forward_per_image'] / 1e9:.4g} per training image")
     print(f"timing: warm-up {c['warmup']} step(s) per method, then {c['rounds']} rounds x {c['steps']} steps, "
           f"methods interleaved (order rotated each round); median over rounds\n")
-    head = f"{'method':<22}{'ms/step':>9}{'img/s':>9}{'x vanilla':>11}{'range':>15}{'bwd/step':>10}{'FLOP x':>8}{'peak MB':>9}{'MFU':>7}"
+    head = (f"{'method':<22}{'ms/step':>9}{'img/s':>9}{'x vanilla':>11}{'range':>15}{'bwd/step':>10}{'FLOP x':>8}"
+            f"{'syncs':>7}{'peak MB':>9}{'MFU':>7}")
     print(head)
     print("-" * len(head))
     for name, r in result["methods"].items():
@@ -442,13 +483,15 @@ def print_report(result):
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         print(f"{name:<22}{r['ms_per_step']:>9.1f}{r['images_per_s']:>9.1f}{r['ratio']:>11.3f}"
               f"{r['ratio_min']:>8.3f}-{r['ratio_max']:<6.3f}{r['backward_passes']:>10.2f}{r['flop_ratio']:>8.2f}"
-              f"{mem:>9}{mfu:>7}")
+              f"{r['host_syncs_per_step']:>7}{mem:>9}{mfu:>7}")
     for name, r in result["methods"].items():
         if "update_ms" in r:
             print(f"{name}: plain step {r['plain_ms']:.1f} ms (1 backward), update step {r['update_ms']:.1f} ms "
                   f"({r['backward_passes_update']} backward passes) every {r['update_every']} steps; amortised above")
     print("\nx vanilla: step time over vanilla's in the same round (median, and range over rounds). bwd/step: backward "
-          "passes per step. FLOP x: the model-FLOP ratio those passes imply, (1 + 2 x bwd/step) / 3.")
+          "passes per step. FLOP x: the model-FLOP ratio those passes imply, (1 + 2 x bwd/step) / 3. syncs: times the "
+          "host waits for the device in one plain step (" + ("torch.cuda.set_sync_debug_mode" if m["device"] == "cuda" else
+          "ops that would wait on a GPU: value reads, data-dependent shapes") + "); the curriculum's pacing read is one.")
     print(f"Synthetic data ({'random uint8 images on the device -> data.to_model_input' if c['in_channels'] == 3 else 'N(0, 1) latents on the device'}): no data loader, no logging "
           "bookkeeping; the curriculum's per-step loss read (a host sync, as in train.py) is timed.")
     if m["device"] == "cuda":
@@ -553,6 +596,8 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         images = torch.randn(shape, generator=gen).to(device)  # (B, 4, H, W) latents, scaled to unit variance
     labels = torch.randint(args.num_classes, (args.batch_size,), generator=gen).to(device)  # (B,)
     bench_training(benches, images, labels, args.warmup, args.steps, args.rounds, log)
+    for b in benches:
+        b.host_syncs = count_host_syncs(b, images, labels)
 
     result = {
         "machine": info,

@@ -252,7 +252,9 @@ def batches(dataset, sampler, args, device):
     if args.data_on_device:
         images, labels = datasets.dataset_to_tensor(dataset, args.num_workers, device)
         for idx in sampler:
-            idx = torch.tensor(idx, device=device)
+            idx = torch.tensor(idx)  # (B,)
+            if device.type == "cuda":  # a plain host-to-device copy would wait for the queued steps: a sync per step
+                idx = idx.pin_memory().to(device, non_blocking=True)
             yield images[idx], labels[idx]
         return
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
