@@ -248,7 +248,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         if len(images) == 0:
             raise DataError(f"{path}: arr_0 holds no images")
         if not isinstance(images, np.memmap):
-            warnings.warn(f"{path}: arr_0 is compressed (np.savez_compressed) or in Fortran order, so each process "
+            warnings.warn(f"{path}: arr_0 cannot be memory-mapped (np.savez_compressed or Fortran order), so each process "
                           f"reads all {images.nbytes / 1e6:,.1f} MB of it into memory; save it with "
                           f"np.savez(path, arr_0=np.ascontiguousarray(images), arr_1=labels) to memory-map it")
         self.images = images

@@ -3037,6 +3037,16 @@ def test_folder_zip_npz_and_arrays_give_identical_features(tmp_path):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7, err_msg=str(type(source)))
 
 
+def test_train_logs_the_read_whole_warning_once_in_log_txt(tmp_path, capsys):
+    # data.py warns that a compressed array is read whole by every process: train.py says it once, through its log
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images, arr_1=np.arange(8) % 2)
+    out = run_train(tmp_path, "--data", str(tmp_path / "compressed.npz"), "--max-steps", "1", "--global-batch-size", "4")
+    said = [line for line in (out / "log.txt").read_text().splitlines() if "MB of it into memory" in line]
+    assert len(said) == 1 and said[0].startswith("warning: ") and "np.savez(" in said[0]
+    assert "MB of it into memory" not in capsys.readouterr().err
+
+
 def test_uncompressed_npz_is_memory_mapped(tmp_path):
     np.savez(tmp_path / "s.npz", arr_0=make_images(3), arr_1=np.arange(3))
     arr = fid.npz_array(tmp_path / "s.npz")

@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -654,7 +655,11 @@ def train(args):
                 log(f"warning: cannot remove {stale}, a checkpoint write that never finished: {e}")
 
     # ---------------------------------------------------------------- data
-    dataset = datasets.load_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images, seed=args.global_seed)
+    with warnings.catch_warnings(record=True) as caught:  # data.py's warnings (e.g. an array read whole) go to log.txt, once
+        warnings.simplefilter("always")
+        dataset = datasets.load_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images, seed=args.global_seed)
+    for w in caught:
+        log(f"warning: {w.message}")
     args.num_classes = dataset.num_classes
     if args.num_classes == 1:
         args.class_dropout_prob = 0.0  # unconditional: no null class, no guidance
