@@ -122,6 +122,16 @@ def compile_for_sampling(model, mode="default"):
     return model
 
 
+def to_device(x, device):
+    """A CPU tensor x on `device`, without making the host wait for the GPU. A plain host-to-device copy from
+    pageable memory first waits for all the work queued on the stream (PyTorch's copy_ calls cudaStreamSynchronize
+    unless non_blocking), a stall per call in a training or sampling loop; a non-blocking copy from pinned memory
+    is queued like a kernel. The pinned buffer may be dropped at once: the caching host allocator keeps it until
+    the copy has run."""
+    device = torch.device(device)
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+
 @torch.no_grad()
 def generate(model, diffusion, labels, noise, steps="250", cfg_scale=1.0, clip_denoised=True, guided_channels=None,
              progress=False, noise_fn=None, precision="bf16"):
@@ -188,7 +198,7 @@ def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, ste
 
         def step_noise(x, gens=gens, pad=pad):  # (B, C, H, W), row j from sample idx[j]'s own generator, then zeros
             z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens] + [torch.zeros(x.shape[1:])] * pad)
-            return z.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else z  # no host sync per step
+            return to_device(z, x.device)  # no host sync per step
 
         x = generate(model, diffusion, torch.cat([y, y.new_zeros(pad)]).to(device), noise.to(device), steps, cfg_scale,
                      clip_denoised=clip_denoised, guided_channels=guided_channels, progress=progress,

@@ -5338,6 +5338,39 @@ def test_data_on_device_gives_the_same_run_as_the_loader(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_to_device_copies_to_a_gpu_from_pinned_memory_without_blocking(monkeypatch):
+    # A plain host-to-device copy waits for every kernel queued before it (cudaStreamSynchronize in PyTorch's copy_).
+    # No GPU here: a CUDA device object and stand-ins for pin_memory and to record the route the tensor takes.
+    calls, x = [], torch.arange(3)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin_memory") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(("to", a, k)) or self)
+    sample.to_device(x, torch.device("cuda", 0))
+    assert calls == ["pin_memory", ("to", (torch.device("cuda", 0),), {"non_blocking": True})]
+    calls.clear()
+    sample.to_device(x, "cpu")
+    assert calls == [("to", (torch.device("cpu"),), {})]  # the CPU has nothing to pin
+
+
+def test_host_data_reaches_the_device_through_to_device_in_every_loop(tmp_path, monkeypatch):
+    # Per step, the --data-on-device batch indices and the DDPM step noise of the sample grid (train.py) and of
+    # sample_indices are made on the host: each must go through to_device (pinned, non-blocking on a GPU), not a
+    # plain .to(device), which on CUDA would stall the host once per training or sampling step. The grid once did.
+    shapes = []
+
+    def recording(x, device):
+        shapes.append(tuple(x.shape))
+        return x.to(device)
+
+    monkeypatch.setattr(train, "to_device", recording)
+    monkeypatch.setattr(sample, "to_device", recording)
+    run_train(tmp_path, "--data-on-device", "--global-batch-size", "4", "--max-steps", "2", "--log-every", "2",
+              "--sample-every", "2", "--sample-steps", "3")
+    assert shapes == [(4,), (4,)] + [(16, 3, 16, 16)] * 3  # 2 steps' indices, then 3 DDPM steps of the grid
+    shapes.clear()
+    sample.sample_indices(_random_dit(), gd.Diffusion(), [0, 1], CPU, batch_size=2, steps="3")
+    assert shapes == [(2, 3, 16, 16)] * 3
+
+
 def test_ddpm_step_noise_can_come_from_a_noise_fn_and_precision_is_checked():
     d, x_T = gd.Diffusion(learn_sigma=False), torch.randn(2, 3, 4, 4)
     zero = lambda x, t: torch.zeros_like(x)

@@ -47,7 +47,7 @@ import latents
 from dit import DiT_models
 from sample import (COMPILE_MODES, CUDA_GRAPH_MODES, SEED_STRIDE, build_diffusion, build_model, check_seed,
                     compile_for_sampling, generate, max_seed, method_parts, resolve_device, sample_indices, save_grid,
-                    to_uint8)
+                    to_device, to_uint8)
 
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
 ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
@@ -253,9 +253,7 @@ def batches(dataset, sampler, args, device):
     if args.data_on_device:
         images, labels = datasets.dataset_to_tensor(dataset, args.num_workers, device)
         for idx in sampler:
-            idx = torch.tensor(idx)  # (B,)
-            if device.type == "cuda":  # a plain host-to-device copy would wait for the queued steps: a sync per step
-                idx = idx.pin_memory().to(device, non_blocking=True)
+            idx = to_device(torch.tensor(idx), device)  # (B,) pinned, non-blocking: no sync per step
             yield images[idx], labels[idx]
         return
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
@@ -891,7 +889,7 @@ def train(args):
             gen = torch.Generator().manual_seed(args.global_seed)
             x = generate(ema, diffusion, grid_labels, grid_noise, steps=args.sample_steps, cfg_scale=args.sample_cfg,
                          clip_denoised=args.latent is None, precision=args.precision,
-                         noise_fn=lambda z: torch.randn(z.shape, generator=gen).to(z.device))
+                         noise_fn=lambda z: to_device(torch.randn(z.shape, generator=gen), z.device))  # no sync per step
             decode = pixels()
             if decode is not None:
                 x = decode(x)  # latents -> images in [-1, 1]
