@@ -1899,6 +1899,16 @@ def test_pcgrad_matches_naive_loop_and_is_seeded():
     assert torch.equal(a, b) and a.dtype == G.dtype
 
 
+def test_weighted_sum_is_the_exact_row_combination():
+    G = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    w = torch.tensor([0.5, -2.0, 0.0, 1.25], dtype=torch.float64)
+    got = nt.weighted_sum(G, w)
+    assert got.dtype == G.dtype and got.shape == (300,)
+    torch.testing.assert_close(got.double(), (w[:, None] * G.double()).sum(0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="weights"):
+        nt.weighted_sum(G, w[:3])
+
+
 def test_pcgrad_skips_zero_gradients():
     G = torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, 0.5]])
     out = nt.pcgrad(G, order=[[1, 2], [0, 2], [1, 0]])

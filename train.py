@@ -170,7 +170,7 @@ class Method:
                 self.log(f"step {step}: Nash-MTL solver failed ({info['message']}); keeping alpha = {self.nash.alpha.round(4).tolist()}")
             elif info["newton"]:
                 self.log(f"step {step}: Nash-MTL {info['message']}")
-            flat = (self.nash.alpha_tensor(L).to(G.dtype)[:, None] * G).sum(0) / K  # (P,) = grad of sum_k alpha_k L_k / K
+            flat = self.nt.weighted_sum(G, self.nash.alpha_tensor(L) / K)  # (P,) = grad of sum_k alpha_k L_k / K
         else:
             flat = self.nt.pcgrad(G, self.order_gen)  # (P,)
         self.nt.write_flat_grad(params, flat)
