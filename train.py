@@ -491,7 +491,9 @@ def train_step(run, x, y, step):
     run.opt.zero_grad(set_to_none=True)
     w = (1 - args.ema_decay) * (1 - bad.float())  # () 0 on a skipped step, which keeps the EMA
     # One 0-d device weight per tensor. A lone tensor weight would be converted to a Python number (the Scalar
-    # overload): a host sync every step, which left the GPU idle while the next step was queued.
+    # overload): a host sync every step, which left the GPU idle while the next step was queued. This overload runs
+    # one lerp kernel per tensor on CUDA (its fused path needs weights shaped like the tensors): the same memory
+    # traffic as the fused kernel, and launches the host queues while the GPU is still busy with the backward.
     torch._foreach_lerp_(*run.ema_pairs, [w] * len(run.ema_pairs[0]))
     return terms, t, extra, bad
 
