@@ -438,7 +438,7 @@ def build_run(args, device, distributed, log=print):
                           f"use --compile-mode max-autotune-no-cudagraphs or default")
     model = build_model(vars(args)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    if args.compile:  # the grids and FID sample from the EMA: one compile per sampling batch size, on first use
+    if args.compile:  # FID samples from the EMA: one compile per sampling batch size, on first use (grids run eager)
         compile_for_sampling(ema, args.compile_mode)
     diffusion = build_diffusion(vars(args))
     method = Method(args, diffusion, device, log)
@@ -547,7 +547,7 @@ def parse_args(argv=None):
     a("--max-steps", type=int, default=400_000, help="stop after this many steps (papers: 400K)")
     a("--global-seed", type=int, default=0)
     a("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on CUDA (CPU always runs fp32)")
-    a("--compile", action="store_true", help="torch.compile the model, and the EMA for the grids and FID samples")
+    a("--compile", action="store_true", help="torch.compile the model, and the EMA for the FID samples")
     a("--compile-mode", default="default", choices=COMPILE_MODES,
       help="torch.compile mode with --compile: max-autotune-no-cudagraphs lets Inductor pick Triton matmul templates "
            "and fuse the elementwise epilogues into them (minutes of compile time); the two others add CUDA graphs")
@@ -889,9 +889,12 @@ def train(args):
     def save_samples():
         if master:  # DDPM step noise from its own generator: the grid leaves the training RNG (and resume) alone
             gen = torch.Generator().manual_seed(args.global_seed)
-            x = generate(ema, diffusion, grid_labels, grid_noise, steps=args.sample_steps, cfg_scale=args.sample_cfg,
-                         clip_denoised=args.latent is None, precision=args.precision,
-                         noise_fn=lambda z: to_device(torch.randn(z.shape, generator=gen), z.device))  # no sync per step
+            # Eager even with --compile: compiling the EMA for 16 images costs more than it saves, and rank 0 would
+            # compile alone while the other ranks wait in a collective (NCCL's timeout is 10 min; max-autotune can take longer)
+            with torch.compiler.set_stance("force_eager"):
+                x = generate(ema, diffusion, grid_labels, grid_noise, steps=args.sample_steps, cfg_scale=args.sample_cfg,
+                             clip_denoised=args.latent is None, precision=args.precision,
+                             noise_fn=lambda z: to_device(torch.randn(z.shape, generator=gen), z.device))  # no sync per step
             decode = pixels()
             if decode is not None:
                 x = decode(x)  # latents -> images in [-1, 1]
