@@ -2,6 +2,8 @@
 
 import copy
 import functools
+import gc
+import io
 import itertools
 import json
 import math
@@ -18,6 +20,7 @@ import time
 import tracemalloc
 import types
 import warnings
+import weakref
 import zipfile
 from fractions import Fraction
 from pathlib import Path
@@ -32,6 +35,7 @@ from PIL import Image
 import scipy.optimize
 from scipy.stats import norm
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
@@ -706,16 +710,43 @@ def test_zip_scan_gives_each_thread_its_own_handle(tmp_path, monkeypatch):
     with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
         for p in sorted((tmp_path / "imgs").rglob("*.png")):
             zf.write(p, str(p.relative_to(tmp_path / "imgs")))
-    users, read = {}, zipfile.ZipFile.read
+    users, zip_open = {}, zipfile.ZipFile.open
 
-    def tracked_read(self, name, pwd=None):  # keyed by the handle itself: an id() could be reused once it is freed
+    def tracked_open(self, name, *args, **kwargs):  # keyed by the handle itself: an id() could be reused once it is freed
         users.setdefault(self, set()).add(threading.get_ident())
-        return read(self, name, pwd)
+        return zip_open(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(zipfile.ZipFile, "read", tracked_read)
-    ds = datasets.ImageFiles(tmp_path / "imgs.zip", 16, num_threads=4)
-    assert len(ds) == 40 and ds.num_classes == 2
-    assert len(users) == 4 and all(len(threads) == 1 for threads in users.values())
+    monkeypatch.setattr(zipfile.ZipFile, "open", tracked_open)
+    for skip_bad in (False, True):  # the header check streams each member; the full decode reads it whole
+        users.clear()
+        ds = datasets.ImageFiles(tmp_path / "imgs.zip", 16, skip_bad=skip_bad, num_threads=4)
+        assert len(ds) == 40 and ds.num_classes == 2
+        assert len(users) == 4 and all(len(threads) == 1 for threads in users.values())
+
+
+def test_zip_header_check_reads_only_the_start_of_each_member(tmp_path, monkeypatch):
+    # Without --skip-bad-images the start-up check needs only the size, which PIL finds in the header: a member read
+    # whole would be the whole dataset read on every rank (140 GB for an ImageNet zip).
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    with zipfile.ZipFile(tmp_path / "big.zip", "w") as zf:
+        for i in range(2):
+            buf = io.BytesIO()
+            Image.fromarray(noise).save(buf, format="PNG")  # about 200 KB of incompressible pixels
+            zf.writestr(f"a/{i}.png", buf.getvalue())
+    read, real_read = [0], zipfile.ZipExtFile.read
+
+    def counting_read(self, n=-1):
+        data = real_read(self, n)
+        read[0] += len(data)
+        return data
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", counting_read)
+    ds = datasets.ImageFiles(tmp_path / "big.zip", 16, num_threads=1)
+    assert len(ds) == 2 and ds.num_upsized == 0
+    assert read[0] < 2 * 64 * 1024  # the headers, not the 2 x 200 KB of pixels
+    read[0] = 0
+    datasets.ImageFiles(tmp_path / "big.zip", 16, skip_bad=True, num_threads=1)  # --skip-bad-images decodes all
+    assert read[0] > 2 * 190_000
 
 
 def test_folder_without_class_folders_is_unconditional(tmp_path):
@@ -5549,3 +5580,121 @@ def test_bench_compiles_each_run_with_its_own_donated_buffer_setting(monkeypatch
     for b in benches:
         b.warm_up(1, images, labels)
     assert seen == {"vanilla": default, "ant-pcgrad": False, "dtr": default}
+
+
+# ---------------------------------------------------------------------------------------------- Memory at scale: what a step, a resume and sampling hold at once
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storages alive now and at the peak, counting those that ops make while the mode is active:
+    a weakref finalizer subtracts each storage when it is freed (torch keeps one Python object per storage). The
+    CPU stand-in for torch.cuda.max_memory_allocated, for what the tests below hold at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0  # live: id(storage) -> bytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.live:
+                storage = t.untyped_storage()
+                self.live[id(storage)] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._free, id(storage))
+        return out
+
+    def _free(self, key):
+        self.now -= self.live.pop(key)
+
+
+def test_task_gradients_hold_one_pass_of_gradients_besides_G():
+    # G (K, P) and the gradients of the pass being copied into it. The previous pass's gradients used to stay alive
+    # through the next backward: 4P bytes more at the peak (2.7 GB for DiT-XL/2, 0.52 GB for DiT-B/2).
+    torch.manual_seed(0)
+    model = nn.Linear(512, 512)  # P = 262,656; the activations (6 x 512) are negligible next to 4P bytes
+    losses = nt.cluster_losses((model(torch.randn(6, 512)) ** 2).sum(1), torch.tensor([0, 0, 1, 1, 2, 2]), 3)
+    unit = 4 * sum(p.numel() for p in model.parameters())
+    with LiveBytes() as mem:
+        nt.task_gradients(losses, list(model.parameters()))
+    assert mem.peak / unit < 4.2  # 4.0: G (3 units) and one pass (1 unit); 5.0 before
+
+
+def test_pcgrad_step_frees_G_before_the_update_and_returns_no_autograd_graph(monkeypatch):
+    # Once the combined gradient is formed, G (K x 4P bytes, 13.5 GB for DiT-XL/2) is no longer needed while .grad
+    # is written and AdamW steps. And train.py keeps the returned terms until the next step returns: a loss with its
+    # grad_fn kept the whole step's saved activations alive (PCGrad's K backward passes retain the graph) through
+    # the next step's forward and backward, about 23 GB for DiT-B/2 at batch 256 on one GPU.
+    run = make_run("--method", "ant-pcgrad", perturb=0.02)
+    K, P = len(run.method.intervals), sum(p.numel() for p in run.params)
+    sizes, real = [], nt.write_flat_grad
+
+    def spy(params, flat):
+        sizes.extend(mem.live.values())
+        return real(params, flat)
+
+    monkeypatch.setattr(nt, "write_flat_grad", spy)
+    x, y = torch.randn(10, 3, 16, 16), torch.randint(0, NUM_CLASSES, (10,))
+    with LiveBytes() as mem:
+        terms, _, _, _ = train.train_step(run, x, y, 0)
+    assert sizes and 4 * K * P not in sizes
+    assert all(v.grad_fn is None for v in terms.values())
+
+
+def test_a_resumed_run_lets_go_of_the_loaded_checkpoint(tmp_path, monkeypatch):
+    # Its tensors are copied into the model, EMA and optimiser; kept, they held 16 bytes per parameter of host RAM on
+    # every rank for the whole run (10.8 GB per rank for DiT-XL/2).
+    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
+    loaded, alive = [], []
+    real_load, real_step = torch.load, train.train_step
+
+    def load(*args, **kwargs):
+        ckpt = real_load(*args, **kwargs)
+        if isinstance(ckpt, dict) and "model" in ckpt:
+            loaded.append(weakref.ref(ckpt["model"]["x_embedder.proj.weight"]))
+        return ckpt
+
+    def step(*args, **kwargs):
+        gc.collect()
+        alive.append(any(ref() is not None for ref in loaded))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(train, "train_step", step)
+    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--resume", "auto")
+    assert loaded and alive == [False]
+
+
+def test_sample_indices_fill_one_array_instead_of_concatenating_batches():
+    # A list of batches and their concatenation held every image twice: 19.7 GB for 50K samples of 256 px.
+    torch.manual_seed(0)
+    model = DiT(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=4,
+                learn_sigma=False).eval()
+    indices = list(range(1024))
+    with LiveBytes() as mem:
+        images, labels = sample.sample_indices(model, gd.Diffusion(100, learn_sigma=False), indices, "cpu", batch_size=8,
+                                               steps="2")
+    assert images.shape == (1024, 32, 32, 3) and labels.shape == (1024,)
+    assert mem.peak < 1.5 * images.numel()  # the images, one batch's work and the model's tables; 2.0 more before
+    again, again_labels = sample.sample_indices(model, gd.Diffusion(100, learn_sigma=False), indices[::-1][:16], "cpu",
+                                                batch_size=8, steps="2")
+    assert torch.equal(again, images.flip(0)[:16]) and torch.equal(again_labels, labels.flip(0)[:16])
+
+
+def test_merge_shards_puts_each_shard_in_place_in_one_array(tmp_path):
+    # Rank 0 of sample.py used to hold every shard, their concatenation and its sorted copy at once (3 x 9.8 GB for
+    # 50K samples of 256 px); now the result and one shard. numpy reports its allocations to tracemalloc.
+    rng = np.random.default_rng(0)
+    world, n = 4, 403  # shards of 101, 101, 101 and 100 samples
+    images, labels = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8), rng.integers(0, 1000, n)  # 5 MB
+    for r in range(world):
+        idx = np.arange(r, n, world)  # sample.main's split: rank r makes r, r + W, ...
+        np.savez(tmp_path / f"shard{r}.npz", idx=idx, images=images[idx], labels=labels[idx])
+    tracemalloc.start()
+    try:
+        got, got_labels = sample.merge_shards(str(tmp_path), world, n)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
+    assert peak < 1.6 * images.nbytes  # the result, one shard and numpy's read buffers (1.35); 2.1 before
