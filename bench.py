@@ -339,13 +339,15 @@ class HostSyncLog(TorchDispatchMode):
 
     SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
                "aten.bincount", "aten.repeat_interleave.Tensor", "aten.equal", "aten.is_nonzero")
+    # x[mask] and x[mask] = v: a boolean index becomes nonzero() inside the op, below this mode
+    BOOL_INDEXED = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
 
     def __init__(self):
         super().__init__()
         self.syncs = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        bool_index = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        bool_index = func in self.BOOL_INDEXED and any(i is not None and i.dtype == torch.bool for i in args[1])
         if str(func).startswith(self.SYNCING) or bool_index:
             self.syncs.append(str(func))
         return func(*args, **(kwargs or {}))
@@ -360,11 +362,12 @@ def count_host_syncs(b, images, labels):
         return len(log.syncs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        before = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             b.steps(1, images, labels, update=False)
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(before)
     return sum("synchroniz" in str(w.message) for w in caught)
 
 

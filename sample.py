@@ -113,8 +113,8 @@ def compile_for_sampling(model, mode="default"):
     In place, not torch.compile(model)'s wrapper: guidance calls model.forward_with_cfg, which the
     wrapper would leave uncompiled, and the state dict keeps its keys. Static shapes: a sampling
     call site uses one batch size (sample_indices pads its last batch), so it compiles once, on its
-    first batch, and reuses that graph for every later batch and evaluation; train.py's grid (16
-    samples) and its FID batches are two sites, two graphs. The default (dynamic=None) would
+    first batch, and reuses that graph for every later batch and evaluation (train.py's FID batches:
+    one graph; its 16-sample grids run eager). The default (dynamic=None) would
     recompile at the second shape into one graph with a symbolic batch size, which Inductor cannot
     specialise to the batch. Only the network is compiled: the sampler's own work per step is a few
     elementwise passes over (N, C, H, W)."""

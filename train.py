@@ -317,20 +317,21 @@ def claim_checkpoint_folder(run_dir, start_step, resume_path, auto, log, master)
 
 
 def find_resume(resume, run_dir, log):
-    """The checkpoint to resume from: a path, or with 'auto' the newest complete one (None if none)."""
+    """(path, checkpoint) to resume from: a path, not loaded yet (None), or with 'auto' the newest complete one,
+    already loaded to check it, so that it is read once ((None, None) if none loads)."""
     if resume != "auto":
         if not os.path.isfile(resume):
             raise ConfigError(f"--resume {resume}: no such file")
-        return resume
+        return resume, None
     for path in checkpoint_paths(run_dir):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
             if all(k in ckpt for k in ("model", "ema", "opt", "step", "args")):
-                return path
+                return path, ckpt
             log(f"resume: skipping {path}: incomplete (missing {[k for k in ('model', 'ema', 'opt', 'step', 'args') if k not in ckpt]})")
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: say so and try the previous one
             log(f"resume: skipping {path}: cannot be loaded ({type(e).__name__}: {e})")
-    return None
+    return None, None
 
 
 LATENT_SETTINGS = ("scale", "shift", "factor", "size", "channels")  # of args.latent: the space the model denoises in
@@ -662,8 +663,11 @@ def train(args):
     with warnings.catch_warnings(record=True) as caught:  # data.py's warnings (e.g. an array read whole) go to log.txt, once
         warnings.simplefilter("always")
         dataset = datasets.load_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images, seed=args.global_seed)
-    for w in caught:
-        log(f"warning: {w.message}")
+    # Each text once: PIL repeats a warning per image (e.g. DecompressionBombWarning for every large image of one
+    # size), which "always" would turn into a line per image. Deprecations stay hidden, as the default filters keep them.
+    for message in dict.fromkeys(str(w.message) for w in caught
+                                 if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))):
+        log(f"warning: {message}")
     args.num_classes = dataset.num_classes
     if args.num_classes == 1:
         args.class_dropout_prob = 0.0  # unconditional: no null class, no guidance
@@ -694,7 +698,7 @@ def train(args):
         log(f"warning: {dataset.num_upsized} images are smaller than {args.image_size}px and will be resized up")
 
     # ---------------------------------------------------------------- resume target
-    resume_path = find_resume(args.resume, args.out, log) if args.resume else None
+    resume_path, ckpt = find_resume(args.resume, args.out, log) if args.resume else (None, None)
     if args.resume == "auto" and resume_path is None:
         unloadable = checkpoint_paths(args.out)
         if unloadable:  # never restart a long run from step 0 because its checkpoints cannot be read right now
@@ -702,7 +706,8 @@ def train(args):
                               f"above); fix the cause, pass --resume PATH, or move them away to start afresh")
         log(f"resume: no checkpoint in {ckpt_dir} yet; starting from step 0")
     try:
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False) if resume_path else None
+        if resume_path is not None and ckpt is None:
+            ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated or not a checkpoint: say which file and what to do
         raise ConfigError(f"--resume {resume_path} cannot be loaded ({type(e).__name__}: {e}); pass another "
                           f"checkpoint, or --resume auto to take the newest one in {ckpt_dir} that loads") from None
