@@ -4740,6 +4740,42 @@ def test_two_process_compiled_model_splits_backward_at_ddp_buckets_and_matches_e
         torch.testing.assert_close(compiled[k], eager[k], rtol=0, atol=1e-6)
 
 
+BUCKET_VIEW_DDP = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import train
+ddp = train.DDP
+def recording_ddp(*args, **kwargs):
+    if os.environ["RANK"] == "0":  # one rank: two ranks' prints can interleave mid-line
+        print("gradient_as_bucket_view:", kwargs.get("gradient_as_bucket_view", False), flush=True)
+    if os.environ["GRADIENTS"] == "copies":
+        kwargs["gradient_as_bucket_view"] = False  # DDP's default
+    return ddp(*args, **kwargs)
+train.DDP = recording_ddp
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("method", ["ant-nash", "dtr+ant-uw"])
+@retry_rank_abort
+def test_two_process_gradients_as_bucket_views_train_exactly_as_copied_gradients(tmp_path, method):
+    # train.py's DDP keeps each .grad as a view into its all-reduce bucket (no second copy of the gradients). The
+    # same two-process run with DDP's default copies gives the same weights bit for bit: ANT-Nash every 2 steps
+    # covers DDP's all-reduce (step 1) and .grad written outside it (steps 0 and 2, under no_sync); ANT-UW the
+    # all-reduce of its own parameters next to DDP's.
+    script = tmp_path / "bucket_view.py"
+    script.write_text(BUCKET_VIEW_DDP.format(repo=str(REPO)))
+    flags = [*TINY, "--method", method, "--nash-every", "2", "--global-batch-size", "10", "--max-steps", "3",
+             "--max-grad-norm", "1"]
+    for name in ("views", "copies"):
+        r = torchrun(str(script), *flags, "--out", str(tmp_path / name), env={"GRADIENTS": name})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "gradient_as_bucket_view: True" in r.stdout  # what train.py asks for
+    views, copies = last_checkpoint(tmp_path / "views"), last_checkpoint(tmp_path / "copies")
+    assert all(torch.equal(views["model"][k], copies["model"][k]) for k in views["model"])
+    assert deep_equal(views["method"], copies["method"]) == [] and deep_equal(views["opt"], copies["opt"]) == []
+
+
 def test_torchrun_max_restarts_recovers_from_a_crashed_worker(tmp_path):
     script = tmp_path / "crash_once.py"
     script.write_text(CRASH_ONCE.format(repo=str(REPO)))
