@@ -366,15 +366,26 @@ class ImageFiles(torch.utils.data.Dataset):
         return {**self.__dict__, "_zip": None, "_zip_pid": None}
 
 
+def zip_data_offset(fd, header_offset):
+    """Where a zip member's data starts in the file open as `fd`: after its local file header, which sits
+    at `header_offset` (ZipInfo.header_offset) and is 30 fixed bytes (the name and extra-field lengths at
+    bytes 26-29) plus the name and an extra field that may differ from the central directory's. Read by
+    position (os.pread), so threads and forked processes can share the descriptor."""
+    header = os.pread(fd, 30, header_offset)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("Bad magic number for file header")  # zipfile's words
+    name_len, extra_len = struct.unpack("<26xHH", header)
+    return header_offset + 30 + name_len + extra_len
+
+
 def npz_array(path):
     """arr_0 of an .npz as an array, memory-mapped when np.savez stored it uncompressed in C order, so
     that 50k 256x256 samples (or a training set, data.ArrayDataset) are not read into memory at once;
     otherwise (np.savez_compressed, Fortran order, a member named "arr_0" by hand) read whole.
 
-    numpy cannot memory-map a member of a zip, but a ZIP_STORED member is a verbatim .npy file. It
-    starts after the member's local file header, which sits at `header_offset` and is 30 fixed bytes
-    (the name and extra-field lengths at bytes 26-29) plus the name and the extra field; the .npy file
-    is a magic string, a header (shape, order, dtype), then the data, where the memmap starts."""
+    numpy cannot memory-map a member of a zip, but a ZIP_STORED member is a verbatim .npy file, which
+    starts where zip_data_offset says: a magic string, a header (shape, order, dtype), then the data,
+    where the memmap starts."""
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         if "arr_0.npy" not in names and "arr_0" not in names:
@@ -383,9 +394,7 @@ def npz_array(path):
         info = zf.NameToInfo.get("arr_0.npy")
     if info is not None and info.compress_type == zipfile.ZIP_STORED:
         with open(path, "rb") as f:
-            f.seek(info.header_offset)
-            name_len, extra_len = struct.unpack("<26xHH", f.read(30))  # zip local file header: fixed part
-            f.seek(info.header_offset + 30 + name_len + extra_len)
+            f.seek(zip_data_offset(f.fileno(), info.header_offset))
             version = np.lib.format.read_magic(f)
             if version in ((1, 0), (2, 0)):  # version 3: only structured dtypes with non-Latin-1 field names
                 shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
