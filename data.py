@@ -121,9 +121,9 @@ def zip_members(path):
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
         raise DataError(f"{path} is not a readable zip file ({e})") from None
-    with zf:
-        infos = sorted((i for i in zf.infolist() if i.filename.lower().endswith(IMAGE_EXTENSIONS)
-                        and not i.filename.startswith("__MACOSX") and not fid.is_hidden(i.filename)),
+    with zf:  # a name stored twice (appended to the zip again) counts once, as its last entry: what ZipFile.read gives
+        infos = sorted({i.filename: i for i in zf.infolist() if i.filename.lower().endswith(IMAGE_EXTENSIONS)
+                        and not i.filename.startswith("__MACOSX") and not fid.is_hidden(i.filename)}.values(),
                        key=lambda i: i.filename)
     for i in infos:
         if i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or i.flag_bits & 0x1:
@@ -185,7 +185,8 @@ def _labels_from_paths(paths):
     classes = sorted({p[0] for p in parts})
     # Copies, made while `parts` is alive, so that they sit together: the originals, left among the freed parts, held
     # on to most of their memory (a dataset of 100K images in 1000 classes kept 610 instead of 260 bytes per image).
-    classes = [c.encode().decode() for c in classes]
+    # surrogatepass: a folder name that is not UTF-8 comes from os.walk with lone surrogates ("caf\udce9")
+    classes = [c.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass") for c in classes]
     if len(classes) < 2:
         return [0] * len(paths), []
     index = {c: i for i, c in enumerate(classes)}

@@ -849,6 +849,24 @@ def test_zip_members_compressed_other_than_deflate_are_refused(tmp_path, method)
         datasets.load_dataset(str(tmp_path / "bz.zip"), 16)
 
 
+def test_zip_name_stored_twice_is_one_image_its_last_entry(tmp_path):
+    # A zip appended to again can hold a name twice: it is one image, as in a folder, read from its last entry, which
+    # is what ZipFile.read(name) gives
+    def png(value):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (value, value, value)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns "Duplicate name"
+        with zipfile.ZipFile(tmp_path / "dup.zip", "w") as zf:
+            zf.writestr("a/x.png", png(1))
+            zf.writestr("b/y.png", png(2))
+            zf.writestr("a/x.png", png(200))
+    ds = datasets.ImageFiles(tmp_path / "dup.zip", 16)
+    assert ds.names == ["a/x.png", "b/y.png"] and [int(ds[i][0][0, 0, 0]) for i in range(2)] == [200, 2]
+
+
 def test_zip_without_os_pread_is_refused_with_what_to_do(tmp_path, monkeypatch):
     _write_images(tmp_path / "imgs", 1)
     with zipfile.ZipFile(tmp_path / "i.zip", "w") as zf:
@@ -926,6 +944,8 @@ def test_labels_from_paths_hand_values():
     assert datasets._labels_from_paths(["train/b/1.png", "train/a/2.png", "train/B/3.png"]) == ([2, 1, 0], ["B", "a", "b"])
     # an image directly in the root: unconditional, even beside class folders
     assert datasets._labels_from_paths(["a/1.png", "b/2.png", "3.png"]) == ([0, 0, 0], [])
+    # a folder name that is not UTF-8 (Latin-1 "café"), as os.walk gives it on Linux: a class like any other
+    assert datasets._labels_from_paths(["caf\udce9/1.png", "b/2.png"]) == ([1, 0], ["b", "caf\udce9"])
 
 
 def test_zip_skips_macos_resource_forks(tmp_path):
