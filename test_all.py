@@ -68,6 +68,15 @@ def last_checkpoint(out):
     return torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], map_location="cpu", weights_only=False)
 
 
+def traced_peak(fn):
+    """(fn(), the peak bytes Python and numpy allocated while it ran): numpy reports its allocations to tracemalloc."""
+    tracemalloc.start()
+    try:
+        return fn(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def deep_equal(a, b, path="state"):
     """Exact recursive comparison of method state dicts: tensors with torch.equal (dtype and shape too),
     arrays with array_equal, floats with == (no rounding, unlike repr of a tensor, which elides
@@ -1039,13 +1048,11 @@ def test_npz_and_npy_arrays_are_memory_mapped_where_stored_uncompressed_and_read
         datasets.load_dataset(str(tmp_path / "float.npz"), 16)
     # Only the items asked for are read: numpy reports its allocations to tracemalloc.
     np.savez(tmp_path / "big.npz", arr_0=rng.integers(0, 256, (400, 64, 64, 3), dtype=np.uint8))  # 4.9 MB
-    tracemalloc.start()
-    try:
+    def read_two():
         ds = datasets.load_dataset(str(tmp_path / "big.npz"), 64)
-        ds[7], ds[399]
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+        return ds[7], ds[399]
+
+    _, peak = traced_peak(read_two)
     assert peak < 400 * 64 * 64 * 3 / 10
 
 
@@ -5878,11 +5885,6 @@ def test_merge_shards_puts_each_shard_in_place_in_one_array(tmp_path):
     for r in range(world):
         idx = np.arange(r, n, world)  # sample.main's split: rank r makes r, r + W, ...
         np.savez(tmp_path / f"shard{r}.npz", idx=idx, images=images[idx], labels=labels[idx])
-    tracemalloc.start()
-    try:
-        got, got_labels = sample.merge_shards(str(tmp_path), world, n)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    (got, got_labels), peak = traced_peak(lambda: sample.merge_shards(str(tmp_path), world, n))
     assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
     assert peak < 1.6 * images.nbytes  # the result, one shard and numpy's read buffers (1.35); 2.1 before
