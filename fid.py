@@ -30,6 +30,8 @@ Where we depart from the ADM evaluator, and why:
 - Statistics are computed in float64 (ADM takes the mean in float32); k-NN distances for
   precision/recall in float64 (ADM: float16, float32 if that overflows). Differences are at the
   level of ties.
+- The trace term Tr (S_1 S_2)^{1/2} comes from eigenvalues, not scipy's sqrtm (which ADM and pytorch-fid
+  use): the same value to rounding, 8 times faster, and no eps retry for singular covariances.
 - Bad inputs (shape mismatches, missing keys) raise ValueError with a message, not assert.
 
 CLI:  python fid.py SAMPLES REFERENCE [--metrics fid,sfid,is,pr] [--json]
@@ -51,7 +53,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import scipy.special
 import torch
 import torch.nn as nn
@@ -544,13 +545,19 @@ def feature_statistics(feats):
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017):
-    ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), in float64.
+    ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2}), in float64.
 
-    As in pytorch-fid / ADM: if sqrtm is not finite, retry with eps added to both diagonals (with
-    a warning); a complex result whose diagonal has an imaginary part above 1e-3 is an error,
-    otherwise the real part is used.
+    pytorch-fid and ADM take scipy.linalg.sqrtm(sigma1 @ sigma2) and keep the trace of its real part.
+    Only the trace is needed, and Tr (sigma1 sigma2)^{1/2} = sum_i sqrt(lambda_i), where lambda_i are the
+    eigenvalues of sigma1 sigma2, which equal those of the symmetric R sigma2 R with R = sigma1^{1/2}.
+    Two symmetric eigendecompositions give them: 1.9 s for 2048-d statistics on 2 cores, against 15.7 s
+    for sqrtm. Both are as accurate as rounding allows: on 1000 CIFAR-10 training against 1000 test
+    images, where the covariances are singular (fewer samples than dimensions), sqrtm's FID was 4.0e-5
+    and this one 2.6e-5 from the exact 46.42738 (an SVD of the centred features' cross product).
+    sqrtm returns a complex matrix for a singular product, and pytorch-fid retries with 1e-6 added to
+    the diagonals; here the zero eigenvalues, rounded to about +-1e-16, count as 0 and no retry is needed.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -563,23 +570,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
                          f"got {sigma1.shape} and {sigma2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         raise ValueError("the statistics hold NaN or inf values (from NaN images or features?)")
+    for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
+        if np.abs(s - s.T).max() > 1e-6 * np.abs(s).max():
+            raise ValueError(f"{name} is not symmetric, so it is no covariance matrix (transposed or corrupted statistics?)")
+    w, v = np.linalg.eigh(sigma1)  # (D,), (D, D)
+    root = (v * np.sqrt(w.clip(0))) @ v.T  # (D, D) sigma1^{1/2}
+    lam = np.linalg.eigvalsh(root @ sigma2 @ root)  # (D,) the eigenvalues of sigma1 sigma2
+    if min(w.min(), lam.min()) < -1e-6 * max(np.abs(w).max(), np.abs(lam).max()):
+        raise ValueError("the covariances are not positive semi-definite, so they are no covariance matrices "
+                         "(corrupted statistics?)")
     diff = mu1 - mu2  # (D,)
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # (D, D), maybe complex
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"frechet_distance: sqrtm(sigma1 sigma2) is not finite (singular product); "
-                      f"adding {eps} to both covariance diagonals")
-        offset = eps * np.eye(d)
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        imag = np.abs(np.diagonal(covmean).imag).max()
-        if imag > 1e-3:
-            raise ValueError(f"sqrtm(sigma1 sigma2) has a diagonal imaginary component of {imag:.3g}; "
-                             f"the covariances are too ill-conditioned (too few samples?)")
-        covmean = covmean.real
-    if not np.isfinite(covmean).all():  # still NaN after the retry: fail as ADM does, never return NaN
-        raise ValueError("sqrtm(sigma1 sigma2) is not finite even with eps on the diagonals; "
-                         "the covariances are too ill-conditioned (too few samples?)")
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(lam.clip(0)).sum())
 
 
 def inception_score(logits, split_size=IS_SPLIT_SIZE):
