@@ -40,6 +40,7 @@ to train.parse_args.
 """
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 
 import torch
@@ -200,7 +202,7 @@ class MethodBench:
         self.every = m.nash.every if m.nash is not None else None
         self.nash_period = self.every if self.every is not None and self.every > 1 else None
         self.plain_ms, self.update_ms, self.peak_bytes = [], [], None
-        self.host_syncs = None  # count_host_syncs, after the timings
+        self.host_syncs = self.other_warnings = None  # count_host_syncs, after the timings
 
     def is_update(self, step):
         """A Nash-MTL update step (K backward passes instead of 1) of a run that has plain steps too."""
@@ -331,11 +333,29 @@ def bench_training(benches, images, labels, warmup, steps, rounds, log):
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{b.name} {b.plain_ms[-1]:.1f}" for b in benches) + " ms/step")
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's text (c10/cuda/CUDAFunctions.cpp, warn_or_error_on_sync)
+
+
+def call_site(frames):
+    """'train.py:140 backward > torch/autograd/graph.py:841 _engine_run_backward' for a traceback.extract_stack()
+    list: its innermost frame in this repository, then its innermost frame when that lies outside (torch's)."""
+    # frames of the warnings machinery and of torch's no-dynamo wrappers (around __torch_dispatch__, optimizer
+    # steps) say nothing about the caller
+    skip = ("/warnings.py", "/_py_warnings.py", "/torch/_compile.py", "/torch/_dynamo/eval_frame.py")
+    frames = [f for f in frames if not f.filename.replace(os.sep, "/").endswith(skip)]
+    ours = [f for f in frames if os.path.dirname(os.path.abspath(f.filename)) == HERE]
+    sites = ours[-1:] + [f for f in frames[-1:] if not ours or f is not ours[-1]]
+    return " > ".join(f"{os.path.basename(f.filename) if f in ours else f.filename.split('site-packages/')[-1]}:"
+                      f"{f.lineno} {f.name}" for f in sites)
+
+
 class HostSyncLog(TorchDispatchMode):
     """Logs the ops that make the host wait for a CUDA device: reading a value back (item(), bool(),
     float(), or a 0-d tensor passed where an op takes a number) and ops whose output size depends on
     the data. They run as usual; on the CPU the log is what would stall a GPU. Blind to tolist(),
-    numpy() and blocking host-to-device copies, which torch.cuda.set_sync_debug_mode sees on CUDA."""
+    numpy() and blocking host-to-device copies, which torch.cuda.set_sync_debug_mode sees on CUDA.
+    `syncs` holds the ops, `sites` where each was called (call_site)."""
 
     SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
                "aten.bincount", "aten.repeat_interleave.Tensor", "aten.equal", "aten.is_nonzero")
@@ -344,31 +364,45 @@ class HostSyncLog(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.syncs = []
+        self.syncs, self.sites = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         bool_index = func in self.BOOL_INDEXED and any(i is not None and i.dtype == torch.bool for i in args[1])
         if str(func).startswith(self.SYNCING) or bool_index:
             self.syncs.append(str(func))
+            self.sites.append(call_site(traceback.extract_stack()[:-1]))  # [:-1]: not this method
         return func(*args, **(kwargs or {}))
 
 
 def count_host_syncs(b, images, labels):
-    """Times the host waits for the device in one more plain step of b: on CUDA the synchronising calls that
-    torch.cuda.set_sync_debug_mode reports, on the CPU the ops HostSyncLog sees (those that would wait on a GPU)."""
+    """The times the host waits for the device in one more plain step of b, as (syncs, other warnings), each a
+    list of {"message", "site"} (site: call_site of the Python line that made the call). On CUDA the syncs are
+    torch.cuda.set_sync_debug_mode's warnings, matched on their exact text, and the other warnings raised during
+    the step are kept apart (set_sync_debug_mode's own once-per-process prototype notice says "synchronizing"
+    too); on the CPU the syncs are the ops HostSyncLog sees (those that would wait on a GPU)."""
     if b.device.type != "cuda":
         with HostSyncLog() as log:
             b.steps(1, images, labels, update=False)
-        return len(log.syncs)
-    with warnings.catch_warnings(record=True) as caught:
+        return [{"message": op, "site": site} for op, site in zip(log.syncs, log.sites)], []
+    seen = []
+
+    def record(message, category, filename, lineno, file=None, line=None):  # warnings.showwarning, called in place
+        frames = traceback.extract_stack()[:-1]
+        # up to the frame the warning names: torch's C++ warnings name the Python line that called into C++
+        at = max((i for i, f in enumerate(frames) if (f.filename, f.lineno) == (filename, lineno)),
+                 default=len(frames) - 1)
+        seen.append({"message": str(message), "site": call_site(frames[:at + 1])})
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record  # restored by catch_warnings
         before = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             b.steps(1, images, labels, update=False)
         finally:
             torch.cuda.set_sync_debug_mode(before)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return [w for w in seen if SYNC_WARNING in w["message"]], [w for w in seen if SYNC_WARNING not in w["message"]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +472,8 @@ def summarise(benches, batch_size, fwd_flops, peak):
             "ms_per_round": rounds_ms, "ratio_per_round": ratios,
             "backward_passes": passes, "backward_passes_plain": plain, "backward_passes_update": update,
             "flop_ratio": (1 + 2 * passes) / 3, "train_flops_per_image": flops_per_image,
-            "peak_memory_mb": None if b.peak_bytes is None else b.peak_bytes / 2**20, "host_syncs_per_step": b.host_syncs,
+            "peak_memory_mb": None if b.peak_bytes is None else b.peak_bytes / 2**20,
+            "host_syncs_per_step": len(b.host_syncs), "host_syncs": b.host_syncs, "other_warnings": b.other_warnings,
             "mfu": None if peak is None else flops_per_image * images_per_s / (peak * 1e12),
         }
         if b.update_ms:
@@ -491,10 +526,16 @@ def print_report(result):
         if "update_ms" in r:
             print(f"{name}: plain step {r['plain_ms']:.1f} ms (1 backward), update step {r['update_ms']:.1f} ms "
                   f"({r['backward_passes_update']} backward passes) every {r['update_every']} steps; amortised above")
+    for name, r in result["methods"].items():  # each method's syncs grouped by call site, then its other warnings
+        for site, n in collections.Counter(w["site"] for w in r["host_syncs"]).items():
+            print(f"{name}: {n} sync{'s' if n > 1 else ''} at {site}")
+        for w in r["other_warnings"]:
+            print(f"{name}: warning, not a sync: {w['message'][:80]!r} at {w['site']}")
     print("\nx vanilla: step time over vanilla's in the same round (median, and range over rounds). bwd/step: backward "
           "passes per step. FLOP x: the model-FLOP ratio those passes imply, (1 + 2 x bwd/step) / 3. syncs: times the "
           "host waits for the device in one plain step (" + ("torch.cuda.set_sync_debug_mode" if m["device"] == "cuda" else
-          "ops that would wait on a GPU: value reads, data-dependent shapes") + "); the curriculum's pacing read is one.")
+          "ops that would wait on a GPU: value reads, data-dependent shapes") + "), listed above by call site; the "
+          "curriculum's pacing read is one.")
     print(f"Synthetic data ({'random uint8 images on the device -> data.to_model_input' if c['in_channels'] == 3 else 'N(0, 1) latents on the device'}): no data loader, no logging "
           "bookkeeping; the curriculum's per-step loss read (a host sync, as in train.py) is timed.")
     if m["device"] == "cuda":
@@ -600,7 +641,7 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     labels = torch.randint(args.num_classes, (args.batch_size,), generator=gen).to(device)  # (B,)
     bench_training(benches, images, labels, args.warmup, args.steps, args.rounds, log)
     for b in benches:
-        b.host_syncs = count_host_syncs(b, images, labels)
+        b.host_syncs, b.other_warnings = count_host_syncs(b, images, labels)
 
     result = {
         "machine": info,

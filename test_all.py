@@ -3776,6 +3776,8 @@ def test_host_sync_log_sees_the_reads_that_stall_a_gpu():
         x.clone()[x > 1] = torch.ones(2)  # index_put_ with a mask
     assert log.syncs == ["aten._local_scalar_dense.default"] * 2 + ["aten.index.Tensor", "aten.bincount.default",
                                                                     "aten._local_scalar_dense.default", "aten.index_put_.default"]
+    assert all(site.startswith("test_all.py:") and site.endswith(" test_host_sync_log_sees_the_reads_that_stall_a_gpu")
+               for site in log.sites), log.sites  # where each was called: this test's lines
 
 
 @pytest.mark.parametrize("method", ["vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum",
@@ -5348,6 +5350,9 @@ def test_bench_times_every_method_and_writes_the_table_and_json(tmp_path, capsys
     # one plain step of each, read for host syncs: none, but the curriculum's pacing read of the loss
     assert {n: r["host_syncs_per_step"] for n, r in methods.items()} == {
         "vanilla": 0, "dtr": 0, "ant-pcgrad": 0, "ant-nash": 0, "curriculum": 1, "dtr+ant-uw": 0}
+    line = next(i for i, text in enumerate(open(bench.__file__), 1) if "after_step(step, float(" in text)
+    assert [w["site"] for w in methods["curriculum"]["host_syncs"]] == [f"bench.py:{line} one_step"]  # its loss read
+    assert f"curriculum: 1 sync at bench.py:{line} one_step" in out
     K = 5  # --ant-clusters default
     assert methods["ant-pcgrad"]["backward_passes"] == K
     assert methods["ant-pcgrad"]["flop_ratio"] == pytest.approx((1 + 2 * K) / 3)
@@ -5361,6 +5366,43 @@ def test_bench_times_every_method_and_writes_the_table_and_json(tmp_path, capsys
     assert [s["network"].split(" (")[0] for s in result["sample"]] == ["DiT", "DiT + dtr router"]
     assert all(s["steps"] == 2 and s["images_per_s"] > 0 for s in result["sample"])
     assert result["fid"]["images_per_s"] > 0
+
+
+def test_bench_counts_only_torchs_sync_warnings_on_cuda_and_says_where_each_was_called(monkeypatch, tmp_path):
+    # On CUDA, count_host_syncs counts the warnings of torch.cuda.set_sync_debug_mode("warn"), matched on torch's
+    # text, and keeps where each was called. Faked here on the CPU: a syncing op warns with that text (naming the
+    # Python line that called it, as torch's C++ warnings do), and set_sync_debug_mode warns once per process with
+    # its prototype notice (torch/csrc/cuda/Module.cpp, TORCH_WARN_ONCE), which says "synchronizing" too: counted
+    # as a sync, it gave the first method read (vanilla) one sync on an H200 and no other method any.
+    notice = "Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations"
+    mode, noticed = [0], []
+
+    def set_sync_debug_mode(m):
+        if not noticed:
+            noticed.append(warnings.warn(notice, stacklevel=2))  # named at the caller, as torch does
+        mode[0] = {"default": 0, "warn": 1}.get(m, m)
+
+    def isfinite(x, _isfinite=torch.isfinite):  # stands for an op that waits for the device
+        if mode[0]:
+            warnings.warn(bench.SYNC_WARNING + " (Triggered internally at c10/cuda/CUDAFunctions.cpp:1.)", stacklevel=2)
+        return _isfinite(x)
+
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode[0])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_sync_debug_mode)
+    monkeypatch.setattr(torch, "isfinite", isfinite)
+    _, train_argv = bench.parse_args(BENCH_TINY)
+    b = bench.MethodBench("vanilla", train_argv, 10, 3, 4, torch.device("cpu"), str(tmp_path))
+    b.device = torch.device("cuda")  # count_host_syncs' CUDA path; the step itself runs on the CPU
+    images, labels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.randint(10, (4,))
+    show = warnings.showwarning
+    syncs, others = bench.count_host_syncs(b, images, labels)
+    line = next(i for i, text in enumerate(open(train.__file__), 1) if "bad = ~torch.isfinite(gnorm)" in text)
+    assert [w["site"] for w in syncs] == [f"train.py:{line} train_step"] * 2  # isfinite of the norm and of the loss
+    assert all(w["message"].startswith(bench.SYNC_WARNING) for w in syncs)
+    assert [w["message"] for w in others] == [notice] and "synchroniz" in notice  # kept apart, not counted
+    assert others[0]["site"].startswith("bench.py:") and " count_host_syncs" in others[0]["site"]
+    assert mode[0] == 0 and warnings.showwarning is show  # the mode and the warnings hook are put back
+    assert bench.count_host_syncs(b, images, labels) == (syncs, [])  # the next method read: no notice
 
 
 def test_bench_rounds_medians_ratios_nash_amortisation_mfu_and_json_on_a_scripted_clock(tmp_path, monkeypatch, capsys):
