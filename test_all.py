@@ -3013,7 +3013,8 @@ def test_frechet_distance_is_as_accurate_as_pytorch_fids_sqrtm_on_feature_like_s
     with fewer samples than dimensions. The exact value comes from the features themselves: the nonzero
     eigenvalues of S1 S2 are the squared singular values of X1 X2^T / sqrt((n1 - 1)(n2 - 1)) (X centred), so
     Tr (S1 S2)^{1/2} is that matrix's nuclear norm, which an SVD gives to rounding. pytorch-fid's sqrtm and the
-    eigenvalue form are both within 1e-7 of it; the tolerance is what rounding allows for either."""
+    eigenvalue form are both within about 1e-7 of it, relative (the eigenvalue form 1.0e-7 on the rank-deficient pair);
+    the tolerance is what rounding allows for either."""
     rng = np.random.default_rng(2)
     mix = rng.normal(size=(64, 64)) * np.logspace(0, -3, 64)  # (64, 64) column scales over three decades
     for n1, n2 in [(400, 300), (50, 40)]:  # the second: rank-deficient covariances, as FID of few samples
@@ -3024,7 +3025,7 @@ def test_frechet_distance_is_as_accurate_as_pytorch_fids_sqrtm_on_feature_like_s
         exact = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * nuclear
         assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(exact, rel=1e-6)
         assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(exact, rel=1e-6)  # symmetric in its arguments
-        if n1 > 64:  # sqrtm needs pytorch-fid's eps retry on the singular product
+        if n1 > 64:  # the full-rank pair only: for a singular product sqrtm's result can need pytorch-fid's eps retry
             pytorch_fid = np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
             assert ((mu1 - mu2) ** 2).sum() + pytorch_fid == pytest.approx(exact, rel=1e-6)
 
@@ -3042,6 +3043,25 @@ def test_frechet_distance_rejects_statistics_that_are_no_covariances():
         fid.frechet_distance(np.zeros(4), a - 2 * np.eye(4) * np.linalg.eigvalsh(a).max(), np.zeros(4), b)
     with pytest.raises(ValueError, match="not positive semi-definite"):
         fid.frechet_distance(np.zeros(4), a, np.zeros(4), -b)
+
+
+def test_frechet_distance_psd_check_holds_at_any_feature_scale():
+    """The eigenvalues of sigma1 are in feature units squared and those of sigma1 sigma2 in their fourth power, so each
+    is checked against its own scale: a covariance with an eigenvalue of minus half its largest is refused whether the
+    features are of size 1e-3 or 1e3 (one shared tolerance let sigma1 through at 1e3 and sigma2 at 1e-3)."""
+    rng = np.random.default_rng(4)
+    a, b = random_spd(4, rng), random_spd(4, rng)
+    w, v = np.linalg.eigh(a)
+    bad = (v * np.r_[-0.5 * w.max(), w[1:]]) @ v.T  # (4, 4) symmetric, one eigenvalue of -w.max() / 2
+    clean = fid.frechet_distance(np.zeros(4), a, np.zeros(4), b)
+    for k in (1e-6, 1.0, 1e6):  # covariances of features scaled by 1e-3, 1, 1e3
+        for s1, s2 in ((bad, b), (a, bad)):
+            with pytest.raises(ValueError, match="not positive semi-definite"):
+                fid.frechet_distance(np.zeros(4), k * s1, np.zeros(4), k * s2)
+        assert fid.frechet_distance(np.zeros(4), k * a, np.zeros(4), k * b) == pytest.approx(k * clean, rel=1e-9)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    u, v = q[:, :1], q[:, 1:2]  # (6, 1) orthogonal directions: sigma1 sigma2 = 0, its eigenvalues rounding noise
+    assert fid.frechet_distance(np.zeros(6), u @ u.T, np.zeros(6), 1e-6 * v @ v.T) == pytest.approx(1 + 1e-6)
 
 
 def test_frechet_distance_of_rank_deficient_covariances_matches_the_eigenvalue_form():
@@ -3447,14 +3467,14 @@ def test_fid_during_training_survives_a_failed_distance_and_keys_its_cache(tmp_p
     def fails_once(*stats):
         calls.append(1)
         if len(calls) == 1:
-            raise ValueError("sqrtm(sigma1 sigma2) is not finite even with eps on the diagonals")
+            raise ValueError("the covariances are not positive semi-definite, so they are no covariance matrices")
         return real(*stats)
 
     monkeypatch.setattr(fid, "frechet_distance", fails_once)
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--fid-every", "1", "--fid-samples", "8",
                     "--fid-steps", "ddim2", "--fid-batch-size", "8", "--fid-ref-limit", "16")
     first, second = [r for r in metrics(out) if "fid" in r]
-    assert first["fid"] is None and "not finite" in first["fid_error"] and np.isfinite(second["fid"])
+    assert first["fid"] is None and "not positive semi-definite" in first["fid_error"] and np.isfinite(second["fid"])
     assert last_checkpoint(out)["step"] == 2  # the run went on
     assert fid.read_fid_curve(out) == {2: (second["fid"], 8)}  # curves skip the failed evaluation
     assert fid.read_statistics(out / "fid_ref_stats.npz")["source"].endswith("shapes|16px")  # the cache names its data

@@ -891,7 +891,7 @@ def train(args):
             mu, sigma = fid.feature_statistics(np.concatenate(gathered))
             try:
                 value = fid.frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
-            except ValueError as e:  # ill-conditioned or NaN statistics: record it, never end the run for it
+            except ValueError as e:  # NaN statistics, or no covariances (not symmetric or PSD): record it, never end the run
                 log(f"step {step}: no FID ({e})")
                 write_metrics({"step": step, "fid": None, "fid_samples": args.fid_samples, "fid_error": str(e)})
                 return
