@@ -1429,6 +1429,14 @@ def test_resume_mismatch_with_a_model_override_the_checkpoint_left_unset_says_to
         assert "None or" not in str(e.value)
 
 
+def test_resume_of_a_checkpoint_older_than_a_setting_says_so():
+    args = types.SimpleNamespace(**{k: 0 for k in train.MODEL_SETTINGS}, data="d", latent=None)
+    saved = {k: 0 for k in train.MODEL_SETTINGS if k != "curriculum_smoothing"}  # saved before that flag existed
+    with pytest.raises(train.ConfigError, match="predates the curriculum_smoothing setting") as e:
+        train.check_compatible(saved, args)
+    assert "None" not in str(e.value)  # once "pass --curriculum-smoothing None"
+
+
 def test_resume_onto_another_latent_space_is_refused():
     args = types.SimpleNamespace(**{k: 0 for k in train.MODEL_SETTINGS}, data="z2",
                                  latent={"vae": "b", "scale": 0.5, "shift": 0.0, "factor": 8, "size": 32, "channels": 4})

@@ -341,6 +341,9 @@ def check_compatible(saved, args):
     """Refuse a checkpoint whose model, data shape, latent space or method differ from the flags."""
     for key in MODEL_SETTINGS:
         if saved.get(key) != getattr(args, key):
+            if key not in saved:  # a checkpoint older than the setting: what it was trained with is unknown
+                raise ConfigError(f"checkpoint predates the {key} setting, so its value there is unknown (the flags say "
+                                  f"{getattr(args, key)!r}); start a new --out folder")
             if key in ("num_classes", "in_channels"):  # no flag: they follow from the data
                 fix = f"train on the checkpoint's data (--data {saved.get('data')})"
             elif key == "learn_sigma":
