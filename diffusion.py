@@ -290,7 +290,10 @@ class Diffusion:
     def sample(self, model_fn, noise, steps="250", clip_denoised=True, progress=False, noise_fn=None):
         """Sample with respaced steps: "250" (or any section counts) for DDPM, "ddim50" for DDIM;
         noise_fn as in ddpm_sample."""
-        sampler = self.respace(steps)
+        key = ("respaced", str(steps))  # made once: its tables then stay on the device across calls
+        if key not in self._cache:
+            self._cache[key] = self.respace(steps)
+        sampler = self._cache[key]
         if str(steps).startswith("ddim"):
             return sampler.ddim_sample(model_fn, noise, clip_denoised, progress=progress, noise_fn=noise_fn)
         return sampler.ddpm_sample(model_fn, noise, clip_denoised, progress=progress, noise_fn=noise_fn)

@@ -374,6 +374,16 @@ def test_respacing_keeps_original_timesteps():
     assert r.original_timesteps(t).tolist() == [int(r.timestep_map[i]) for i in (0, 1, 249)]
 
 
+def test_sample_respaces_once_per_step_setting(monkeypatch):
+    # FID during training samples batch after batch: the respaced chain and its device tables are made once.
+    d, calls, respace = gd.Diffusion(40, learn_sigma=False), [], gd.Diffusion.respace
+    monkeypatch.setattr(gd.Diffusion, "respace", lambda self, steps: calls.append(steps) or respace(self, steps))
+    noise = torch.randn(2, 3, 4, 4)
+    fn = lambda x, t: 0.1 * x
+    first, again = d.sample(fn, noise, "ddim5"), d.sample(fn, noise, "ddim5")
+    d.sample(fn, noise, "5")
+    assert calls == ["ddim5", "5"] and torch.equal(first, again)
+
 def test_space_timesteps_sections():
     assert gd.space_timesteps(100, "10,5") == sorted(set([round(i * 49 / 9) for i in range(10)] +
                                                          [50 + round(i * 49 / 4) for i in range(5)]))
