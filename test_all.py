@@ -357,6 +357,18 @@ def test_schedules_that_reach_beta_one_are_refused():
     assert gd.Diffusion(20, "cosine").betas.max() == 0.999
 
 
+def test_weightings_refuse_parameters_that_zero_or_negate_the_loss_weight():
+    # Diffusion itself refuses them (sample.py, bench.py and direct users build it too, not only train.py's flags):
+    # min(SNR, 0) / SNR weighs every sample 0; (k + SNR)^-gamma with k < 0 is negative or NaN wherever SNR < -k
+    abar = np.cumprod(1 - _betas("linear"))
+    snr = abar / (1 - abar)
+    for kw in (dict(weighting="min-snr", min_snr_gamma=0.0), dict(weighting="p2", p2_k=-0.5),
+               dict(weighting="p2", p2_gamma=-1.0)):
+        with pytest.raises(ValueError, match="must be"):
+            gd.Diffusion(learn_sigma=False, **kw)
+    np.testing.assert_allclose(gd.Diffusion(learn_sigma=False, weighting="p2", p2_k=0.0).loss_weight, 1 / snr, rtol=1e-10)
+
+
 def test_cosine_schedule_is_clipped():
     betas = gd.get_beta_schedule("cosine", 1000)
     assert betas.max() <= 0.999 and np.all(betas > 0)
@@ -1400,6 +1412,23 @@ def test_counts_rates_and_schedules_are_refused_before_training(tmp_path, capsys
         assert says in _train_error(tmp_path, capsys, *flags), flags
 
 
+def test_check_flags_refuses_nan_norms_and_a_frozen_ema_and_accepts_the_zero_values():
+    def refusal(*flags):
+        try:
+            train.check_flags(train.parse_args(TINY + list(flags)))
+        except train.ConfigError as e:
+            return str(e)
+        return None
+
+    # NaN passes "< 0": clipping to a NaN norm makes every gradient NaN, and every step is skipped
+    assert "--max-grad-norm nan" in refusal("--max-grad-norm", "nan")
+    assert "--nash-max-norm nan" in refusal("--nash-max-norm", "nan")
+    assert "--uw-lr nan" in refusal("--uw-lr", "nan")
+    assert "--ema-decay 1.0" in refusal("--ema-decay", "1")  # lerp weight 0: the EMA never leaves its initial weights
+    for flags in (["--ema-decay", "0"], ["--uw-lr", "0"], ["--max-grad-norm", "0"], ["--class-dropout-prob", "1"]):
+        assert refusal(*flags) is None, flags
+
+
 def test_log_record_names_the_curriculum_stage_its_losses_came_from(tmp_path):
     # fixed pacing, 2 steps a stage, a record every 2 steps: the stage changes at steps 2 and 4, and the records
     # there hold the losses of the stage that just ended (only its timestep buckets), so they must name that stage
@@ -1417,6 +1446,8 @@ def test_resume_auto_says_when_it_starts_fresh_or_has_nothing_to_do(tmp_path, ca
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--resume", "auto")
     assert "resume: no checkpoint in" in capsys.readouterr().out  # a mistyped --out would start over silently
     run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1", "--resume", "auto")
+    assert "nothing to train; raise --max-steps" in capsys.readouterr().out
+    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--resume", "auto")  # already at --max-steps
     assert "nothing to train; raise --max-steps" in capsys.readouterr().out
     assert last_checkpoint(out)["step"] == 2
 
@@ -1640,6 +1671,19 @@ def test_router_has_no_parameters_and_empty_state_dict(kind):
     assert routed.state_dict().keys() == plain.state_dict().keys()
     routed.load_state_dict(plain.state_dict(), strict=True)
     assert torch.equal(copy.deepcopy(routed).router.masks, router.masks)  # the EMA copy agrees
+
+
+def test_a_router_with_persistent_buffers_is_refused():
+    # no parameters, but a persistent buffer: it would add a key to the DiT state dict, which must stay the official one
+    class Router(nn.Module):
+        def __init__(self, persistent):
+            super().__init__()
+            self.register_buffer("table", torch.ones(3), persistent=persistent)
+
+    kw = dict(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=4)
+    with pytest.raises(ValueError, match="persistent buffers"):
+        DiT(**kw, router=Router(True))
+    assert DiT(**kw, router=Router(False)).state_dict().keys() == DiT(**kw).state_dict().keys()
 
 
 def test_router_forward_picks_rows_by_original_timestep():
@@ -2451,6 +2495,18 @@ def test_cli_affinity_refuses_data_that_do_not_fit_the_checkpoint(tmp_path):
     assert not (tmp_path / "tas.npy").exists()
 
 
+def test_cli_affinity_refuses_a_checkpoint_trained_on_latents_given_images(tmp_path):
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
+    ckpt = torch.load(checkpoints(out)[-1], map_location="cpu", weights_only=False)
+    ckpt["args"]["latent"] = {"size": 16, "channels": 3}  # as a latent run of the same shapes would record
+    torch.save(ckpt, tmp_path / "latent.pt")
+    with pytest.raises(SystemExit) as e:  # the images would run through a model that denoises VAE latents
+        nt.main(["affinity", "--ckpt", str(tmp_path / "latent.pt"), "--data", "shapes", "--groups", "2", "--batch-size", "2",
+                 "--batches", "1", "--device", "cpu", "--out", str(tmp_path / "tas.npy")])
+    assert "trained on VAE latents, but shapes holds images" in str(e.value.code)
+    assert not (tmp_path / "tas.npy").exists()
+
+
 # ==============================================================================================
 #                                   curriculum.py: easy-to-hard curriculum
 # ==============================================================================================
@@ -2721,6 +2777,29 @@ def test_plot_tick_labels_tell_close_ticks_apart():
         labels = [curriculum._fmt(v, ticks[1] - ticks[0]) for v in ticks]
         assert len(ticks) >= 2 and len(set(labels)) == len(labels), labels  # .3g once drew 0.9995 and 1.0 both as "1"
         assert all(abs(float(s) - v) <= 0.5 * (ticks[1] - ticks[0]) for s, v in zip(labels, ticks))
+
+
+def test_plot_labels_tell_close_loss_ticks_apart_and_write_thousands_as_k(tmp_path, monkeypatch):
+    # plot_stages passes the loss axis's tick spacing to _fmt; steps of 1000 and more read "1k", "1.5k", ...
+    from PIL import ImageDraw
+    import curriculum
+    drawn, real_text = [], ImageDraw.ImageDraw.text
+
+    def text(self, xy, s, *a, **k):
+        drawn.append((xy, s))
+        return real_text(self, xy, s, *a, **k)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+    lines = [{"event": "curriculum_stage", "step": 0, "stage": 1, "t_min": 500, "t_max": 1000}]
+    lines += [{"step": s, "loss": 0.9992 + 0.0011 * s / 2000} for s in range(100, 2001, 100)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    curriculum_main(["--plot", str(tmp_path / "metrics.jsonl"), "--out", str(tmp_path / "x.png")])
+    ticks = curriculum._nice_ticks(0.9992 + 0.0011 * 100 / 2000, 1.0003)
+    step = ticks[1] - ticks[0]
+    loss_labels = [s for (x, y), s in drawn if x == 4 and y > 300]  # the lower panel's y axis
+    assert len(loss_labels) == len(ticks) >= 2 and len(set(loss_labels)) == len(loss_labels), loss_labels
+    assert all(abs(float(s) - v) <= 0.5 * step for s, v in zip(loss_labels, ticks))
+    assert {"1k", "1.5k", "2k"} <= {s for _, s in drawn} and not any("e+" in s for _, s in drawn)
 
 
 def test_plot_cli_errors_without_curriculum_records(tmp_path):
@@ -3624,6 +3703,22 @@ def test_curriculum_stages_follow_the_fixed_schedule_in_training(tmp_path):
     assert all(r["curriculum/t_min"] <= 250 for r in logged)
 
 
+def test_a_curriculum_stage_change_applies_from_the_next_step_whatever_the_log_interval(tmp_path, monkeypatch):
+    # the pacing decision of step s is read at once (not one step late like the other flags), so step s + 1 draws
+    # from the new stage with a record every 100 steps as with one every step (TINY): the run does not depend on it
+    real_step, ranges = train.train_step, []
+
+    def spy(run, x, y, step):
+        ranges.append(run.method.curriculum.active_range)
+        return real_step(run, x, y, step)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    run_train(tmp_path, "--method", "curriculum", "--global-batch-size", "8", "--max-steps", "5", "--curriculum-pacing",
+              "fixed", "--curriculum-stage-steps", "2", "--curriculum-clusters", "4", "--log-every", "100",
+              "--ckpt-every", "100")
+    assert ranges == [(750, 1000), (750, 1000), (500, 1000), (500, 1000), (250, 1000)]
+
+
 def test_curriculum_smoothing_flag_reaches_the_pacer():
     args = train.parse_args([*TINY, "--method", "curriculum", "--curriculum-smoothing", "0.9"])
     method = train.Method(args, sample.build_diffusion(vars(args)), torch.device("cpu"))
@@ -3831,6 +3926,26 @@ def test_train_step_never_waits_for_the_device(method):
         with bench.HostSyncLog() as log:
             train.train_step(run, x, y, 1)
         assert log.syncs == [], (method, max_norm)
+
+
+def test_the_loop_reads_each_steps_flags_only_after_queueing_the_next_step(tmp_path, monkeypatch):
+    # the flags (mean loss, bad, stop) of step s are read back after step s + 1 is queued, so on a GPU the host never
+    # waits for the step it just queued; at the end (and at log and checkpoint steps) the last one is read at once
+    events, real_step, real_tolist = [], train.train_step, torch.Tensor.tolist
+
+    def spy(run, x, y, step):
+        events.append(f"step {step}")
+        return real_step(run, x, y, step)
+
+    def tolist(self):
+        if self.shape == (3,) and self.dtype == torch.float32:  # torch.stack([mean loss, bad, stop])
+            events.append("read")
+        return real_tolist(self)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "4", "--log-every", "100", "--ckpt-every", "100")
+    assert events[:8] == ["step 0", "step 1", "read", "step 2", "read", "step 3", "read", "read"], events
 
 
 def test_plain_backward_writes_the_gradient_of_the_batch_mean_loss():
@@ -4174,6 +4289,34 @@ def test_a_skipped_step_is_left_out_of_the_logged_loss_and_ant_values(tmp_path, 
         kept = torch.stack([extra[name] for extra, bad in seen if not bad])  # (2, K)
         for k in range(5):
             assert rec[f"ant/{name}{k}"] == pytest.approx(kept[:, k].mean().item(), rel=1e-5), (name, k)
+
+
+def test_a_step_skipped_for_a_non_finite_gradient_is_left_out_of_the_logged_loss(tmp_path, monkeypatch):
+    # the second step's losses are finite but a gradient is NaN: the update is skipped, and so are its losses in the
+    # record (mean and timestep buckets), which hold only the two steps that trained
+    real_backward, real_step, seen = train.Method.backward, train.train_step, []
+
+    def poisoned(self, loss_vec, cluster, params, step):
+        out = real_backward(self, loss_vec, cluster, params, step)
+        if step == 1:
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = math.nan
+        return out
+
+    def spy(run, x, y, step):
+        terms, t, extra, bad = real_step(run, x, y, step)
+        seen.append((terms["loss"].double(), t.clone(), bool(bad)))
+        return terms, t, extra, bad
+
+    monkeypatch.setattr(train.Method, "backward", poisoned)
+    monkeypatch.setattr(train, "train_step", spy)
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "3", "--skip-nonfinite", "1", "--log-every", "3")
+    assert [bad for *_, bad in seen] == [False, True, False] and all(torch.isfinite(loss).all() for loss, *_ in seen)
+    rec = [r for r in metrics(out) if "loss" in r][0]
+    loss = torch.cat([loss for loss, _, bad in seen if not bad])  # (8,)
+    bucket = torch.cat([t for _, t, bad in seen if not bad]) * 10 // 1000  # (8,)
+    assert rec["loss"] == pytest.approx(loss.mean().item(), rel=1e-5)
+    assert {k: v for k, v in rec.items() if k.startswith("loss_t")} == pytest.approx(
+        {f"loss_t{i}": loss[bucket == i].mean().item() for i in bucket.unique().tolist()}, rel=1e-5)
 
 @retry_rank_abort
 def test_two_process_curriculum_paces_on_the_all_rank_mean_loss(tmp_path):
@@ -4662,6 +4805,22 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert b["step"] == 40 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_a_stop_signal_during_the_step_before_a_checkpoint_stops_at_that_checkpoint(tmp_path, monkeypatch, capsys):
+    # "finishing the step and writing a checkpoint": the signal comes during step 2, whose checkpoint is due anyway;
+    # the run stops there, not after one more step and a second checkpoint write (a preemption's grace period is short)
+    real_step = train.train_step
+
+    def spy(run, x, y, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by train's handler
+        return real_step(run, x, y, step)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "6", "--ckpt-every", "2", "--log-every", "100")
+    assert "stopped by a signal at step 2" in capsys.readouterr().out
+    assert [p.name for p in checkpoints(out)] == ["0000002.pt"]
+
+
 SLOW_SAVE = """
 import sys, time, torch
 sys.path.insert(0, {repo!r})
@@ -4718,6 +4877,19 @@ def test_resume_auto_refuses_when_no_checkpoint_loads_and_never_overwrites_a_ren
     assert (out / "checkpoints" / "0000002.pt.unreadable").read_bytes() == b"renamed before"
 
 
+def test_resume_auto_skips_a_newer_checkpoint_that_lacks_a_part(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    full = {"model": {}, "ema": {}, "opt": {}, "step": 1, "args": {}}
+    torch.save(full, folder / "0000001.pt")
+    for missing in full:  # e.g. no optimiser state: resuming it would fail in opt.load_state_dict with a traceback
+        torch.save({k: v for k, v in full.items() if k != missing}, folder / "0000002.pt")
+        logs = []
+        path, ckpt = train.find_resume("auto", str(tmp_path), logs.append)
+        assert Path(path).name == "0000001.pt" and ckpt == full, missing
+        assert f"missing ['{missing}']" in logs[0]
+
+
 def test_a_failed_checkpoint_write_stops_with_the_previous_one_intact(tmp_path, monkeypatch, capsys):
     real_save = train.atomic_save
 
@@ -4771,6 +4943,28 @@ def test_a_start_that_would_overwrite_or_prune_checkpoints_is_refused(tmp_path, 
     assert sorted(p.name for p in (branch / "checkpoints").glob("*.pt")) == ["0000003.pt", "0000004.pt"]
     run_train(tmp_path, *flags, "--max-steps", "4", "--resume", "auto")
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["0000003.pt", "0000004.pt"]
+
+
+def test_claim_checkpoint_folder_counts_the_start_step_and_keeps_every_renamed_copy(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "0000002.pt").write_bytes(b"this run's step 2")
+    elsewhere = tmp_path / "elsewhere.pt"
+    elsewhere.write_bytes(b"")
+    logs = []
+    # another folder's step-2 checkpoint resumed into this one: --keep-last would later prune this run's step 2
+    with pytest.raises(train.ConfigError, match="0000002.pt"):
+        train.claim_checkpoint_folder(str(tmp_path), 2, str(elsewhere), False, logs.append, True)
+    train.claim_checkpoint_folder(str(tmp_path), 2, str(folder / "0000002.pt"), False, logs.append, True)  # itself: fine
+    # --resume auto: a rank other than 0 leaves the files alone (rank 0 renames them; two renamers would race)
+    train.claim_checkpoint_folder(str(tmp_path), 1, None, True, logs.append, False)
+    assert [p.name for p in folder.iterdir()] == ["0000002.pt"]
+    # rank 0 renames it beside two earlier renamed copies and overwrites neither
+    (folder / "0000002.pt.unreadable").write_bytes(b"first")
+    (folder / "0000002.pt.unreadable1").write_bytes(b"second")
+    train.claim_checkpoint_folder(str(tmp_path), 1, None, True, logs.append, True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {
+        "0000002.pt.unreadable": b"first", "0000002.pt.unreadable1": b"second", "0000002.pt.unreadable2": b"this run's step 2"}
 
 
 def test_skip_nonfinite_tolerates_n_bad_steps_without_nan_weights(tmp_path, monkeypatch):
