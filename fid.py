@@ -577,8 +577,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     w, v = np.linalg.eigh(sigma1)  # (D,), (D, D)
     root = (v * np.sqrt(w.clip(0))) @ v.T  # (D, D) sigma1^{1/2}
     lam = np.linalg.eigvalsh(root @ sigma2 @ root)  # (D,) the eigenvalues of sigma1 sigma2
+    # sigma2's own: lam misses sigma2's negative directions in sigma1's null space (diag(1, 0), diag(1, -1): FID -1)
+    w2 = np.linalg.eigvalsh(sigma2)  # (D,)
     # Each against its own scale (w is in feature units squared, lam in their fourth power; |lam| <= max |w| |sigma2|)
-    if w.min() < -1e-6 * np.abs(w).max() or lam.min() < -1e-6 * np.abs(w).max() * np.linalg.norm(sigma2):
+    if (w.min() < -1e-6 * np.abs(w).max() or w2.min() < -1e-6 * np.abs(w2).max()
+            or lam.min() < -1e-6 * np.abs(w).max() * np.linalg.norm(sigma2)):
         raise ValueError("the covariances are not positive semi-definite, so they are no covariance matrices "
                          "(corrupted statistics?)")
     diff = mu1 - mu2  # (D,)

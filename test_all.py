@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 import tracemalloc
 import types
 import warnings
@@ -899,6 +900,110 @@ def test_zip_name_stored_twice_is_one_image_its_last_entry(tmp_path):
     assert ds.names == ["a/x.png", "b/y.png"] and [int(ds[i][0][0, 0, 0]) for i in range(2)] == [200, 2]
 
 
+def test_zip_member_flagged_encrypted_is_refused_with_what_to_do(tmp_path):
+    # zipfile writes no encrypted members: set bit 0 of the flags in the local and central headers of b/0.png by hand,
+    # as `zip -e` does. zipfile itself then refuses to read it without a password.
+    _write_images(tmp_path / "imgs", 1)
+    with zipfile.ZipFile(tmp_path / "enc.zip", "w") as zf:
+        zf.write(tmp_path / "imgs" / "a" / "0.png", "a/0.png", compress_type=zipfile.ZIP_STORED)
+        zf.write(tmp_path / "imgs" / "b" / "0.png", "b/0.png", compress_type=zipfile.ZIP_STORED)
+    raw = bytearray((tmp_path / "enc.zip").read_bytes())
+    local = raw.index(b"b/0.png") - 30  # b/0.png's local header: 30 fixed bytes before the name
+    central = raw.rindex(b"b/0.png") - 46  # its central directory record: 46 fixed bytes before the name
+    assert raw[local:local + 4] == b"PK\x03\x04" and raw[central:central + 4] == b"PK\x01\x02"
+    raw[local + 6] |= 1
+    raw[central + 8] |= 1
+    (tmp_path / "enc.zip").write_bytes(bytes(raw))
+    with zipfile.ZipFile(tmp_path / "enc.zip") as zf:
+        assert zf.getinfo("b/0.png").flag_bits & 1 and not zf.getinfo("a/0.png").flag_bits & 1
+        with pytest.raises(RuntimeError, match="encrypted"):
+            zf.read("b/0.png")
+    with pytest.raises(datasets.DataError, match=r"enc.zip:b/0.png is encrypted; re-zip .*no password"):
+        datasets.load_dataset(str(tmp_path / "enc.zip"), 16)
+
+
+def test_zip_without_images_says_so(tmp_path):
+    for members in ({}, {"notes.txt": b"no image here", ".hidden.png": b"x"}):  # empty, or nothing but non-images
+        with zipfile.ZipFile(tmp_path / "none.zip", "w") as zf:
+            for name, blob in members.items():
+                zf.writestr(name, blob)
+        names, records = datasets.zip_members(str(tmp_path / "none.zip"))
+        assert names == [] and len(records) == 0
+        with pytest.raises(datasets.DataError, match="no images .* found in"):
+            datasets.load_dataset(str(tmp_path / "none.zip"), 16)
+
+
+def test_zip_skipping_a_bad_member_in_the_middle_keeps_every_later_image_with_its_own_bytes(tmp_path):
+    # --skip-bad-images drops a member's record with its name: item i after the gap is still member names[i], as
+    # zipfile reads it
+    colours = [(10, 0, 0), None, (0, 20, 0), (0, 0, 30)]  # a/1.png is not an image
+    with zipfile.ZipFile(tmp_path / "gap.zip", "w") as zf:
+        for i, colour in enumerate(colours):
+            buf = io.BytesIO()
+            if colour is None:
+                buf.write(b"not a PNG")
+            else:
+                Image.new("RGB", (16, 16), colour).save(buf, format="PNG")
+            zf.writestr(f"a/{i}.png", buf.getvalue())
+    ds = datasets.ImageFiles(tmp_path / "gap.zip", 16, skip_bad=True, num_threads=2)
+    assert ds.names == ["a/0.png", "a/2.png", "a/3.png"] and ds.skipped == [f"{tmp_path / 'gap.zip'}:a/1.png"]
+    with zipfile.ZipFile(tmp_path / "gap.zip") as zf:
+        for i, name in enumerate(ds.names):
+            expected = np.array(Image.open(io.BytesIO(zf.read(name))).convert("RGB"))  # (16, 16, 3)
+            assert torch.equal(ds[i][0], torch.from_numpy(expected).permute(2, 0, 1)), name
+
+
+def test_zip_counts_the_images_whose_short_side_is_below_the_target_size(tmp_path):
+    # upsized: min(width, height) < image_size, whether the size comes from a member's first ZIP_HEADER_BYTES (a
+    # large member) or from the whole member (a small one, or --skip-bad-images)
+    sizes = [(12, 40), (40, 12), (16, 16), (16, 40), (15, 15), (40, 40)]  # (width, height); upsized: 1st, 2nd, 5th
+    rng = np.random.default_rng(5)
+    with zipfile.ZipFile(tmp_path / "sizes.zip", "w") as zf:
+        for i, (w, h) in enumerate(sizes):
+            for big in (False, True):
+                img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                blob = buf.getvalue() + (b"\0" * 2 * datasets.ZIP_HEADER_BYTES if big else b"")  # PIL ignores a tail
+                zf.writestr(f"{'big' if big else 'small'}/{i}.png", blob, compress_type=zipfile.ZIP_STORED)
+    for skip_bad in (False, True):
+        ds = datasets.ImageFiles(tmp_path / "sizes.zip", 16, skip_bad=skip_bad, num_threads=2)
+        assert len(ds) == 12 and ds.num_upsized == 2 * 3, skip_bad
+
+
+def test_zip_member_cut_short_is_refused_not_returned_short(tmp_path):
+    # A zip rewritten or cut after the run listed it: the bytes left of a member are fewer than its size, and its
+    # CRC is then not checked, so the length check is what stops them.
+    blob = np.random.default_rng(6).bytes(5000)
+    with zipfile.ZipFile(tmp_path / "whole.zip", "w") as zf:
+        zf.writestr("stored.png", blob, compress_type=zipfile.ZIP_STORED)
+        zf.writestr("deflated.png", blob, compress_type=zipfile.ZIP_DEFLATED)
+    names, members = datasets.zip_members(str(tmp_path / "whole.zip"))
+    raw = (tmp_path / "whole.zip").read_bytes()
+    with open(tmp_path / "whole.zip", "rb") as f:
+        starts = [datasets.fid.zip_data_offset(f.fileno(), int(m["offset"])) for m in members]
+    for name, member, start in zip(names, members, starts):
+        (tmp_path / "cut.zip").write_bytes(raw[:start + int(member["csize"]) // 2])  # half the member's data left
+        with open(tmp_path / "cut.zip", "rb") as f:
+            with pytest.raises(zipfile.BadZipFile, match=f"{name}' is truncated"):
+                datasets.read_zip_member(f.fileno(), member, name)
+
+
+def test_zip_data_offset_refuses_what_is_no_local_header_as_zipfile_does(tmp_path):
+    with zipfile.ZipFile(tmp_path / "h.zip", "w") as zf:
+        zf.writestr("a.png", b"x" * 100)
+        info = zf.getinfo("a.png")
+    raw = bytearray((tmp_path / "h.zip").read_bytes())
+    (tmp_path / "cut.zip").write_bytes(bytes(raw[:info.header_offset + 20]))  # the header cut after 20 of its 30 bytes
+    raw[info.header_offset] ^= 0xFF  # the local header's signature
+    (tmp_path / "h.zip").write_bytes(bytes(raw))
+    with zipfile.ZipFile(tmp_path / "h.zip") as zf, pytest.raises(zipfile.BadZipFile, match="Bad magic number"):
+        zf.read("a.png")
+    for name in ("h.zip", "cut.zip"):
+        with open(tmp_path / name, "rb") as f, pytest.raises(zipfile.BadZipFile, match="Bad magic number"):
+            fid.zip_data_offset(f.fileno(), info.header_offset)
+
+
 def test_zip_without_os_pread_is_refused_with_what_to_do(tmp_path, monkeypatch):
     _write_images(tmp_path / "imgs", 1)
     with zipfile.ZipFile(tmp_path / "i.zip", "w") as zf:
@@ -1093,6 +1198,18 @@ def test_mapped_array_dataset_is_reopened_not_pickled_and_serves_forked_workers(
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=2, multiprocessing_context="fork")
     for idx, (x, y) in zip(indices, loader):
         assert torch.equal(x, torch.stack([expected[i][0] for i in idx])) and y.tolist() == [expected[i][1] for i in idx]
+
+
+def test_npz_of_object_arrays_is_refused_as_np_load_does_not_mapped(tmp_path):
+    # np.savez pickles an object array (a list of images of different sizes): its bytes are no array to map, and
+    # elements read from such a map would be raw pointers. npz_array reads it through np.load, which refuses it.
+    images = np.empty(2, dtype=object)
+    images[0], images[1] = np.zeros((4, 4, 3), np.uint8), np.zeros((5, 5, 3), np.uint8)
+    np.savez(tmp_path / "ragged.npz", arr_0=images)
+    with np.load(tmp_path / "ragged.npz") as data, pytest.raises(ValueError, match="allow_pickle"):
+        data["arr_0"]
+    with pytest.raises(ValueError, match="allow_pickle"):
+        fid.npz_array(tmp_path / "ragged.npz")
 
 
 def test_a_spawned_worker_refuses_an_array_file_rewritten_or_replaced_since_the_parent_mapped_it(tmp_path):
@@ -1506,6 +1623,15 @@ def test_sample_py_write_cut_short_leaves_no_samples_npz_that_refuses_the_rerun(
     monkeypatch.setattr(np, "savez", savez)
     sample.main(flags)  # the rerun samples again: a half samples.npz once refused it as "an earlier run's samples"
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
+
+
+def test_sample_py_save_png_accepts_an_empty_png_folder(tmp_path):
+    # Only PNGs of an earlier run are refused (they would sit among fewer new ones): an empty OUT/png, emptied by
+    # hand or left by a run stopped before its first PNG, takes the new ones
+    ckpt = str(checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1])
+    (tmp_path / "s" / "png").mkdir(parents=True)
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "ddim2", "--save-png"])
+    assert sorted(p.name for p in (tmp_path / "s" / "png").iterdir()) == ["000000.png", "000001.png"]
 
 
 def test_sample_py_checks_counts_steps_checkpoint_and_fid_inputs_before_sampling(tmp_path, capsys):
@@ -3174,6 +3300,49 @@ def test_frechet_distance_of_rank_deficient_covariances_matches_the_eigenvalue_f
     assert fid.frechet_distance(np.zeros(4), a, np.zeros(4), b) == pytest.approx(expected, rel=1e-6)
 
 
+def test_frechet_distance_of_identical_samples_is_the_closed_form_with_a_zero_covariance():
+    # A collapsed model (every sample the same image) has features with covariance exactly 0: a valid covariance,
+    # whose FID is ||mu1 - mu2||^2 + Tr sigma2 (Tr (0 sigma2)^{1/2} = 0), in either order
+    rng = np.random.default_rng(11)
+    mu1, mu2, b = rng.normal(size=4), rng.normal(size=4), random_spd(4, rng)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(b)
+    assert fid.frechet_distance(mu1, np.zeros((4, 4)), mu2, b) == pytest.approx(expected, rel=1e-12)
+    assert fid.frechet_distance(mu2, b, mu1, np.zeros((4, 4))) == pytest.approx(expected, rel=1e-12)
+    assert fid.frechet_distance(mu1, np.zeros((4, 4)), mu1, np.zeros((4, 4))) == 0
+
+
+def test_frechet_distance_accepts_rounding_and_refuses_what_is_beyond_it():
+    # Statistics rounded at float32's 1e-7 of their scale may be that far from symmetric or positive semi-definite:
+    # accepted, with the FID of the matrix they round. 1e-4 of their scale is no rounding: refused.
+    rng = np.random.default_rng(12)
+    a, b = random_spd(4, rng), random_spd(4, rng)
+    w, v = np.linalg.eigh(a)
+    singular = (v * np.r_[0.0, w[1:]]) @ v.T  # (4, 4) a with its smallest eigenvalue set to 0
+    for rel, refused in ((1e-7, False), (1e-4, True)):
+        skew = a.copy()
+        skew[0, 1] += rel * np.abs(a).max()
+        negative = (v * np.r_[-rel * w.max(), w[1:]]) @ v.T  # (4, 4) singular, an eigenvalue -rel x the largest
+        for s1, s2, says, like in ((skew, b, "sigma1 is not symmetric", a), (b, skew, "sigma2 is not symmetric", a),
+                                   (negative, b, "not positive semi-definite", singular),
+                                   (b, negative, "not positive semi-definite", singular)):
+            if refused:
+                with pytest.raises(ValueError, match=says):
+                    fid.frechet_distance(np.zeros(4), s1, np.zeros(4), s2)
+            else:  # the FID of the matrix it rounds (FID is symmetric in its arguments), in the eigenvalue form
+                expected = np.trace(like) + np.trace(b) - 2 * np.sqrt(np.linalg.eigvals(like @ b).real.clip(0)).sum()
+                assert fid.frechet_distance(np.zeros(4), s1, np.zeros(4), s2) == pytest.approx(expected, rel=1e-5)
+
+
+def test_frechet_distance_refuses_a_negative_direction_of_sigma2_where_sigma1_is_zero():
+    # sigma1 = diag(1, 0) (a feature constant over the samples) and sigma2 = diag(1, -1): the eigenvalues of
+    # sigma1 sigma2 are 1 and 0, so their check passes, and the formula gives 1 + 0 - 2 = -1, a negative FID. The
+    # same statistics in the other order were refused.
+    s1, s2 = np.diag([1.0, 0.0]), np.diag([1.0, -1.0])
+    for a, b in ((s1, s2), (s2, s1)):
+        with pytest.raises(ValueError, match="not positive semi-definite"):
+            fid.frechet_distance(np.zeros(2), a, np.zeros(2), b)
+
+
 def test_frechet_distance_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="mean vectors"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
@@ -3913,6 +4082,54 @@ def test_host_sync_log_sees_the_reads_that_stall_a_gpu():
                for site in log.sites), log.sites  # where each was called: this test's lines
 
 
+def test_host_sync_log_sees_data_dependent_shapes_and_leaves_plain_indexing_alone():
+    # Each of these needs a value back from the device: its output's size depends on the data (nonzero, unique,
+    # masked_select, repeat_interleave by a tensor, a boolean mask beside a slice) or it returns a Python bool (equal).
+    # Indexing by integer tensors beside a slice (an index list holding None) waits for nothing and must not crash.
+    x, m = torch.arange(4.0), torch.zeros(2, 4)
+    with bench.HostSyncLog() as log:
+        torch.nonzero(x), torch.equal(x, x), x.unique(), torch.masked_select(x, x > 1)
+        x.repeat_interleave(torch.tensor([1, 0, 2, 1]))
+        m[:, torch.tensor([0, 2])], m[:, torch.tensor([True, False, True, False])]
+    assert log.syncs == ["aten.nonzero.default", "aten.equal.default", "aten._unique2.default",
+                         "aten.masked_select.default", "aten.repeat_interleave.Tensor", "aten.index.Tensor"]
+
+
+def test_call_site_names_our_innermost_frame_then_the_innermost_one_outside():
+    frame = traceback.FrameSummary
+    ours = frame(os.path.join(bench.HERE, "train.py"), 140, "backward")
+    torchs = frame("/venv/lib/python3.11/site-packages/torch/autograd/graph.py", 841, "_engine_run_backward")
+    outer = frame("/usr/lib/python3.11/runpy.py", 88, "_run_code")
+    warning = frame("/usr/lib/python3.11/warnings.py", 99, "_showwarnmsg")  # the warnings machinery: no call site
+    assert bench.call_site([outer, ours, torchs, warning]) == \
+        "train.py:140 backward > torch/autograd/graph.py:841 _engine_run_backward"  # the docstring's example
+    assert bench.call_site([outer, ours, warning]) == "train.py:140 backward"
+    assert bench.call_site([outer, torchs]) == "torch/autograd/graph.py:841 _engine_run_backward"
+
+
+def test_count_host_syncs_on_cuda_names_the_line_a_warning_names_or_else_our_innermost_frame(monkeypatch):
+    # A warning raised with stacklevel=2 names its caller's line, in the same file as the helper that raised it;
+    # one whose file and line are on no frame of the stack (warn_explicit, as from C++ with no Python line) is
+    # placed at the innermost frame of this repository that made the call.
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    lines = {}
+
+    def helper():
+        warnings.warn(bench.SYNC_WARNING, stacklevel=2)
+
+    def step():
+        lines["caller"] = sys._getframe().f_lineno + 1
+        helper()
+        lines["explicit"] = sys._getframe().f_lineno + 1
+        warnings.warn_explicit(bench.SYNC_WARNING, UserWarning, "<c++>", 0)
+
+    b = types.SimpleNamespace(device=torch.device("cuda"), steps=lambda n, images, labels, update: step())
+    syncs, others = bench.count_host_syncs(b, None, None)
+    assert others == [] and [w["site"] for w in syncs] == [f"test_all.py:{lines['caller']} step",
+                                                          f"test_all.py:{lines['explicit']} step"]
+
+
 @pytest.mark.parametrize("method", ["vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum",
                                     "dtr+ant-uw", "curriculum+ant-uw"])
 def test_train_step_never_waits_for_the_device(method):
@@ -4487,6 +4704,19 @@ def test_per_sample_generator_seeds_stay_below_two_to_the_32():
         top = int(str(e.value).rsplit("0..", 1)[1])
         assert top == sample.max_seed(n) < seed
         sample.check_seed(top, n)
+
+
+def test_seed_check_is_exact_at_two_to_the_32_and_sample_indices_applies_it_to_its_largest_index():
+    # seed 4294: 4294 * 1_000_003 + 954414 == 2^32, so sample 954414's generator seed would be 2^32, which torch
+    # wraps to 0 (seed 0's sample 0); sample 954413's, 2^32 - 1, is the last distinct one
+    assert 4294 * sample.SEED_STRIDE + 954414 == 2**32
+    assert torch.equal(torch.randn(4, generator=torch.Generator().manual_seed(2**32)),
+                       torch.randn(4, generator=torch.Generator().manual_seed(0)))
+    sample.check_seed(4294, 954414)  # samples 0..954413
+    with pytest.raises(ValueError, match="below 2\\^32"):
+        sample.check_seed(4294, 954415)
+    with pytest.raises(ValueError, match="below 2\\^32"):  # one sample, but sample 954414: refused before sampling
+        sample.sample_indices(_random_dit(), gd.Diffusion(), [954414], CPU, seed=4294, steps="2")
 
 
 def test_sample_fid_ref_problems_stop_before_sampling(tmp_path, capsys, monkeypatch):
@@ -5427,6 +5657,49 @@ def test_pwrite_rows_writes_each_run_at_its_rows_and_done_images_cuts_a_torn_rec
     (tmp_path / "progress" / "rank0.idx").write_bytes(np.array([0, 1, 5, 6], np.int64).tobytes()[:28])
     (tmp_path / "progress" / "rank1.idx").write_bytes(np.array([8], np.int64).tobytes())
     np.testing.assert_array_equal(np.flatnonzero(latents.done_images(str(tmp_path), 10)), [0, 1, 5, 8])
+
+
+def test_pwrite_all_finishes_a_partial_write_and_refuses_one_that_writes_nothing(tmp_path, monkeypatch):
+    # A full disk or a signal can make os.pwrite write part of the bytes without an error
+    data, real_pwrite = bytes(range(1, 24)), os.pwrite
+    calls = []
+
+    def partial(fd, view, offset, most=5):  # at most `most` bytes a call, each at the offset it is given
+        calls.append(offset)
+        if len(calls) > 50:
+            raise RuntimeError("pwrite_all loops")
+        return real_pwrite(fd, bytes(view[:most]), offset) if most else 0
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(40))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        monkeypatch.setattr(os, "pwrite", partial)
+        latents.pwrite_all(fd, data, 10)
+        assert calls == [10, 15, 20, 25, 30]
+        monkeypatch.setattr(os, "pwrite", functools.partial(partial, most=0))
+        calls.clear()
+        with pytest.raises(OSError, match="pwrite wrote nothing at byte 3"):
+            latents.pwrite_all(fd, data, 3)
+        assert calls == [3]
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(10) + data + bytes(7)
+
+
+def test_atomic_write_flushes_and_fsyncs_the_whole_file_before_renaming_it(tmp_path, monkeypatch):
+    # Durable before it is visible: at fsync the temporary file holds every byte (Python's buffer flushed) and the
+    # final name does not exist yet; a rename first would show a file a power cut could leave empty or torn
+    path, payload, synced, real_fsync = tmp_path / "x.bin", b"0123456789" * 50, [], os.fsync
+
+    def fsync(fd):
+        synced.append((os.fstat(fd).st_size, path.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    latents.atomic_write(str(path), lambda f: f.write(payload))
+    assert synced == [(len(payload), False)] and path.read_bytes() == payload
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]  # no temporary file left
 
 
 def _bent_posterior_vae(folder, **config):
