@@ -552,10 +552,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     pytorch-fid and ADM take scipy.linalg.sqrtm(sigma1 @ sigma2) and keep the trace of its real part.
     Only the trace is needed, and Tr (sigma1 sigma2)^{1/2} = sum_i sqrt(lambda_i), where lambda_i are the
     eigenvalues of sigma1 sigma2, which equal those of the symmetric R sigma2 R with R = sigma1^{1/2}.
-    Two symmetric eigendecompositions give them, and a third checks that sigma2 is a covariance: 2.0 s for
-    2048-d statistics on 2 cores, against 15.7 s for sqrtm. Both are as accurate as rounding allows: on 1000 CIFAR-10 training against 1000 test
-    images, where the covariances are singular (fewer samples than dimensions), sqrtm's FID was 4.0e-5
-    and this one 2.6e-5 from the exact 46.42738 (an SVD of the centred features' cross product).
+    Two symmetric eigendecompositions give them, and a third checks that sigma2 is a covariance: 2.0 s
+    for 2048-d statistics on 2 cores, against 15.7 s for sqrtm. Both are as accurate as rounding allows:
+    on 1000 CIFAR-10 training against 1000 test images, where the covariances are singular (fewer samples
+    than dimensions), sqrtm's FID was 4.0e-5 and this one 2.6e-5 from the exact 46.42738 (an SVD of the
+    centred features' cross product).
     For a singular product sqrtm returns a complex matrix, whose real part pytorch-fid keeps; it retries with
     1e-6 added to the diagonals only when sqrtm's result is not finite. Here the zero eigenvalues, rounded to
     about +-1e-16, count as 0 and no retry is needed.
