@@ -12,13 +12,10 @@ VAE latents (C, h, w), already scaled (and with --flip both stored in both orien
 train.py uses as they are.
 """
 
-import gc
 import io
 import json
 import os
 import warnings
-import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,7 +25,6 @@ from PIL import Image, ImageDraw
 import fid
 
 MANIFEST = "manifest.json"  # marks a latent folder (latents.py)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
@@ -104,62 +100,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 #                                   Files: folders and zips
 # ----------------------------------------------------------------------------------------------
 
-# One record per zip member: where its local header sits, its compressed and uncompressed sizes, its CRC-32 and
-# whether it is deflated (else stored). 29 bytes, against about 570 for a ZipInfo in zipfile.ZipFile's lists.
-ZIP_MEMBER = np.dtype([("offset", "<i8"), ("csize", "<i8"), ("size", "<i8"), ("crc", "<u4"), ("deflated", "?")])
 ZIP_HEADER_BYTES = 16 * 1024  # what the start-up check reads of a member: more than a JPEG or PNG header needs
-
-
-def zip_members(path):
-    """The image members of a zip (sorted, hidden files and __MACOSX left out) and a ZIP_MEMBER record for each.
-
-    The central directory is parsed once, by zipfile, and its ZipInfo objects dropped: one ZipFile per thread or
-    DataLoader worker held 0.73 GB each for ImageNet's 1.28M members. Members are then read with read_zip_member."""
-    if not hasattr(os, "pread"):  # Windows
-        raise DataError(f"{path}: reading a zip needs os.pread, which this OS lacks; unzip it and pass the folder")
-    try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
-        raise DataError(f"{path} is not a readable zip file ({e})") from None
-    with zf:  # a name stored twice (appended to the zip again) counts once, as its last entry: what ZipFile.read gives
-        infos = sorted({i.filename: i for i in zf.infolist() if i.filename.lower().endswith(IMAGE_EXTENSIONS)
-                        and not i.filename.startswith("__MACOSX") and not fid.is_hidden(i.filename)}.values(),
-                       key=lambda i: i.filename)
-    for i in infos:
-        if i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or i.flag_bits & 0x1:
-            how = "encrypted" if i.flag_bits & 0x1 else f"compressed with method {i.compress_type}"
-            raise DataError(f"{path}:{i.filename} is {how}; re-zip the images stored or deflated "
-                            f"(`zip -r -0` or plain `zip -r`, no password)")
-    members = np.empty(len(infos), ZIP_MEMBER)
-    for field, attr in (("offset", "header_offset"), ("csize", "compress_size"), ("size", "file_size"), ("crc", "CRC")):
-        members[field] = np.fromiter((getattr(i, attr) for i in infos), members.dtype[field], len(infos))
-    members["deflated"] = np.fromiter((i.compress_type == zipfile.ZIP_DEFLATED for i in infos), bool, len(infos))
-    names = "\0".join(i.filename for i in infos)  # zipfile cuts a name at a NUL
-    # The names are made anew once the ZipInfo objects are freed, and a full collection empties the free lists
-    # (up to 2000 spare ZipInfo.date_time tuples): either, left among the freed objects, held on to most of the
-    # parse's memory (for 100K members: 64 MB kept with the names as they were, 16 MB made anew after gc.collect).
-    del zf, infos
-    gc.collect()
-    return names.split("\0") if names else [], members
-
-
-def read_zip_member(fd, member, name, limit=None):
-    """The bytes of a zip member (a ZIP_MEMBER record) from the zip open as `fd`: whole and checked against its
-    CRC-32, as ZipFile.read does, or its first `limit` bytes at most (checked only if that is all of it). Read by
-    position (os.pread), so the scan's threads and forked DataLoader workers share one descriptor safely."""
-    start = fid.zip_data_offset(fd, int(member["offset"]))
-    size, csize = int(member["size"]), int(member["csize"])
-    # A prefix reads `limit` deflated bytes, which inflate to about as many for JPEG and PNG (they barely deflate)
-    raw = os.pread(fd, csize if limit is None else min(csize, limit), start)
-    if member["deflated"]:
-        data = zlib.decompressobj(-15).decompress(raw, size if limit is None else min(size, limit))  # raw deflate
-    else:
-        data = raw
-    if len(data) == size and zlib.crc32(data) != member["crc"]:
-        raise zipfile.BadZipFile(f"Bad CRC-32 for file {name!r}")  # zipfile's words
-    if limit is None and len(data) != size:
-        raise zipfile.BadZipFile(f"{name!r} is truncated: {len(data)} of {size} bytes")
-    return data
 
 
 def _image_size(data):
@@ -199,19 +140,19 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, path, image_size, skip_bad=False, num_threads=16):
         self.path, self.image_size = str(path), image_size
         self.is_zip = self.path.lower().endswith(".zip")
-        self._members, self._file = None, None  # a zip's ZIP_MEMBER records, and this process's file object
+        self._members, self._file = None, None  # a zip's fid.ZIP_MEMBER records, and this process's file object
         if self.is_zip:
-            names, self._members = zip_members(self.path)
+            try:
+                names, self._members = fid.zip_members(self.path)
+            except ValueError as e:  # fid's errors are ValueErrors; train.py prints a DataError as one line
+                raise DataError(str(e)) from None
             self._file = open(self.path, "rb")
         else:
-            names = [os.path.relpath(os.path.join(root, f), self.path)
-                     for root, _, files in os.walk(self.path, followlinks=True) for f in files
-                     if f.lower().endswith(IMAGE_EXTENSIONS)]
-            names = sorted(n for n in names if not fid.is_hidden(n))  # .ipynb_checkpoints/, macOS ._x.jpg
+            names = fid.folder_images(self.path)
         if not names:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.path}")
+            raise DataError(f"no images ({', '.join(fid.IMAGE_EXTENSIONS)}) found in {self.path}")
         # One pass over the headers (or, with skip_bad, a full decode) before training starts, in contiguous
-        # chunks, one per thread. Zip members are read by position (read_zip_member) through one descriptor;
+        # chunks, one per thread. Zip members are read by position (fid.read_zip_member) through one descriptor;
         # a ZipFile shared by threads raced on the file position (Python >= 3.12 then reported "Overlapped
         # entries" or a bad CRC for intact files), and one ZipFile per thread held 0.73 GB each for ImageNet.
         size = -(-len(names) // num_threads)
@@ -238,10 +179,10 @@ class ImageFiles(torch.utils.data.Dataset):
         return f"{self.path}:{name}" if self.is_zip else os.path.join(self.path, name)
 
     def _read(self, i, name, limit=None):
-        """Zip member i (`name`), whole or its first `limit` bytes (read_zip_member)."""
+        """Zip member i (`name`), whole or its first `limit` bytes (fid.read_zip_member)."""
         if self._file is None:  # dropped by __getstate__: a spawned worker opens the zip once. A forked one keeps
             self._file = open(self.path, "rb")  # the parent's descriptor, which pread shares safely
-        return read_zip_member(self._file.fileno(), self._members[i], name, limit)
+        return fid.read_zip_member(self._file.fileno(), self._members[i], name, limit)
 
     def _open(self, i, name):
         """Image i (`name`), read whole."""

@@ -827,15 +827,15 @@ def test_zip_members_read_by_position_match_zipfile_byte_for_byte(tmp_path):
                 zf.writestr(f"{method}/{name}", blob, compress_type=method)
         with zf.open("z64/c/local_extra.png", "w", force_zip64=True) as f:
             f.write(blobs["b/noise.png"])
-    names, members = datasets.zip_members(str(tmp_path / "m.zip"))
-    assert len(names) == 9 and names == sorted(names) and members.dtype == datasets.ZIP_MEMBER
+    names, members = fid.zip_members(str(tmp_path / "m.zip"))
+    assert len(names) == 9 and names == sorted(names) and members.dtype == fid.ZIP_MEMBER
     with zipfile.ZipFile(tmp_path / "m.zip") as zf, open(tmp_path / "m.zip", "rb") as f:
         local = zf.getinfo("z64/c/local_extra.png")
         f.seek(local.header_offset + 28)
         assert int.from_bytes(f.read(2), "little") != len(local.extra)  # the local extra field differs indeed
         for name, member in zip(names, members):
-            assert datasets.read_zip_member(f.fileno(), member, name) == zf.read(name), name
-            head = datasets.read_zip_member(f.fileno(), member, name, limit=1000)  # deflated: what 1000 bytes inflate to
+            assert fid.read_zip_member(f.fileno(), member, name) == zf.read(name), name
+            head = fid.read_zip_member(f.fileno(), member, name, limit=1000)  # deflated: what 1000 bytes inflate to
             assert head == zf.read(name)[:len(head)] and min(900, member["size"]) <= len(head) <= 1000, name
 
 
@@ -853,7 +853,7 @@ def test_zip_member_with_a_flipped_byte_fails_its_crc_and_is_skipped_on_request(
             zf.writestr("a/1.png", small.getvalue())
             zf.writestr("b/2.png", big)
         with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-            at = datasets.fid.zip_data_offset(f.fileno(), zf.getinfo("b/2.png").header_offset) + 5000
+            at = fid.zip_data_offset(f.fileno(), zf.getinfo("b/2.png").header_offset) + 5000
         raw = bytearray(path.read_bytes())
         raw[at] ^= 0xFF  # in the pixels (deflated: somewhere in the stream), after the header PIL reads
         path.write_bytes(bytes(raw))
@@ -861,10 +861,12 @@ def test_zip_member_with_a_flipped_byte_fails_its_crc_and_is_skipped_on_request(
         assert len(ds) == 3 and ds[0][0].shape == (3, 16, 16)
         with pytest.raises(datasets.DataError, match=r"crc\d.zip:b/2.png: BadZipFile: Bad CRC-32"):
             ds[2]
+        with pytest.raises(ValueError, match=r"cannot decode .*crc\d.zip/b/2.png: Bad CRC-32.*remove or replace"):
+            fid.ImageFiles(path)[2]  # fid reads the zip the same way
         ds = datasets.ImageFiles(path, 16, skip_bad=True, num_threads=2)
         assert ds.names == ["a/0.png", "a/1.png"] and ds.skipped == [f"{path}:b/2.png"] and ds[1][1] == 0
         with zipfile.ZipFile(path) as zf, open(path, "rb") as f:  # a member no longer than the prefix: at start-up
-            at = datasets.fid.zip_data_offset(f.fileno(), zf.getinfo("a/1.png").header_offset) + 200
+            at = fid.zip_data_offset(f.fileno(), zf.getinfo("a/1.png").header_offset) + 200
         raw[at] ^= 0xFF
         path.write_bytes(bytes(raw))
         with pytest.raises(datasets.DataError, match=r"a/1.png: BadZipFile: Bad CRC-32 .*--skip-bad-images"):
@@ -880,6 +882,8 @@ def test_zip_members_compressed_other_than_deflate_are_refused(tmp_path, method)
         zf.writestr("notes.txt", b"not an image: its method does not matter", compress_type=method)
     with pytest.raises(datasets.DataError, match=rf"bz.zip:b/0.png is compressed with method {method}; re-zip the images stored or deflated"):
         datasets.load_dataset(str(tmp_path / "bz.zip"), 16)
+    with pytest.raises(ValueError, match=rf"bz.zip:b/0.png is compressed with method {method}; re-zip"):
+        fid.ImageFiles(tmp_path / "bz.zip")  # zipfile reads it, but fid reads members as data.py does
 
 
 def test_zip_name_stored_twice_is_one_image_its_last_entry(tmp_path):
@@ -898,6 +902,8 @@ def test_zip_name_stored_twice_is_one_image_its_last_entry(tmp_path):
             zf.writestr("a/x.png", png(200))
     ds = datasets.ImageFiles(tmp_path / "dup.zip", 16)
     assert ds.names == ["a/x.png", "b/y.png"] and [int(ds[i][0][0, 0, 0]) for i in range(2)] == [200, 2]
+    fx = fid.ImageFiles(tmp_path / "dup.zip")  # FID counted a/x.png twice, both times with the last entry's pixels
+    assert fx.names == ["a/x.png", "b/y.png"] and [int(fx[i][0, 0, 0]) for i in range(2)] == [200, 2]
 
 
 def test_zip_member_flagged_encrypted_is_refused_with_what_to_do(tmp_path):
@@ -920,6 +926,8 @@ def test_zip_member_flagged_encrypted_is_refused_with_what_to_do(tmp_path):
             zf.read("b/0.png")
     with pytest.raises(datasets.DataError, match=r"enc.zip:b/0.png is encrypted; re-zip .*no password"):
         datasets.load_dataset(str(tmp_path / "enc.zip"), 16)
+    with pytest.raises(ValueError, match=r"enc.zip:b/0.png is encrypted; re-zip .*no password"):
+        fid.ImageFiles(tmp_path / "enc.zip")  # was a RuntimeError from zipfile at the first batch
 
 
 def test_zip_without_images_says_so(tmp_path):
@@ -927,7 +935,7 @@ def test_zip_without_images_says_so(tmp_path):
         with zipfile.ZipFile(tmp_path / "none.zip", "w") as zf:
             for name, blob in members.items():
                 zf.writestr(name, blob)
-        names, records = datasets.zip_members(str(tmp_path / "none.zip"))
+        names, records = fid.zip_members(str(tmp_path / "none.zip"))
         assert names == [] and len(records) == 0
         with pytest.raises(datasets.DataError, match="no images .* found in"):
             datasets.load_dataset(str(tmp_path / "none.zip"), 16)
@@ -978,15 +986,15 @@ def test_zip_member_cut_short_is_refused_not_returned_short(tmp_path):
     with zipfile.ZipFile(tmp_path / "whole.zip", "w") as zf:
         zf.writestr("stored.png", blob, compress_type=zipfile.ZIP_STORED)
         zf.writestr("deflated.png", blob, compress_type=zipfile.ZIP_DEFLATED)
-    names, members = datasets.zip_members(str(tmp_path / "whole.zip"))
+    names, members = fid.zip_members(str(tmp_path / "whole.zip"))
     raw = (tmp_path / "whole.zip").read_bytes()
     with open(tmp_path / "whole.zip", "rb") as f:
-        starts = [datasets.fid.zip_data_offset(f.fileno(), int(m["offset"])) for m in members]
+        starts = [fid.zip_data_offset(f.fileno(), int(m["offset"])) for m in members]
     for name, member, start in zip(names, members, starts):
         (tmp_path / "cut.zip").write_bytes(raw[:start + int(member["csize"]) // 2])  # half the member's data left
         with open(tmp_path / "cut.zip", "rb") as f:
             with pytest.raises(zipfile.BadZipFile, match=f"{name}' is truncated"):
-                datasets.read_zip_member(f.fileno(), member, name)
+                fid.read_zip_member(f.fileno(), member, name)
 
 
 def test_zip_data_offset_refuses_what_is_no_local_header_as_zipfile_does(tmp_path):
@@ -1011,6 +1019,8 @@ def test_zip_without_os_pread_is_refused_with_what_to_do(tmp_path, monkeypatch):
     monkeypatch.delattr(os, "pread")  # as on Windows
     with pytest.raises(datasets.DataError, match="needs os.pread.*unzip it and pass the folder"):
         datasets.load_dataset(str(tmp_path / "i.zip"), 16)
+    with pytest.raises(ValueError, match="needs os.pread.*unzip it and pass the folder"):
+        fid.ImageFiles(tmp_path / "i.zip")
 
 
 def test_folder_without_class_folders_is_unconditional(tmp_path):
@@ -3483,6 +3493,62 @@ def test_folder_zip_npz_and_arrays_give_identical_features(tmp_path):
                    torch.utils.data.TensorDataset(torch.from_numpy(images[order]), torch.zeros(len(images)))):
         got = fid.extract_features(source, net, batch_size=3, progress=False)["pool"]
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7, err_msg=str(type(source)))
+
+
+def test_training_and_fid_read_the_same_images_of_a_zip_and_of_its_folder(tmp_path):
+    # One rule (fid.is_image_name) for both readers: data.py took .gif but not .ppm, FID the reverse; FID counted a
+    # name stored twice twice; a __MACOSX folder was skipped by data.py at the top of a zip only and by FID wherever
+    # "__MACOSX" appeared in a name. Unzipped, the folder gives both readers the same names again.
+    def image(fmt, value):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (value, 0, 0)).save(buf, format=fmt)
+        return buf.getvalue()
+
+    members = [("a/0.png", image("PNG", 0)), (zipfile.ZipInfo("c.png/"), b""),  # a directory named like an image
+               ("a/1.GIF", image("GIF", 2)), ("b/2.ppm", image("PPM", 3)), ("b/3.tiff", image("TIFF", 4)),
+               ("b/my__MACOSX_4.png", image("PNG", 5)),  # a name, not the folder
+               ("__MACOSX/a/5.png", image("PNG", 6)),
+               ("sub/__MACOSX/b/6.png", image("PNG", 7)),  # a macOS zip unzipped into sub/ and zipped again
+               ("__MACOSX/a/._0.png", b"resource fork"), (".ipynb_checkpoints/0.png", image("PNG", 8)),
+               ("notes.txt", b"not an image"), ("a/0.png", image("PNG", 9))]  # a/0.png again: its last entry counts
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns "Duplicate name"
+        with zipfile.ZipFile(tmp_path / "mixed.zip", "w") as zf:
+            for name, blob in members:
+                zf.writestr(name, blob)
+    expected = ["a/0.png", "a/1.GIF", "b/2.ppm", "b/3.tiff", "b/my__MACOSX_4.png"]
+    train = datasets.ImageFiles(tmp_path / "mixed.zip", 16, num_threads=2)
+    score = fid.ImageFiles(tmp_path / "mixed.zip")
+    assert train.names == score.names == expected
+    assert [int(score[i][0, 0, 0]) for i in range(len(score))] == [9, 2, 3, 4, 5]
+    with zipfile.ZipFile(tmp_path / "mixed.zip") as zf:
+        zf.extractall(tmp_path / "mixed")
+    (tmp_path / "mixed" / "linked").symlink_to(tmp_path / "mixed" / "a", target_is_directory=True)  # followed by both
+    train, score = datasets.ImageFiles(tmp_path / "mixed", 16, num_threads=2), fid.ImageFiles(tmp_path / "mixed")
+    assert train.names == score.names == [str(Path(n)) for n in expected + ["linked/0.png", "linked/1.GIF"]]
+
+
+def test_fid_zip_reader_pickles_for_a_spawned_worker_and_closes_its_file(tmp_path):
+    # A spawned DataLoader worker gets the dataset pickled: without the open file, which it opens on its first read
+    write_folder(tmp_path / "imgs", make_images(6))
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        for p in sorted((tmp_path / "imgs").rglob("*.png")):
+            zf.write(p, p.relative_to(tmp_path / "imgs").as_posix())
+    ds = fid.ImageFiles(tmp_path / "imgs.zip")
+    expected = torch.stack([ds[i] for i in range(len(ds))])  # (6, 16, 16, 3); the zip is open now
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clone = pickle.loads(pickle.dumps(ds))
+        assert clone._file is None and torch.equal(torch.stack([clone[i] for i in range(len(clone))]), expected)
+        assert clone._file.fileno() != ds._file.fileno()
+        folder = fid.ImageFiles(tmp_path / "imgs")
+        assert torch.equal(torch.stack([folder[i] for i in range(len(folder))]), expected)
+        del ds, clone, folder
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # the files were closed, not leaked
+    loader = torch.utils.data.DataLoader(fid.ImageFiles(tmp_path / "imgs.zip"), batch_size=3, num_workers=2,
+                                         multiprocessing_context="fork")
+    assert torch.equal(torch.cat(list(loader)), expected)  # forked workers read by position through one descriptor
 
 
 def test_train_logs_the_read_whole_warning_once_in_log_txt(tmp_path, recwarn):
@@ -6427,3 +6493,16 @@ def test_merge_shards_puts_each_shard_in_place_in_one_array(tmp_path):
     (got, got_labels), peak = traced_peak(lambda: sample.merge_shards(str(tmp_path), world, n))
     assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
     assert peak < 1.6 * images.nbytes  # the result, one shard and numpy's read buffers (1.35); 2.1 before
+
+
+def test_readme_results_tables_are_the_records():
+    """Every FID table under README Results is fid_table of a run set kept in records/: no number typed by hand."""
+    readme = (REPO / "README.md").read_text()
+    order = ("vanilla", "dtr", "ant-uw", "curriculum", "dtr+ant-uw")  # the README's column order
+    sets = sorted(p for p in (REPO / "records").iterdir() if p.is_dir())
+    assert [p.name for p in sets] == ["cifar10", "cifar10-cosine"]
+    for folder in sets:
+        curves = {m: fid.read_fid_curve(folder / m) for m in order if (folder / m).is_dir()}
+        assert len(curves) == len([p for p in folder.iterdir() if p.is_dir()]), f"{folder}: a run outside {order}"
+        table = fid.fid_table(curves).split("\n\n")[0]  # (the sample-count line is said in prose instead)
+        assert table in readme, f"README Results lacks the table of {folder.name}:\n{table}"
