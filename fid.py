@@ -277,11 +277,16 @@ def load_inception(path=None, device="cpu"):
     path: a `pt_inception-2015-12-05-6726825d.pth` file (or a copy with the same 566 keys, loaded
     with strict=True). Without a path the file is downloaded once from pytorch-fid's GitHub
     release into the torch hub cache (sha256-prefix checked) and read from there afterwards.
+    A path that is missing, unreadable, or holds other weights raises a ValueError that says so.
     """
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"Inception weights not found: {path} (expected {FID_WEIGHTS_FILE})")
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated (RuntimeError), not a torch file (UnpicklingError), ...
+            raise ValueError(f"cannot read the Inception weights {path}: torch.load raised {type(e).__name__}, so it is "
+                             f"not a whole PyTorch weights file; give pytorch-fid's {FID_WEIGHTS_FILE}") from None
     else:
         try:
             state_dict = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu",
@@ -294,6 +299,11 @@ def load_inception(path=None, device="cpu"):
                 f"--inception PATH (load_inception(path=...)) or place it at {cache}.") from e
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG (a training run's resume) alone
         net = FIDInceptionV3()
+    expected, keys = set(net.state_dict()), set(state_dict) if isinstance(state_dict, dict) else set()
+    if keys != expected:  # (wrong shapes under the right names: load_state_dict's RuntimeError lists them)
+        raise ValueError(f"{path or FID_WEIGHTS_FILE} does not hold the FID Inception-v3 weights ({len(expected - keys)} "
+                         f"of its {len(expected)} keys missing, {len(keys - expected)} unknown); give pytorch-fid's "
+                         f"{FID_WEIGHTS_FILE}")
     net.load_state_dict(state_dict, strict=True)
     net.requires_grad_(False).eval()
     net = net.to(device)

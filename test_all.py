@@ -3214,6 +3214,22 @@ def test_load_inception_offline_names_the_file_and_flag(monkeypatch):
         fid.load_inception("/nonexistent/pt_inception.pth")
 
 
+def test_load_inception_refuses_unreadable_or_other_weights_with_what_to_give(tmp_path, capsys):
+    (tmp_path / "text.pth").write_text("not weights")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "other.pth")
+    torch.save(fid.FIDInceptionV3().state_dict(), tmp_path / "full.pth")  # random weights, the right 566 keys
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:100000])
+    for name, says in (("text.pth", "cannot read the Inception weights .*UnpicklingError"),
+                       ("cut.pth", "cannot read the Inception weights .*RuntimeError"),
+                       ("other.pth", "does not hold the FID Inception-v3 weights \\(566 of its 566 keys missing, 1 unknown\\)")):
+        with pytest.raises(ValueError, match=says + f".*give pytorch-fid's {fid.FID_WEIGHTS_FILE}"):
+            fid.load_inception(tmp_path / name)
+    assert fid.load_inception(tmp_path / "full.pth").training is False
+    with pytest.raises(SystemExit) as e:  # train.py says it in one line (it printed a traceback for a missing file)
+        run_train(tmp_path, "--max-steps", "1", "--fid-every", "1", "--inception", str(tmp_path / "no.pth"))
+    assert e.value.code == 2 and capsys.readouterr().err.strip().startswith("error: Inception weights not found")
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------

@@ -845,7 +845,7 @@ def train(args):
         import fid
         try:
             fid_net = fid.load_inception(args.inception, device)
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, ValueError) as e:
             raise ConfigError(str(e)) from None
         # Reference statistics once per run, on rank 0, cached next to it. The other ranks wait on a gloo
         # group: an ImageNet-sized first pass outlasts NCCL's 10-minute timeout, which the first gradient
