@@ -603,6 +603,8 @@ def parse_args(argv=None):
     for name in ("warmup", "profile"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):  # NaN or <= 0: a meaningless MFU
+        raise ValueError(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
     train_argv = ["--model", args.model, "--image-size", str(args.image_size), "--precision", args.precision] + rest
     if args.compile:
         train_argv.append("--compile")
@@ -677,7 +679,7 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
 def main(argv=None):
     try:
         bench(argv)
-    except (ValueError, train.ConfigError) as e:
+    except (ValueError, train.ConfigError, OSError) as e:  # OSError: e.g. a --json path that cannot be written
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -299,7 +299,7 @@ def main(argv=None):
         else:
             title = f"R-TR masks  T={args.timesteps} C={args.channels} beta={args.beta:g} seed={args.seed}"
         size = draw_masks(router.masks, title, args.out)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, MemoryError) as e:  # MemoryError: a T x C mask table too large (--timesteps 10**8)
         p.error(str(e))
     print(router)
     print(f"active channels per task : {s['active']} of {args.channels}")

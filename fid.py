@@ -1043,13 +1043,22 @@ def main(argv=None):
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if args.reference is None and args.save_stats is None:
         parser.error("give a REFERENCE to compare with, or --save-stats OUT.npz to store the statistics of SAMPLES")
+    if args.reference is not None and not metrics:  # the features would be computed and nothing printed
+        parser.error(f"--metrics {args.metrics!r} names no metric; choose from {', '.join(METRICS)}")
     if args.save_stats is not None:
+        if Path(args.save_stats).suffix != ".npz":  # save_statistics refuses it, but only after the features
+            parser.error(f"--save-stats {args.save_stats}: statistics files end in .npz")
         inputs = [p for p in (args.samples, args.reference) if p is not None and Path(p).exists()]
         if any(Path(p).resolve() == Path(args.save_stats).resolve() for p in inputs):
             parser.error(f"--save-stats {args.save_stats} is one of the inputs; writing it would replace that file "
                          f"(and a reference overwritten with the samples' statistics scores FID 0); pass another path")
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be a positive number")
+    if args.save_stats is not None:
+        try:  # its folder now, not after the features
+            Path(args.save_stats).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--save-stats {args.save_stats}: cannot make its folder ({e})")
     num_workers = args.num_workers
     if num_workers is None:  # decoding only pays off when the GPU is the fast part
         num_workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
@@ -1071,7 +1080,7 @@ def main(argv=None):
             if args.save_stats:
                 save_statistics(args.save_stats, samples)
             result = evaluate(samples, args.reference, net, metrics, **kwargs)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # OSError: e.g. a --save-stats file that cannot be written
         parser.exit(2, f"fid.py: error: {e}\n")
     if args.json:
         print(json.dumps(result))

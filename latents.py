@@ -241,6 +241,12 @@ def prepare_folder(args, dataset, vae, out, log):
             raise LatentError(f"{out} holds an encode with other settings ({', '.join(f'{k}={old.get(k)!r}, now {manifest[k]!r}' for k in differ)}); "
                               f"rerun with the same flags to resume it, or pick another --out")
         return old
+    own = ("progress", "latents.npy", "labels.npy")  # what an encode stopped before its manifest leaves
+    other = sorted(n for n in os.listdir(out) if n not in own and not n.startswith(datasets.MANIFEST + ".tmp")) \
+        if os.path.isdir(out) else []
+    if other:  # e.g. the image folder itself, which the manifest would turn into a latent folder for train.py
+        raise LatentError(f"--out {out} already holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
+                          f"and no {datasets.MANIFEST}; pass a new or empty folder")
     os.makedirs(os.path.join(out, "progress"), exist_ok=True)
     shape = (manifest["count"], manifest["channels"], manifest["latent_size"], manifest["latent_size"])
     for name, dtype, shp in (("latents.npy", np.float16, shape), ("labels.npy", np.int64, shape[:1])):
@@ -292,7 +298,10 @@ def encode(args):
     the images not yet done, and rank 0 marks the folder complete."""
     from sample import resolve_device  # here, not at the top: sample.py imports this module
     distributed = "RANK" in os.environ
-    device = resolve_device(args.device)  # a bare "cuda" gets this process's index, which set_device needs
+    try:
+        device = resolve_device(args.device)  # a bare "cuda" gets this process's index, which set_device needs
+    except ValueError as e:
+        raise LatentError(str(e)) from None
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(hours=2))  # the last barrier waits for the slowest rank
@@ -311,6 +320,10 @@ def encode(args):
 
     if args.seed < 0:
         raise LatentError(f"--seed {args.seed}: use a seed >= 0")
+    for flag, value, least in (("--image-size", args.image_size, 1), ("--batch-size", args.batch_size, 1),
+                               ("--num-workers", args.num_workers, 0)):
+        if value < least:  # checked before the VAE loads and the folder is made, not by the DataLoader after
+            raise LatentError(f"{flag} {value}: must be {least} or more")
     if datasets.is_latent_folder(str(args.data)):
         raise LatentError(f"{args.data} is already a latent folder; --data takes images (a folder, .zip, .npz or .npy)")
     dataset = datasets.load_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images)
@@ -362,10 +375,15 @@ def decode(args):
     """`latents.py decode`: latents from an .npz (arr_0 (N, C, h, w) scaled latents, optional arr_1
     labels) or the first rows of a latent folder -> OUT/images.npz (ADM format: arr_0 (N, H, W, 3)
     uint8, arr_1 labels) and OUT/grid.png."""
-    from sample import save_grid, to_uint8
+    from sample import resolve_device, save_grid, to_uint8
     if args.num is not None and args.num < 1:
         raise LatentError(f"--num {args.num}: give a positive count, or leave it out to decode all")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.batch_size < 1:
+        raise LatentError(f"--batch-size {args.batch_size}: must be a positive number")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise LatentError(str(e)) from None
     if os.path.isdir(args.latents):
         if not datasets.is_latent_folder(args.latents):
             raise LatentError(f"{args.latents} is not a latent folder (no {datasets.MANIFEST} from latents.py encode); "
@@ -379,7 +397,7 @@ def decode(args):
         try:
             with np.load(args.latents) as f:
                 z, y = f["arr_0"], (f["arr_1"] if "arr_1" in f.files else np.zeros(len(f["arr_0"]), dtype=np.int64))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: an .npy (an array, not an archive)
             raise LatentError(f"cannot read latents from {args.latents} ({e}); expected an .npz with arr_0 (N, C, h, w)") from None
         if z.ndim != 4 or not np.issubdtype(z.dtype, np.floating):
             raise LatentError(f"{args.latents}: arr_0 must be float latents (N, C, h, w), got {z.shape} {z.dtype}")
@@ -392,8 +410,8 @@ def decode(args):
             raise LatentError(f"{args.latents} holds {z.shape[1]}-channel latents but {args.vae!r} makes {vae.config.latent_channels}")
         decoder = Decoder(vae, *vae_scale_shift(vae))
     decoder.batch_size = args.batch_size
+    os.makedirs(args.out, exist_ok=True)  # before the decoding, not after it: an --out under a file fails now
     images = torch.cat([to_uint8(decoder(c.to(device))) for c in z.split(args.batch_size)]).numpy()  # (n, H, W, 3)
-    os.makedirs(args.out, exist_ok=True)
     np.savez(os.path.join(args.out, "images.npz"), arr_0=images, arr_1=np.asarray(y, dtype=np.int64))
     save_grid(images[:64], os.path.join(args.out, "grid.png"))
     print(f"decoded {n} latents to {os.path.join(args.out, 'images.npz')} ({images.shape[1]}x{images.shape[2]})")
@@ -433,7 +451,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return encode(args) if args.command == "encode" else decode(args)
-    except datasets.DataError as e:  # LatentError included
+    except (datasets.DataError, OSError) as e:  # LatentError included; OSError: e.g. an --out under a file
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

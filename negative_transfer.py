@@ -61,6 +61,7 @@ Where we depart from the official code, and why:
 import argparse
 import itertools
 import math
+import os
 import sys
 
 import numpy as np
@@ -787,6 +788,21 @@ def gradient_affinity(grad_fn, num_timesteps, groups=100, batch_size=32, sketch_
     return similarity[np.ix_(group_of, group_of)]  # (T, T)
 
 
+def load_tas(path):
+    """The TAS (T, T) matrix that `gradient_affinity` gave and the `affinity` command saved as .npy, or a
+    ValueError that names the file and says what to pass (not numpy's error for a missing file, a folder or an .npz)."""
+    try:
+        tas = np.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the task affinity matrix {path} ({e}); give the (T, T) .npy that "
+                         f"`python negative_transfer.py affinity` writes") from None
+    if not isinstance(tas, np.ndarray):  # an .npz archive
+        tas.close()
+        raise ValueError(f"{path} is an .npz archive, not a task affinity matrix; give the (T, T) .npy that "
+                         f"`python negative_transfer.py affinity` writes")
+    return tas
+
+
 # -----------------------------------------------------------------------------
 # Command line: `cluster` prints (and draws) a clustering; `affinity` computes TAS
 
@@ -886,7 +902,10 @@ def _plot_clusters(path, intervals, title, values=None, value_label="", tas=None
 
 
 def _cluster_command(args):
-    tas = None if args.tas is None else np.load(args.tas)
+    least = 21 if args.schedule == "linear" else 1  # linear: beta_T = 0.02 * 1000 / T must stay below 1
+    if args.objective != "gradient" and args.timesteps < least:
+        raise SystemExit(f"--timesteps {args.timesteps}: the {args.schedule} schedule needs at least {least} (the papers: 1000)")
+    tas = None if args.tas is None else load_tas(args.tas)
     values, label = None, ""
     if args.objective == "gradient":
         if tas is None:
@@ -925,7 +944,17 @@ def _affinity_command(args):
         raise SystemExit(f"the affinity command needs this repo's data.py and sample.py ({e}); elsewhere, call "
                          f"gradient_affinity(grad_fn, T) with a grad_fn of your own") from None
 
-    device = torch.device(args.device)
+    for flag, value in (("--groups", args.groups), ("--batch-size", args.batch_size), ("--batches", args.batches),
+                        ("--sketch-dim", args.sketch_dim)):
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: must be a positive number")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):  # checked before the gradients, not after
+        raise SystemExit(f"--out {args.out}: cannot write there ({folder} is not a writable folder); pass another path")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:  # torch's message lists 20 device types
+        raise ValueError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
     total = None
     for ckpt in args.ckpt:
         model, diffusion, train_args = load_model(ckpt, device=args.device, use_ema=False)
@@ -1007,10 +1036,13 @@ def main(argv=None):
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default="tas.npy", help="output .npy")
     args = parser.parse_args(argv)
-    if args.command == "cluster":
-        _cluster_command(args)
-    else:
-        _affinity_command(args)
+    try:  # a bad file, value or path ends in one line, not a traceback
+        if args.command == "cluster":
+            _cluster_command(args)
+        else:
+            _affinity_command(args)
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"negative_transfer.py {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -82,10 +82,16 @@ def load_model(ckpt_path, device="cpu", use_ema=True):
                          f"pass a complete train.py checkpoint") from None
     if not isinstance(ckpt, dict) or "args" not in ckpt:
         raise ValueError(f"{ckpt_path} is not a train.py checkpoint (no saved arguments)")
-    args = ckpt["args"]
-    model = build_model(args)
-    model.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
-    return model.to(device).eval(), build_diffusion(args), args
+    args, weights = ckpt["args"], "ema" if use_ema else "model"
+    if weights not in ckpt:
+        raise ValueError(f"{ckpt_path} holds no {weights!r} weights (it has {sorted(ckpt)}); pass a complete train.py checkpoint")
+    try:
+        model, diffusion = build_model(args), build_diffusion(args)
+    except KeyError as e:  # a setting added after this checkpoint was written
+        raise ValueError(f"{ckpt_path} predates the {e.args[0]} setting, which this version of the code needs to rebuild "
+                         f"the model; sample it with the code that trained it") from None
+    model.load_state_dict(ckpt[weights], strict=True)
+    return model.to(device).eval(), diffusion, args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +103,10 @@ def resolve_device(name=None):
     or the CPU; a bare "cuda" also gets the LOCAL_RANK index, which torch.cuda.set_device needs."""
     if name is None and not torch.cuda.is_available():
         return torch.device("cpu")
-    device = torch.device(name or "cuda")
+    try:
+        device = torch.device(name or "cuda")
+    except RuntimeError:  # torch's message lists 20 device types
+        raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
@@ -281,6 +290,9 @@ def main(argv=None):
     for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
         if value < 1:
             sys.exit(f"error: {flag} {value}: must be a positive number")
+    if args.num_samples > 2**32:  # no --seed fits (check_seed)
+        sys.exit(f"error: --num-samples {args.num_samples}: at most 2^32, as sample i draws from a generator seeded "
+                 f"seed * {SEED_STRIDE} + i, which must stay below 2^32")
     if args.compile_mode != "default" and not args.compile:
         sys.exit(f"error: --compile-mode {args.compile_mode} has no effect without --compile; add --compile")
     if args.fid_ref is not None and args.num_samples < 2:
@@ -294,8 +306,13 @@ def main(argv=None):
                  f"mixed in; pass another --out or delete that folder")
     if args.fid_ref is not None and not os.path.exists(args.fid_ref):
         sys.exit(f"error: --fid-ref {args.fid_ref} does not exist")
+    if not math.isfinite(args.cfg_scale):  # NaN or inf guidance gives NaN samples, saved as blank images
+        sys.exit(f"error: --cfg-scale {args.cfg_scale}: must be a finite guidance scale (1 = no guidance; the papers use 1.5)")
     distributed = "RANK" in os.environ
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -332,6 +349,8 @@ def main(argv=None):
             decode = latents.load_decoder(targs["latent"], device, args.vae)
         except latents.LatentError as e:
             sys.exit(f"error: {e}")
+    elif args.vae:
+        sys.exit(f"error: --vae is for models trained on VAE latents; {args.ckpt} was trained on pixels, so drop --vae")
 
     net = None
     if args.fid_ref and rank == 0:  # the Inception weights load before hours of sampling, not after
@@ -341,6 +360,10 @@ def main(argv=None):
         except (OSError, ValueError, RuntimeError) as e:
             sys.exit(f"error: {e}")
 
+    try:  # now, not after hours of sampling
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot create the output folder --out {args.out}: {e}")
     if args.compile:
         compile_for_sampling(model, args.compile_mode)
     mine = list(range(rank, args.num_samples, world))  # global sample i is made by rank i % W
@@ -349,7 +372,6 @@ def main(argv=None):
                                     class_labels=choices, progress=rank == 0, decode=decode, precision=args.precision)
 
     # Each rank writes its shard (no gathering of 50K images through the process group); rank 0 merges.
-    os.makedirs(args.out, exist_ok=True)
     np.savez(os.path.join(args.out, f"shard{rank}.npz"), idx=np.array(mine, dtype=np.int64), images=images.numpy(),
              labels=labels.numpy())
     images = labels = None  # on disk now; rank 0 needs the room for the merged array

@@ -1492,6 +1492,29 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
         gd.Diffusion(weighting="p2", p2_k=-1)
 
 
+def test_bad_files_seeds_devices_and_fid_settings_give_one_line_errors(tmp_path, capsys, monkeypatch):
+    # each once ended in a traceback (KeyError 'step', numpy's 32-bit seed, torch.device, FileNotFoundError, range()
+    # step 0 at the first FID) or trained on ignoring the flag (--ant-tas) or scoring no FID (a 10-d reference)
+    import fid
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())  # 6-d features
+    torch.save({"model": {}}, tmp_path / "weights.pt")
+    np.savez(tmp_path / "tas.npz", tas=np.eye(1000))
+    np.savez(tmp_path / "ref10.npz", mu=np.zeros(10), sigma=np.eye(10))
+    ant = ["--method", "ant-uw", "--ant-clusters", "2", "--ant-objective", "gradient"]
+    fid_on = ["--fid-every", "1", "--fid-samples", "2", "--fid-steps", "ddim2"]
+    for flags, says in ((["--resume", str(tmp_path / "weights.pt")], "is not a train.py checkpoint (it lacks ['ema', 'opt'"),
+                        (["--global-seed", str(2**32)], f"--global-seed {2**32}: must be below {2**32}"),
+                        (["--device", "gpu"], "--device gpu: not a device"),
+                        (ant + ["--ant-tas", str(tmp_path / "missing.npy")], "cannot read the task affinity matrix"),
+                        (ant + ["--ant-tas", str(tmp_path / "tas.npz")], "is an .npz archive, not a task affinity matrix"),
+                        (["--ant-tas", str(tmp_path / "tas.npz")], "--ant-tas is read only by an ANT method"),
+                        (fid_on + ["--fid-batch-size", "0"], "--fid-batch-size 0: must be a positive number"),
+                        (fid_on + ["--fid-samples", str(2**33)], f"--fid-samples {2**33}: at most"),
+                        (fid_on + ["--fid-ref", str(tmp_path / "ref10.npz")], "its statistics have mu (10,) and sigma (10, 10)")):
+        assert says in _train_error(tmp_path, capsys, *flags), flags
+    assert not list((tmp_path / "bad" / "checkpoints").glob("*.pt"))  # refused before the first step
+
+
 def test_cluster_counts_are_bounded_by_T_only_for_the_method_that_uses_them():
     small = ["--num-timesteps", "4", "--schedule", "cosine"]  # below the defaults: 5 ANT and 20 curriculum clusters
     for method in ("vanilla", "dtr"):
@@ -1552,7 +1575,13 @@ def test_check_flags_refuses_nan_norms_and_a_frozen_ema_and_accepts_the_zero_val
     assert "--nash-max-norm nan" in refusal("--nash-max-norm", "nan")
     assert "--uw-lr nan" in refusal("--uw-lr", "nan")
     assert "--ema-decay 1.0" in refusal("--ema-decay", "1")  # lerp weight 0: the EMA never leaves its initial weights
-    for flags in (["--ema-decay", "0"], ["--uw-lr", "0"], ["--max-grad-norm", "0"], ["--class-dropout-prob", "1"]):
+    # AdamW named no flag for these ("Invalid learning rate: nan") and took --lr inf and any --uw-weight-decay; NaN
+    # guidance trained on and drew NaN grids and an FID of blank images
+    for flag, value in (("--lr", "nan"), ("--lr", "inf"), ("--weight-decay", "-1"), ("--uw-weight-decay", "nan"),
+                        ("--sample-cfg", "nan"), ("--fid-cfg", "inf")):
+        assert refusal(flag, value).startswith(f"{flag} {float(value)}:"), flag
+    for flags in (["--ema-decay", "0"], ["--uw-lr", "0"], ["--max-grad-norm", "0"], ["--class-dropout-prob", "1"],
+                  ["--lr", "0"], ["--sample-cfg", "0"], ["--fid-cfg", "1.5"]):
         assert refusal(*flags) is None, flags
 
 
@@ -1644,11 +1673,23 @@ def test_sample_py_save_png_accepts_an_empty_png_folder(tmp_path):
     assert sorted(p.name for p in (tmp_path / "s" / "png").iterdir()) == ["000000.png", "000001.png"]
 
 
-def test_sample_py_checks_counts_steps_checkpoint_and_fid_inputs_before_sampling(tmp_path, capsys):
+def test_sample_py_checks_counts_steps_checkpoint_and_fid_inputs_before_sampling(tmp_path, capsys, monkeypatch):
     ckpt = str(checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1])
     (tmp_path / "cut.pt").write_bytes(Path(ckpt).read_bytes()[:1000])
     np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 16, 16, 3), np.uint8))
+    full = torch.load(ckpt, map_location="cpu", weights_only=False)
+    torch.save({k: v for k, v in full.items() if k != "ema"}, tmp_path / "no_ema.pt")
+    torch.save({**full, "args": {k: v for k, v in full["args"].items() if k != "schedule"}}, tmp_path / "old.pt")
+    (tmp_path / "file").write_text("x")
     for flags, says in ((["--num-samples", "0"], "--num-samples 0"), (["--batch-size", "0"], "--batch-size 0"),
+                        # once tracebacks (KeyError; torch.device; makedirs after the sampling), a NaN sample set, an
+                        # ignored flag, or "use a seed in 0..-95705"
+                        (["--ckpt", str(tmp_path / "no_ema.pt")], "holds no 'ema' weights"),
+                        (["--ckpt", str(tmp_path / "old.pt")], "predates the schedule setting"),
+                        (["--cfg-scale", "nan"], "--cfg-scale nan: must be a finite"),
+                        (["--num-samples", str(2**33)], f"--num-samples {2**33}: at most 2^32"),
+                        (["--vae", "stabilityai/sd-vae-ft-ema"], "was trained on pixels, so drop --vae"),
+                        (["--device", "gpu"], "--device gpu: not a device"),
                         (["--steps", "ddimx"], "--steps ddimx"), (["--steps", "5000"], "--steps 5000"),
                         (["--fid-ref", str(tmp_path / "missing.npz")], "does not exist"),
                         (["--fid-ref", str(tmp_path / "ref.npz"), "--num-samples", "1"], "at least 2 samples"),
@@ -1658,6 +1699,11 @@ def test_sample_py_checks_counts_steps_checkpoint_and_fid_inputs_before_sampling
             sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "ddim2", *flags])
         assert says in str(e.value.code), (flags, e.value.code)
     assert not (tmp_path / "s").exists()  # nothing was sampled
+    calls = []
+    monkeypatch.setattr(sample, "sample_indices", lambda *a, **k: calls.append(1))
+    with pytest.raises(SystemExit) as e:  # an --out under a file: said before sampling, not by makedirs after it
+        sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "file" / "s"), "--num-samples", "2", "--steps", "ddim2"])
+    assert "cannot create the output folder" in str(e.value.code) and not calls
 
 
 def test_cli_refuses_save_stats_over_an_input(tmp_path, capsys):
@@ -1667,6 +1713,19 @@ def test_cli_refuses_save_stats_over_an_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # it once overwrote the reference with the samples' statistics: FID 0
         fid.main([str(tmp_path / "samples.npz"), str(ref), "--save-stats", str(ref)])
     assert e.value.code == 2 and "one of the inputs" in capsys.readouterr().err and ref.read_bytes() == before
+
+
+def test_cli_refuses_no_metrics_and_an_unwritable_save_stats_before_any_features(tmp_path, capsys, monkeypatch):
+    # --metrics '' printed nothing after the features; a --save-stats path under a file or without .npz failed
+    # after them (the former with a traceback)
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: pytest.fail("the Inception loaded before the flags were checked"))
+    (tmp_path / "file").write_text("x")
+    for flags, says in (([str(tmp_path / "ref.npz"), "--metrics", ","], "names no metric"),
+                        (["--save-stats", str(tmp_path / "file" / "s.npz")], "cannot make its folder"),
+                        (["--save-stats", str(tmp_path / "s.txt")], "statistics files end in .npz")):
+        with pytest.raises(SystemExit) as e:
+            fid.main([str(tmp_path / "samples"), *flags])
+        assert e.value.code == 2 and says in capsys.readouterr().err, flags
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -1964,6 +2023,7 @@ def test_cli_writes_png_and_prints_counts(tmp_path, capsys, kind):
     (["--channels", "8", "--beta", "1.5"], "beta (fraction of active channels per task) must be in (0, 1]"),
     (["--channels", "8", "--out", "masks.jpg"], "pass a path ending in .png"),
     (["--channels", "8", "--out", "no/such/folder/masks.png"], "No such file or directory"),
+    (["--channels", str(10**15)], "Unable to allocate"),  # a MemoryError (7 PiB), once a traceback
 ])
 def test_cli_bad_input_is_one_usage_error(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -2570,6 +2630,26 @@ def test_cli_cluster_prints_intervals_and_writes_plots(tmp_path, capsys):
              "--plot", str(tmp_path / "grad.png")])
     out = capsys.readouterr().out
     assert "T=60" in out and (tmp_path / "grad.png").stat().st_size > 1000
+
+
+def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    # each once ended in a traceback (ValueError, FileNotFoundError, ZeroDivisionError, torch.device), the affinity
+    # --out only after every gradient was computed
+    (tmp_path / "file").write_text("x")
+    np.savez(tmp_path / "tas.npz", tas=np.eye(10))
+    aff = ["affinity", "--ckpt", str(tmp_path / "missing.pt"), "--data", "shapes", "--device", "cpu"]
+    for argv, says in ((["cluster", "-k", "0"], "num_clusters must be an integer in [1, T=1000], got 0"),
+                       (["cluster", "--timesteps", "5"], "--timesteps 5: the linear schedule needs at least 21"),
+                       (["cluster", "--objective", "gradient", "--tas", str(tmp_path / "no.npy")], "cannot read the task affinity"),
+                       (["cluster", "--objective", "gradient", "--tas", str(tmp_path / "tas.npz")], "is an .npz archive"),
+                       (["cluster", "--plot", str(tmp_path / "file" / "c.png")], "Not a directory"),
+                       (aff, "missing.pt does not exist"), (aff + ["--groups", "0"], "--groups 0: must be a positive number"),
+                       (aff + ["--out", str(tmp_path / "file" / "tas.npy")], "cannot write there"),
+                       (aff + ["--device", "gpu"], "--device gpu: not a device")):
+        with pytest.raises(SystemExit) as e:
+            nt.main(argv)
+        err = capsys.readouterr().err
+        assert says in (e.value.code if isinstance(e.value.code, str) else err) and "Traceback" not in err, argv
 
 
 def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch):
@@ -5531,6 +5611,23 @@ def _expected_rows(vae_folder, images, flip_rows=True):
     return latents.encode_batch(vae, x, np.arange(len(x)), "sample", 0), np.repeat([ds[i][1] for i in range(len(ds))], 2)
 
 
+def test_latents_cli_refuses_bad_counts_devices_and_files_before_the_vae(tmp_path, capsys):
+    # each once got past to the VAE (and then the DataLoader), or ended in a traceback (torch.device, an .npy's array)
+    np.save(tmp_path / "z.npy", np.zeros((2, 4, 4, 4), np.float32))
+    np.savez(tmp_path / "z.npz", arr_0=np.zeros((2, 4, 4, 4), np.float32))
+    enc = ["encode", "--data", "shapes", "--out", str(tmp_path / "lat"), "--vae", "none"]
+    dec = ["decode", "--latents", str(tmp_path / "z.npz"), "--out", str(tmp_path / "rec"), "--vae", "none"]
+    for argv, says in ((enc + ["--batch-size", "0"], "--batch-size 0"), (enc + ["--image-size", "0"], "--image-size 0"),
+                       (enc + ["--num-workers", "-1"], "--num-workers -1"), (enc + ["--device", "gpu"], "--device gpu: not a device"),
+                       (dec + ["--batch-size", "0"], "--batch-size 0"), (dec + ["--device", "gpu"], "--device gpu: not a device"),
+                       (dec[:2] + [str(tmp_path / "z.npy")] + dec[3:], "expected an .npz")):
+        with pytest.raises(SystemExit) as e:
+            latents.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and "Traceback" not in err, argv
+    assert not (tmp_path / "lat").exists() and not (tmp_path / "rec").exists()
+
+
 def test_missing_diffusers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     monkeypatch.setitem(sys.modules, "diffusers.models", None)
@@ -5716,6 +5813,16 @@ def test_latent_mistakes_give_one_line_errors(latent_setup, tmp_path, capsys):
     for num in ("0", "-3"):  # 0 once decoded everything, -3 all but the last 3
         err = _exit_message(capsys, latents.main, ["decode", "--latents", str(folder), "--out", str(tmp_path / "d"), "--num", num])
         assert f"--num {num}: give a positive count" in err
+    own = _image_folder(tmp_path / "imgs")  # an --out holding other files once got the manifest, which made the
+    before = sorted(p.name for p in own.rglob("*"))  # image folder a latent folder for train.py
+    err = _exit_message(capsys, latents.main, ["encode", "--data", str(own), "--out", str(own), "--vae", str(vae),
+                                               "--image-size", "16", "--num-workers", "0"])
+    assert "already holds other files (a, b)" in err and sorted(p.name for p in own.rglob("*")) == before
+    (tmp_path / "file").write_text("x")  # an --out under a file: a traceback, for decode after the decoding
+    for argv in (["encode", "--data", str(own), "--vae", str(vae), "--image-size", "16", "--num-workers", "0"],
+                 ["decode", "--latents", str(folder), "--num", "2"]):
+        err = _exit_message(capsys, latents.main, argv + ["--out", str(tmp_path / "file" / "o")])
+        assert "Not a directory" in err, argv
 
 
 def test_pwrite_rows_writes_each_run_at_its_rows_and_done_images_cuts_a_torn_record(tmp_path):
@@ -5902,9 +6009,17 @@ def test_methods_are_canonicalised_with_vanilla_first():
         bench.parse_methods("vanilla,dtrr")
 
 
-def test_bad_counts_are_refused():
+def test_bad_counts_are_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="--steps"):
         bench.parse_args(BENCH_TINY + ["--steps", "0"])
+    for value in ("nan", "0"):  # an MFU of NaN or a negative one
+        with pytest.raises(ValueError, match="--peak-tflops must be a positive number"):
+            bench.parse_args(BENCH_TINY + ["--peak-tflops", value])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:  # a --json path that cannot be written: one line, not a traceback
+        bench.main(BENCH_TINY + ["--methods", "vanilla", "--warmup", "0", "--steps", "1", "--rounds", "1",
+                                 "--json", str(tmp_path / "file" / "b.json")])
+    assert e.value.code == 2 and "error: [Errno 20] Not a directory" in capsys.readouterr().err
 
 
 def test_bench_refuses_the_train_flags_train_py_refuses(capsys):

@@ -100,7 +100,7 @@ class Method:
         if self.ant:
             import negative_transfer as nt
             self.nt = nt
-            tas = np.load(args.ant_tas) if args.ant_objective == "gradient" else None
+            tas = nt.load_tas(args.ant_tas) if args.ant_objective == "gradient" else None
             self.intervals, _ = nt.cluster_timesteps(args.ant_clusters, args.ant_objective,
                                                      alphas_cumprod=diffusion.alphas_cumprod, tas=tas,
                                                      num_timesteps=self.T)
@@ -316,6 +316,9 @@ def claim_checkpoint_folder(run_dir, start_step, resume_path, auto, log, master)
                           f"another --out; to continue the newest, use --resume auto")
 
 
+CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "args")  # what a checkpoint to resume must hold
+
+
 def find_resume(resume, run_dir, log):
     """(path, checkpoint) to resume from: a path, not loaded yet (None), or with 'auto' the newest complete one,
     already loaded to check it, so that it is read once ((None, None) if none loads)."""
@@ -326,9 +329,9 @@ def find_resume(resume, run_dir, log):
     for path in checkpoint_paths(run_dir):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            if all(k in ckpt for k in ("model", "ema", "opt", "step", "args")):
+            if all(k in ckpt for k in CHECKPOINT_KEYS):
                 return path, ckpt
-            log(f"resume: skipping {path}: incomplete (missing {[k for k in ('model', 'ema', 'opt', 'step', 'args') if k not in ckpt]})")
+            log(f"resume: skipping {path}: incomplete (missing {[k for k in CHECKPOINT_KEYS if k not in ckpt]})")
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: say so and try the previous one
             log(f"resume: skipping {path}: cannot be loaded ({type(e).__name__}: {e})")
     return None, None
@@ -398,6 +401,12 @@ def check_flags(args):
             raise ConfigError(f"{flag} {value}: must be 0 or more (0 turns it off)")
     if not args.uw_lr >= 0:
         raise ConfigError(f"--uw-lr {args.uw_lr}: must be 0 or more (official: 0.025)")
+    for flag, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--uw-weight-decay", args.uw_weight_decay)):
+        if not 0 <= value < float("inf"):  # AdamW refuses NaN and negative values without naming the flag, and takes inf
+            raise ConfigError(f"{flag} {value}: must be a finite number, 0 or more")
+    for flag, value in (("--sample-cfg", args.sample_cfg), ("--fid-cfg", args.fid_cfg)):
+        if not np.isfinite(value):  # NaN or inf guidance gives NaN samples: a blank grid, and an FID of blank images
+            raise ConfigError(f"{flag} {value}: must be a finite guidance scale (1 = no guidance; the papers use 1.5)")
     if args.global_seed < 0:
         raise ConfigError(f"--global-seed {args.global_seed}: must be 0 or more")
     # the paper modules and Diffusion check these too, naming their parameters; here the flags are named. The bound
@@ -594,7 +603,10 @@ def parse_args(argv=None):
 def train(args):
     # ---------------------------------------------------------------- processes and devices
     distributed = "RANK" in os.environ
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if distributed and int(os.environ["WORLD_SIZE"]) > 1 and args.device and torch.device(args.device).index is not None:
         raise ConfigError(f"--device {args.device} would put all {os.environ['WORLD_SIZE']} processes on one device; "
                           f"pass --device {device.type}, and each process takes its own (cuda:LOCAL_RANK)")
@@ -627,13 +639,20 @@ def train(args):
     check_flags(args)
     if args.global_batch_size % world:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
+    if (args.global_seed + 1) * world > 2**32:  # np.random.seed(global_seed * world + rank) below takes 32 bits
+        raise ConfigError(f"--global-seed {args.global_seed}: must be below {2**32 // world} with {world} process(es)")
     if args.fid_every:
+        if args.fid_batch_size < 1:
+            raise ConfigError(f"--fid-batch-size {args.fid_batch_size}: must be a positive number")
         if args.fid_samples < max(2, world):
             raise ConfigError(f"--fid-samples {args.fid_samples}: FID needs at least 2 samples (a covariance) and one per "
                               f"process ({world}); use thousands for a meaningful value")
         try:  # FID samples are drawn with seed global_seed + 1
             check_seed(args.global_seed + 1, args.fid_samples)
         except ValueError:
+            if max_seed(args.fid_samples) < 1:  # no --global-seed fits: the count is the mistake
+                raise ConfigError(f"--fid-samples {args.fid_samples}: at most {2**32 - SEED_STRIDE}, as FID sample i draws from "
+                                  f"a generator seeded (global seed + 1) * {SEED_STRIDE} + i, which must stay below 2^32") from None
             raise ConfigError(f"--global-seed {args.global_seed}: the FID samples are drawn with seed {args.global_seed + 1}, "
                               f"whose per-sample generators (seed * {SEED_STRIDE} + i) would pass 2^32 with --fid-samples "
                               f"{args.fid_samples}; use --global-seed 0..{max_seed(args.fid_samples) - 1}") from None
@@ -641,6 +660,10 @@ def train(args):
         raise ConfigError("--curriculum-clusters 0 means 'the ANT clusters', which needs an ANT method (e.g. curriculum+ant-uw)")
     if args.ant_objective == "gradient" and "ant" in args.method and not args.ant_tas:
         raise ConfigError("--ant-objective gradient needs --ant-tas (make one with: python negative_transfer.py affinity ...)")
+    if args.ant_tas and not (args.ant_objective == "gradient" and "ant" in args.method):
+        raise ConfigError(f"--ant-tas is read only by an ANT method (ant-uw, ant-pcgrad, ant-nash) with --ant-objective "
+                          f"gradient, but the flags say --method {args.method} --ant-objective {args.ant_objective}; "
+                          f"change those, or drop --ant-tas")
     batch = args.global_batch_size // world
     if "ant" in args.method and batch < args.ant_clusters:  # stratified sampling (also after a curriculum) needs one per cluster
         raise ConfigError(f"{args.method} draws every one of the {args.ant_clusters} ANT clusters in each process's batch, "
@@ -717,6 +740,10 @@ def train(args):
     except Exception as e:  # noqa: BLE001 - truncated or not a checkpoint: say which file and what to do
         raise ConfigError(f"--resume {resume_path} cannot be loaded ({type(e).__name__}: {e}); pass another "
                           f"checkpoint, or --resume auto to take the newest one in {ckpt_dir} that loads") from None
+    if ckpt is not None and not (isinstance(ckpt, dict) and all(k in ckpt for k in CHECKPOINT_KEYS)):  # e.g. bare weights
+        raise ConfigError(f"--resume {resume_path} is not a train.py checkpoint (it lacks "
+                          f"{[k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]}); pass a "
+                          f"RUN/checkpoints/NNNNNNN.pt, or --resume auto")
     claim_checkpoint_folder(args.out, ckpt["step"] if ckpt is not None else 0, resume_path, args.resume == "auto", log, master)
     if ckpt is not None:
         check_compatible(ckpt["args"], args)
@@ -859,6 +886,11 @@ def train(args):
                                                       cache_path=os.path.join(args.out, "fid_ref_stats.npz"),
                                                       limit=args.fid_ref_limit, batch_size=args.fid_batch_size,
                                                       num_workers=args.num_workers)
+                dim = fid_net.fc.in_features  # the pool features' width (2048): a statistics file of another network fails every FID
+                if np.shape(ref_stats["mu"]) != (dim,) or np.shape(ref_stats["sigma"]) != (dim, dim):
+                    raise ValueError(f"its statistics have mu {np.shape(ref_stats['mu'])} and sigma {np.shape(ref_stats['sigma'])}, "
+                                     f"but these Inception features need ({dim},) and ({dim}, {dim}); give images, or "
+                                     f"statistics from fid.py --save-stats")
                 log(f"FID reference: {args.fid_ref or args.data} ({ref_stats.get('n', '?')} images)")
             except (ValueError, OSError) as e:
                 error[0] = f"FID reference {args.fid_ref or args.data}: {e}"
