@@ -1006,8 +1006,9 @@ def _affinity_command(args):
         total = tas if total is None else total + tas
         print(f"{ckpt}: mean TAS {tas.mean():.4f}")
     tas = total / len(args.ckpt)
-    np.save(args.out, tas)
-    print(f"wrote {args.out} {tas.shape}, averaged over {len(args.ckpt)} checkpoint(s)")
+    out = args.out if args.out.endswith(".npy") else args.out + ".npy"  # the name np.save gives it
+    np.save(out, tas)
+    print(f"wrote {out} {tas.shape}, averaged over {len(args.ckpt)} checkpoint(s)")
 
 
 def main(argv=None):

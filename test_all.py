@@ -2652,7 +2652,7 @@ def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
         assert says in (e.value.code if isinstance(e.value.code, str) else err) and "Traceback" not in err, argv
 
 
-def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch):
+def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch, capsys):
     T = 20
 
     class Net(nn.Module):
@@ -2689,7 +2689,8 @@ def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "data", data)
     out = tmp_path / "tas.npy"
     nt.main(["affinity", "--ckpt", "a.pt", "b.pt", "--data", "stub", "--groups", "4",
-             "--batch-size", "4", "--batches", "2", "--device", "cpu", "--out", str(out)])
+             "--batch-size", "4", "--batches", "2", "--device", "cpu", "--out", str(tmp_path / "tas")])
+    assert f"wrote {out} " in capsys.readouterr().out  # the file np.save wrote, its .npy added
     tas = np.load(out)
     assert tas.shape == (T, T)
     assert np.allclose(tas, tas.T) and np.allclose(np.diag(tas), 1.0)
