@@ -435,6 +435,8 @@ def main(argv=None):
     parser.add_argument("--plot", required=True, type=Path, help="metrics.jsonl of a run")
     parser.add_argument("--out", default="stages.png", type=Path, help="PNG to write")
     args = parser.parse_args(argv)
+    if args.out.suffix.lower() != ".png":
+        parser.error(f"--out {args.out}: the stages are drawn as a PNG; pass a path ending in .png")
     try:
         plot_stages(args.plot, args.out)
     except (ValueError, OSError) as e:

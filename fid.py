@@ -997,6 +997,8 @@ def curves_main(argv=None):
         parser.error(f"--labels names {len(labels)} runs, but {len(args.runs)} were given")
     if len(set(labels)) != len(labels):
         parser.error(f"the runs need distinct labels, got {labels}; pass --labels")
+    if not args.out.lower().endswith(".png"):
+        parser.error(f"--out {args.out}: the curves are drawn as a PNG; pass a path ending in .png")
     try:
         curves = {label: read_fid_curve(run) for label, run in zip(labels, args.runs)}
         plot_fid_curves(curves, args.out, title=args.title)

@@ -1037,6 +1037,8 @@ def main(argv=None):
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default="tas.npy", help="output .npy")
     args = parser.parse_args(argv)
+    if args.command == "cluster" and args.plot and not args.plot.lower().endswith(".png"):
+        parser.error(f"--plot {args.plot}: the clustering is drawn as a PNG; pass a path ending in .png")
     try:  # a bad file, value or path ends in one line, not a traceback
         if args.command == "cluster":
             _cluster_command(args)

@@ -3027,6 +3027,18 @@ def test_plot_cli_errors_without_curriculum_records(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_plot_clis_refuse_an_out_that_is_not_a_png(tmp_path, capsys):
+    # PIL said "unknown file extension: " for a path without one, after the work; dtr.py already refused these
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "fid": 9.0, "fid_samples": 2}) + "\n")
+    for cli, argv in ((curriculum_main, ["--plot", str(tmp_path / "metrics.jsonl"), "--out", str(tmp_path / "x")]),
+                      (fid.main, ["curves", str(tmp_path), "--out", str(tmp_path / "x")]),
+                      (nt.main, ["cluster", "--plot", str(tmp_path / "x")])):
+        with pytest.raises(SystemExit) as e:
+            cli(argv)
+        assert e.value.code == 2 and "pass a path ending in .png" in capsys.readouterr().err, cli
+    assert not (tmp_path / "x").exists()
+
+
 # ==============================================================================================
 #                                   fid.py: Inception features and metrics
 # ==============================================================================================
