@@ -631,6 +631,11 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     if args.sample and args.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:  # before the training timings
         raise ValueError(f"--cfg-scale {args.cfg_scale} needs the null class of label dropout, which "
                          f"--class-dropout-prob 0 removes; use --cfg-scale 1")
+    for steps in args.sample_steps if args.sample else ():  # also before the training timings
+        try:
+            benches[0].run.diffusion.respace(steps)
+        except ValueError as e:
+            raise ValueError(f"--sample-steps {steps}: {e}") from None
     fwd = model_flops(model)
     peak = peak_tflops(info["name"], args.peak_tflops) if device.type == "cuda" else args.peak_tflops
 

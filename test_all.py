@@ -6022,7 +6022,7 @@ def test_methods_are_canonicalised_with_vanilla_first():
         bench.parse_methods("vanilla,dtrr")
 
 
-def test_bad_counts_are_refused(tmp_path, capsys):
+def test_bad_counts_are_refused(tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match="--steps"):
         bench.parse_args(BENCH_TINY + ["--steps", "0"])
     for value in ("nan", "0"):  # an MFU of NaN or a negative one
@@ -6033,6 +6033,13 @@ def test_bad_counts_are_refused(tmp_path, capsys):
         bench.main(BENCH_TINY + ["--methods", "vanilla", "--warmup", "0", "--steps", "1", "--rounds", "1",
                                  "--json", str(tmp_path / "file" / "b.json")])
     assert e.value.code == 2 and "error: [Errno 20] Not a directory" in capsys.readouterr().err
+    timed = []
+    monkeypatch.setattr(bench, "bench_training", lambda *a, **k: timed.append(1))
+    for flags, says in ((["--sample", "--sample-steps", "ddim50", "foo"], "--sample-steps foo:"),
+                        (["--sample", "--cfg-scale", "1.5", "--class-dropout-prob", "0"], "needs the null class")):
+        with pytest.raises(SystemExit) as e:  # said before the training timings, not after them
+            bench.main(BENCH_TINY + ["--methods", "vanilla", *flags])
+        assert e.value.code == 2 and says in capsys.readouterr().err and not timed, flags
 
 
 def test_bench_refuses_the_train_flags_train_py_refuses(capsys):
