@@ -100,7 +100,8 @@ def load_model(ckpt_path, device="cpu", use_ema=True):
 
 def resolve_device(name=None):
     """torch.device for a --device flag: None picks this process's GPU (cuda:LOCAL_RANK under torchrun)
-    or the CPU; a bare "cuda" also gets the LOCAL_RANK index, which torch.cuda.set_device needs."""
+    or the CPU; a bare "cuda" also gets the LOCAL_RANK index, which torch.cuda.set_device needs. A CUDA
+    device this process cannot see is a ValueError that says so."""
     if name is None and not torch.cuda.is_available():
         return torch.device("cpu")
     try:
@@ -109,6 +110,9 @@ def resolve_device(name=None):
         raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():  # 0 without a GPU or a CUDA build of torch
+        raise ValueError(f"--device {name or 'cuda'}: this process sees {torch.cuda.device_count()} CUDA GPU(s), so there "
+                         f"is no {device}; use --device cpu without a GPU, and under torchrun at most one process per GPU")
     return device
 
 

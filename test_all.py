@@ -1354,18 +1354,24 @@ def test_resume_is_bitwise_identical(tmp_path):
 def test_device_flag_gets_an_index(monkeypatch):
     # torch.cuda.set_device refuses a bare "cuda" (bench.py --device cuda once failed on an H100).
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert sample.resolve_device("cuda") == torch.device("cuda", 0)
     assert sample.resolve_device("cuda:1") == torch.device("cuda", 1)
     assert sample.resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert sample.resolve_device("cuda") == torch.device("cuda", 3)
     assert sample.resolve_device(None) == (torch.device("cuda", 3) if torch.cuda.is_available() else torch.device("cpu"))
+    for name, count in (("cuda", 3), ("cuda:5", 4), ("cuda", 0)):  # a GPU this process cannot see: one line, not
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)  # torch's assertion at set_device
+        with pytest.raises(ValueError, match=rf"--device {name}: this process sees {count} CUDA GPU\(s\)"):
+            sample.resolve_device(name)
 
 
 def test_one_device_index_for_several_processes_is_refused(tmp_path, capsys, monkeypatch):
     # Under torchrun each process takes cuda:LOCAL_RANK; "cuda:0" on every rank would share one GPU.
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # as on a 2-GPU machine
     err = _train_error(tmp_path, capsys, "--device", "cuda:0")
     assert "all 2 processes on one device" in err and "--device cuda" in err
 
