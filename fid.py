@@ -1056,6 +1056,12 @@ def main(argv=None):
                          f"(and a reference overwritten with the samples' statistics scores FID 0); pass another path")
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be a positive number")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:  # torch's message lists 20 device types
+        parser.error(f"--device {args.device}: not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # 0 without a GPU or a CUDA build
+        parser.error(f"--device {args.device}: this process sees {torch.cuda.device_count()} CUDA GPU(s); use --device cpu")
     if args.save_stats is not None:
         try:  # its folder now, not after the features
             Path(args.save_stats).parent.mkdir(parents=True, exist_ok=True)

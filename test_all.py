@@ -1728,7 +1728,9 @@ def test_cli_refuses_no_metrics_and_an_unwritable_save_stats_before_any_features
     (tmp_path / "file").write_text("x")
     for flags, says in (([str(tmp_path / "ref.npz"), "--metrics", ","], "names no metric"),
                         (["--save-stats", str(tmp_path / "file" / "s.npz")], "cannot make its folder"),
-                        (["--save-stats", str(tmp_path / "s.txt")], "statistics files end in .npz")):
+                        (["--save-stats", str(tmp_path / "s.txt")], "statistics files end in .npz"),
+                        ([str(tmp_path / "ref.npz"), "--device", "gpu"], "--device gpu: not a device"),
+                        ([str(tmp_path / "ref.npz"), "--device", "cuda:99"], "--device cuda:99: this process sees")):
         with pytest.raises(SystemExit) as e:
             fid.main([str(tmp_path / "samples"), *flags])
         assert e.value.code == 2 and says in capsys.readouterr().err, flags
