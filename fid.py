@@ -1056,6 +1056,8 @@ def main(argv=None):
                          f"(and a reference overwritten with the samples' statistics scores FID 0); pass another path")
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be a positive number")
+    if args.limit is not None and args.limit < 2:
+        parser.error(f"--limit {args.limit}: statistics need at least 2 images (a covariance); use thousands")
     try:
         device = torch.device(args.device)
     except RuntimeError:  # torch's message lists 20 device types

@@ -1730,6 +1730,7 @@ def test_cli_refuses_no_metrics_and_an_unwritable_save_stats_before_any_features
                         (["--save-stats", str(tmp_path / "file" / "s.npz")], "cannot make its folder"),
                         (["--save-stats", str(tmp_path / "s.txt")], "statistics files end in .npz"),
                         ([str(tmp_path / "ref.npz"), "--device", "gpu"], "--device gpu: not a device"),
+                        ([str(tmp_path / "ref.npz"), "--limit", "1"], "--limit 1: statistics need at least 2 images"),
                         ([str(tmp_path / "ref.npz"), "--device", "cuda:99"], "--device cuda:99: this process sees")):
         with pytest.raises(SystemExit) as e:
             fid.main([str(tmp_path / "samples"), *flags])
