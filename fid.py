@@ -1054,6 +1054,9 @@ def main(argv=None):
         if any(Path(p).resolve() == Path(args.save_stats).resolve() for p in inputs):
             parser.error(f"--save-stats {args.save_stats} is one of the inputs; writing it would replace that file "
                          f"(and a reference overwritten with the samples' statistics scores FID 0); pass another path")
+        if Path(args.save_stats).exists():  # an ImageNet reference is an hour of GPU time: never overwritten
+            parser.error(f"--save-stats {args.save_stats} exists; statistics files are not overwritten: delete it "
+                         f"or pass another path")
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be a positive number")
     if args.limit is not None and args.limit < 2:

@@ -380,6 +380,9 @@ def decode(args):
         raise LatentError(f"--num {args.num}: give a positive count, or leave it out to decode all")
     if args.batch_size < 1:
         raise LatentError(f"--batch-size {args.batch_size}: must be a positive number")
+    if os.path.exists(os.path.join(args.out, "images.npz")):  # as sample.py's samples.npz: never overwritten
+        raise LatentError(f"{os.path.join(args.out, 'images.npz')} exists; decoded images are not overwritten: "
+                          f"pass another --out or delete the file")
     try:
         device = resolve_device(args.device)
     except ValueError as e:

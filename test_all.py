@@ -1726,11 +1726,13 @@ def test_cli_refuses_no_metrics_and_an_unwritable_save_stats_before_any_features
     # after them (the former with a traceback)
     monkeypatch.setattr(fid, "load_inception", lambda *a, **k: pytest.fail("the Inception loaded before the flags were checked"))
     (tmp_path / "file").write_text("x")
+    np.savez(tmp_path / "old.npz", mu=np.zeros(3), sigma=np.eye(3))  # an earlier reference
     for flags, says in (([str(tmp_path / "ref.npz"), "--metrics", ","], "names no metric"),
                         (["--save-stats", str(tmp_path / "file" / "s.npz")], "cannot make its folder"),
                         (["--save-stats", str(tmp_path / "s.txt")], "statistics files end in .npz"),
                         ([str(tmp_path / "ref.npz"), "--device", "gpu"], "--device gpu: not a device"),
                         ([str(tmp_path / "ref.npz"), "--limit", "1"], "--limit 1: statistics need at least 2 images"),
+                        (["--save-stats", str(tmp_path / "old.npz")], "exists; statistics files are not overwritten"),
                         ([str(tmp_path / "ref.npz"), "--device", "cuda:99"], "--device cuda:99: this process sees")):
         with pytest.raises(SystemExit) as e:
             fid.main([str(tmp_path / "samples"), *flags])
@@ -5637,12 +5639,15 @@ def test_latents_cli_refuses_bad_counts_devices_and_files_before_the_vae(tmp_pat
     # each once got past to the VAE (and then the DataLoader), or ended in a traceback (torch.device, an .npy's array)
     np.save(tmp_path / "z.npy", np.zeros((2, 4, 4, 4), np.float32))
     np.savez(tmp_path / "z.npz", arr_0=np.zeros((2, 4, 4, 4), np.float32))
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "images.npz").write_bytes(b"an earlier decode")
     enc = ["encode", "--data", "shapes", "--out", str(tmp_path / "lat"), "--vae", "none"]
     dec = ["decode", "--latents", str(tmp_path / "z.npz"), "--out", str(tmp_path / "rec"), "--vae", "none"]
     for argv, says in ((enc + ["--batch-size", "0"], "--batch-size 0"), (enc + ["--image-size", "0"], "--image-size 0"),
                        (enc + ["--num-workers", "-1"], "--num-workers -1"), (enc + ["--device", "gpu"], "--device gpu: not a device"),
                        (dec + ["--batch-size", "0"], "--batch-size 0"), (dec + ["--device", "gpu"], "--device gpu: not a device"),
-                       (dec[:2] + [str(tmp_path / "z.npy")] + dec[3:], "expected an .npz")):
+                       (dec[:2] + [str(tmp_path / "z.npy")] + dec[3:], "expected an .npz"),
+                       (dec[:4] + [str(tmp_path / "done")] + dec[5:], "images.npz exists; decoded images are not overwritten")):
         with pytest.raises(SystemExit) as e:
             latents.main(argv)
         err = capsys.readouterr().err
