@@ -284,6 +284,8 @@ def load_inception(path=None, device="cpu"):
             raise ValueError(f"Inception weights not found: {path} (expected {FID_WEIGHTS_FILE})")
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError as e:  # the file, not its contents: e.g. no permission to read it
+            raise ValueError(f"cannot read the Inception weights {path}: {e.strerror or e}") from None
         except Exception as e:  # noqa: BLE001 - truncated (RuntimeError), not a torch file (UnpicklingError), ...
             raise ValueError(f"cannot read the Inception weights {path}: torch.load raised {type(e).__name__}, so it is "
                              f"not a whole PyTorch weights file; give pytorch-fid's {FID_WEIGHTS_FILE}") from None
@@ -346,9 +348,16 @@ def is_image_name(name):
 
 def folder_images(path):
     """The images of a folder and its sub-folders, symbolic links followed, as sorted paths relative to it that
-    is_image_name passes (it skips .ipynb_checkpoints/, macOS ._x.jpg and __MACOSX/): zip_members for a folder."""
-    names = (os.path.relpath(os.path.join(root, f), path) for root, _, files in os.walk(path, followlinks=True)
-             for f in files)
+    is_image_name passes (it skips .ipynb_checkpoints/, macOS ._x.jpg and __MACOSX/): zip_members for a folder.
+    A link back to a folder it lies in (a loop) is not descended: os.walk would repeat the images under it at
+    every depth up to the OS's path limit (two such links made the walk effectively endless)."""
+    path, names = os.fspath(path), []
+    above = {path: {os.path.realpath(path)}}  # each folder still to walk -> the real paths of it and its parents
+    for root, dirs, files in os.walk(path, followlinks=True):
+        chain = above.pop(root)
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) not in chain]
+        above.update((os.path.join(root, d), chain | {os.path.realpath(os.path.join(root, d))}) for d in dirs)
+        names += (os.path.relpath(os.path.join(root, f), path) for f in files)
     return sorted(n for n in names if is_image_name(n))
 
 

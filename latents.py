@@ -242,8 +242,8 @@ def prepare_folder(args, dataset, vae, out, log):
                               f"rerun with the same flags to resume it, or pick another --out")
         return old
     own = ("progress", "latents.npy", "labels.npy")  # what an encode stopped before its manifest leaves
-    other = sorted(n for n in os.listdir(out) if n not in own and not n.startswith(datasets.MANIFEST + ".tmp")) \
-        if os.path.isdir(out) else []
+    other = sorted(n for n in os.listdir(out) if n not in own and not n.startswith((datasets.MANIFEST + ".tmp", "."))) \
+        if os.path.isdir(out) else []  # hidden files (.DS_Store) do not count
     if other:  # e.g. the image folder itself, which the manifest would turn into a latent folder for train.py
         raise LatentError(f"--out {out} already holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
                           f"and no {datasets.MANIFEST}; pass a new or empty folder")

@@ -3318,7 +3318,7 @@ def test_load_inception_offline_names_the_file_and_flag(monkeypatch):
         fid.load_inception("/nonexistent/pt_inception.pth")
 
 
-def test_load_inception_refuses_unreadable_or_other_weights_with_what_to_give(tmp_path, capsys):
+def test_load_inception_refuses_unreadable_or_other_weights_with_what_to_give(tmp_path, capsys, monkeypatch):
     (tmp_path / "text.pth").write_text("not weights")
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pth")
     torch.save(fid.FIDInceptionV3().state_dict(), tmp_path / "full.pth")  # random weights, the right 566 keys
@@ -3329,6 +3329,14 @@ def test_load_inception_refuses_unreadable_or_other_weights_with_what_to_give(tm
         with pytest.raises(ValueError, match=says + f".*give pytorch-fid's {fid.FID_WEIGHTS_FILE}"):
             fid.load_inception(tmp_path / name)
     assert fid.load_inception(tmp_path / "full.pth").training is False
+
+    def denied(path, **kwargs):  # what a file this user may not read gives (not testable as root, who may read any)
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(ValueError) as e:  # it said "not a whole PyTorch weights file"
+        fid.load_inception(tmp_path / "full.pth")
+    assert str(e.value) == f"cannot read the Inception weights {tmp_path / 'full.pth'}: Permission denied"
+    monkeypatch.undo()
     with pytest.raises(SystemExit) as e:  # train.py says it in one line (it printed a traceback for a missing file)
         run_train(tmp_path, "--max-steps", "1", "--fid-every", "1", "--inception", str(tmp_path / "no.pth"))
     assert e.value.code == 2 and capsys.readouterr().err.strip().startswith("error: Inception weights not found")
@@ -3646,6 +3654,19 @@ def test_training_and_fid_read_the_same_images_of_a_zip_and_of_its_folder(tmp_pa
     (tmp_path / "mixed" / "linked").symlink_to(tmp_path / "mixed" / "a", target_is_directory=True)  # followed by both
     train, score = datasets.ImageFiles(tmp_path / "mixed", 16, num_threads=2), fid.ImageFiles(tmp_path / "mixed")
     assert train.names == score.names == [str(Path(n)) for n in expected + ["linked/0.png", "linked/1.GIF"]]
+
+
+def test_image_folders_with_a_symlink_loop_list_each_image_once(tmp_path):
+    # os.walk(followlinks=True) went down a/up -> .. again and again: every image ~40 times (the OS's link limit),
+    # and two such links never ended. fid.py (pathlib's rglob) had not followed links before the readers were joined.
+    write_folder(tmp_path / "imgs" / "a", make_images(2))
+    (tmp_path / "imgs" / "a" / "up").symlink_to(tmp_path / "imgs", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    write_folder(tmp_path / "elsewhere", make_images(1))
+    (tmp_path / "imgs" / "b").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # no loop: followed
+    expected = [str(Path(n)) for n in ("a/a/001.png", "a/b/000.png", "b/b/000.png")]  # write_folder's sub-folders
+    assert fid.folder_images(tmp_path / "imgs") == expected
+    assert fid.ImageFiles(tmp_path / "imgs").names == datasets.ImageFiles(tmp_path / "imgs", 16, num_threads=1).names == expected
 
 
 def test_fid_zip_reader_pickles_for_a_spawned_worker_and_closes_its_file(tmp_path):
@@ -5841,6 +5862,7 @@ def test_latent_mistakes_give_one_line_errors(latent_setup, tmp_path, capsys):
         err = _exit_message(capsys, latents.main, ["decode", "--latents", str(folder), "--out", str(tmp_path / "d"), "--num", num])
         assert f"--num {num}: give a positive count" in err
     own = _image_folder(tmp_path / "imgs")  # an --out holding other files once got the manifest, which made the
+    (own / ".DS_Store").write_bytes(b"")  # hidden: not counted among them
     before = sorted(p.name for p in own.rglob("*"))  # image folder a latent folder for train.py
     err = _exit_message(capsys, latents.main, ["encode", "--data", str(own), "--out", str(own), "--vae", str(vae),
                                                "--image-size", "16", "--num-workers", "0"])
