@@ -939,7 +939,7 @@ def _affinity_command(args):
     # Project modules are imported here only, so the module itself needs none of them.
     try:
         from data import LatentFolder, load_dataset, to_model_input
-        from sample import load_model
+        from sample import load_model, resolve_device
     except ImportError as e:
         raise SystemExit(f"the affinity command needs this repo's data.py and sample.py ({e}); elsewhere, call "
                          f"gradient_affinity(grad_fn, T) with a grad_fn of your own") from None
@@ -951,13 +951,10 @@ def _affinity_command(args):
     folder = os.path.dirname(os.path.abspath(args.out))
     if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):  # checked before the gradients, not after
         raise SystemExit(f"--out {args.out}: cannot write there ({folder} is not a writable folder); pass another path")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:  # torch's message lists 20 device types
-        raise ValueError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
+    device = resolve_device(args.device)  # a ValueError that says what to do for a typo or a GPU not there
     total = None
     for ckpt in args.ckpt:
-        model, diffusion, train_args = load_model(ckpt, device=args.device, use_ema=False)
+        model, diffusion, train_args = load_model(ckpt, device=device, use_ema=False)
         model.train()  # the training objective, label dropout included (reseeded per group)
         train_args = train_args if isinstance(train_args, dict) else vars(train_args)
         image_size = train_args.get("image_size")

@@ -111,8 +111,9 @@ def resolve_device(name=None):
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda" and device.index >= torch.cuda.device_count():  # 0 without a GPU or a CUDA build of torch
-        raise ValueError(f"--device {name or 'cuda'}: this process sees {torch.cuda.device_count()} CUDA GPU(s), so there "
-                         f"is no {device}; use --device cpu without a GPU, and under torchrun at most one process per GPU")
+        asked = f"--device {name}" if name else f"LOCAL_RANK {device.index}"  # no flag given: torchrun's process index
+        raise ValueError(f"{asked}: this process sees {torch.cuda.device_count()} CUDA GPU(s), so there is no {device}; "
+                         f"use --device cpu without a GPU, and under torchrun at most one process per GPU")
     return device
 
 

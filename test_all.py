@@ -1365,6 +1365,11 @@ def test_device_flag_gets_an_index(monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: count)  # torch's assertion at set_device
         with pytest.raises(ValueError, match=rf"--device {name}: this process sees {count} CUDA GPU\(s\)"):
             sample.resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no flag: a 3rd torchrun process on 2 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match=r"^LOCAL_RANK 2: this process sees 2 CUDA GPU\(s\), so there is no cuda:2"):
+        sample.resolve_device(None)
 
 
 def test_one_device_index_for_several_processes_is_refused(tmp_path, capsys, monkeypatch):
@@ -2656,7 +2661,8 @@ def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
                        (["cluster", "--plot", str(tmp_path / "file" / "c.png")], "Not a directory"),
                        (aff, "missing.pt does not exist"), (aff + ["--groups", "0"], "--groups 0: must be a positive number"),
                        (aff + ["--out", str(tmp_path / "file" / "tas.npy")], "cannot write there"),
-                       (aff + ["--device", "gpu"], "--device gpu: not a device")):
+                       (aff + ["--device", "gpu"], "--device gpu: not a device"),
+                       (aff + ["--device", "cuda:99"], "--device cuda:99: this process sees")):
         with pytest.raises(SystemExit) as e:
             nt.main(argv)
         err = capsys.readouterr().err
@@ -2687,6 +2693,7 @@ def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch, capsys
             return {"loss": ((model(x_t, t, **model_kwargs) - noise) ** 2).mean(dim=(1, 2, 3))}
 
     sample = types.ModuleType("sample")
+    sample.resolve_device = torch.device
     sample.load_model = lambda ckpt, device="cpu", use_ema=True: (Net(), Diffusion(),
                                                                   {"image_size": 4})
     data = types.ModuleType("data")
