@@ -355,8 +355,9 @@ def folder_images(path):
     above = {path: {os.path.realpath(path)}}  # each folder still to walk -> the real paths of it and its parents
     for root, dirs, files in os.walk(path, followlinks=True):
         chain = above.pop(root)
-        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) not in chain]
-        above.update((os.path.join(root, d), chain | {os.path.realpath(os.path.join(root, d))}) for d in dirs)
+        real = {d: os.path.realpath(os.path.join(root, d)) for d in dirs}  # one resolution per sub-folder
+        dirs[:] = [d for d in dirs if real[d] not in chain]
+        above.update((os.path.join(root, d), chain | {real[d]}) for d in dirs)
         names += (os.path.relpath(os.path.join(root, f), path) for f in files)
     return sorted(n for n in names if is_image_name(n))
 
