@@ -43,8 +43,9 @@ def build_router(args, hidden_size):
         return None
     from dtr import TaskRouter
     kind = "dtr" if "dtr" in parts else "random"
+    seed = {"seed": args["rtr_seed"]} if kind == "random" else {}  # a DTR checkpoint may predate --rtr-seed
     return TaskRouter(hidden_size, num_timesteps=args["num_timesteps"], alpha=args["dtr_alpha"], beta=args["dtr_beta"],
-                      kind=kind, seed=args["rtr_seed"])
+                      kind=kind, **seed)
 
 
 def build_model(args):

@@ -1630,7 +1630,7 @@ def test_resume_mismatch_names_flags_that_exist(tmp_path, capsys):
 
 
 def test_resume_mismatch_with_a_model_override_the_checkpoint_left_unset_says_to_leave_it_out():
-    args = types.SimpleNamespace(**{k: 0 for k in train.MODEL_SETTINGS}, data="d", latent=None)
+    args = types.SimpleNamespace(**{**{k: 0 for k in train.MODEL_SETTINGS}, "method": "vanilla"}, data="d", latent=None)
     for key, flag in (("depth", "--depth"), ("hidden_size", "--hidden-size"), ("num_heads", "--num-heads")):
         with pytest.raises(train.ConfigError, match=f"leave out {flag} or start") as e:  # once "pass --depth None"
             train.check_compatible({**vars(args), key: None}, args)
@@ -1638,17 +1638,46 @@ def test_resume_mismatch_with_a_model_override_the_checkpoint_left_unset_says_to
 
 
 def test_resume_of_a_checkpoint_older_than_a_setting_says_so():
-    args = types.SimpleNamespace(**{k: 0 for k in train.MODEL_SETTINGS}, data="d", latent=None)
-    saved = {k: 0 for k in train.MODEL_SETTINGS if k != "curriculum_smoothing"}  # saved before that flag existed
+    args = types.SimpleNamespace(**{**{k: 0 for k in train.MODEL_SETTINGS}, "method": "vanilla"}, data="d", latent=None)
+    args.method = "curriculum"
+    saved = {k: v for k, v in vars(args).items() if k != "curriculum_smoothing"}  # saved before that flag existed
     with pytest.raises(train.ConfigError, match="predates the curriculum_smoothing setting") as e:
         train.check_compatible(saved, args)
     assert "None" not in str(e.value)  # once "pass --curriculum-smoothing None"
 
 
+def test_resume_checks_only_the_settings_the_method_reads():
+    # A vanilla checkpoint older than --curriculum-smoothing, or resumed with another --dtr-alpha, was refused
+    args = types.SimpleNamespace(**{k: 0 for k in train.MODEL_SETTINGS}, data="d", latent=None)
+    for method, unread, read in (("vanilla", train.METHOD_SETTINGS, ()),
+                                 ("dtr", ("rtr_seed", "ant_clusters", "curriculum_order"), ("dtr_alpha", "dtr_beta")),
+                                 ("rtr", ("dtr_alpha",), ("dtr_beta", "rtr_seed")),
+                                 ("curriculum+ant-uw", ("dtr_beta",), ("ant_clusters", "ant_objective", "curriculum_smoothing"))):
+        args.method = method
+        saved = {k: v for k, v in vars(args).items() if k != "schedule"}
+        with pytest.raises(train.ConfigError, match="predates the schedule setting"):  # every method reads it
+            train.check_compatible(saved, args)
+        saved["schedule"] = 0
+        for key in unread:
+            train.check_compatible({k: v for k, v in saved.items() if k != key}, args)
+            train.check_compatible({**saved, key: 7}, args)
+        for key in read:
+            with pytest.raises(train.ConfigError, match=f"predates the {key} setting"):
+                train.check_compatible({k: v for k, v in saved.items() if k != key}, args)
+            with pytest.raises(train.ConfigError, match=f"trained with {key}=7"):
+                train.check_compatible({**saved, key: 7}, args)
+    # sample.py rebuilds a DTR model from a checkpoint older than --rtr-seed (a KeyError once); R-TR needs the seed
+    old = {k: v for k, v in vars(train.parse_args(["--model", "DiT-S/2", "--depth", "1", "--method", "dtr"])).items()
+           if k != "rtr_seed"} | {"num_classes": 10, "in_channels": 3}  # set from the data by train.py
+    assert sample.build_model(old).router.kind == "dtr"
+    with pytest.raises(KeyError, match="rtr_seed"):
+        sample.build_model({**old, "method": "rtr"})
+
+
 def test_resume_onto_another_latent_space_is_refused():
-    args = types.SimpleNamespace(**{k: 0 for k in train.MODEL_SETTINGS}, data="z2",
+    args = types.SimpleNamespace(**{**{k: 0 for k in train.MODEL_SETTINGS}, "method": "vanilla"}, data="z2",
                                  latent={"vae": "b", "scale": 0.5, "shift": 0.0, "factor": 8, "size": 32, "channels": 4})
-    saved = {**{k: 0 for k in train.MODEL_SETTINGS}, "data": "z1", "latent": {**args.latent, "vae": "a", "scale": 0.18215}}
+    saved = {**vars(args), "data": "z1", "latent": {**args.latent, "vae": "a", "scale": 0.18215}}
     with pytest.raises(train.ConfigError, match="--data z1"):
         train.check_compatible(saved, args)
     train.check_compatible({**saved, "latent": {**args.latent, "vae": "a"}}, args)  # a --vae override of the decoder is fine

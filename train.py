@@ -340,9 +340,20 @@ def find_resume(resume, run_dir, log):
 LATENT_SETTINGS = ("scale", "shift", "factor", "size", "channels")  # of args.latent: the space the model denoises in
 
 
+# The MODEL_SETTINGS that only some methods read, and the method parts that read them (curriculum_clusters 0 takes
+# the ANT clusters, which curriculum+ant-* already reads through its ANT part).
+METHOD_SETTINGS = {"dtr_alpha": ("dtr",), "dtr_beta": ("dtr", "rtr"), "rtr_seed": ("rtr",),
+                   "ant_clusters": ANT_PARTS, "ant_objective": ANT_PARTS,
+                   **{key: ("curriculum",) for key in MODEL_SETTINGS if key.startswith("curriculum_")}}
+
+
 def check_compatible(saved, args):
-    """Refuse a checkpoint whose model, data shape, latent space or method differ from the flags."""
+    """Refuse a checkpoint whose model, data shape, latent space or method differ from the flags. A setting
+    the method does not read (--dtr-alpha of a vanilla run) may differ, or be missing from an older checkpoint."""
+    parts = method_parts(args.method)
     for key in MODEL_SETTINGS:
+        if key in METHOD_SETTINGS and not set(parts) & set(METHOD_SETTINGS[key]):
+            continue
         if saved.get(key) != getattr(args, key):
             if key not in saved:  # a checkpoint older than the setting: what it was trained with is unknown
                 raise ConfigError(f"checkpoint predates the {key} setting, so its value there is unknown (the flags say "
