@@ -42,6 +42,7 @@ to train.parse_args.
 import argparse
 import collections
 import json
+import math
 import os
 import platform
 import resource
@@ -605,6 +606,8 @@ def parse_args(argv=None):
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):  # NaN or <= 0: a meaningless MFU
         raise ValueError(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
+    if not math.isfinite(args.cfg_scale):  # as sample.py: NaN guidance times a sampler that draws NaN images
+        raise ValueError(f"--cfg-scale must be a finite guidance scale (1 = no guidance; the papers use 1.5), got {args.cfg_scale}")
     train_argv = ["--model", args.model, "--image-size", str(args.image_size), "--precision", args.precision] + rest
     if args.compile:
         train_argv.append("--compile")

@@ -318,6 +318,23 @@ def encode(args):
         if distributed:
             dist.barrier()
 
+    def on_rank0(fn):
+        """fn() on rank 0 alone; its error is raised on every rank, so every rank stops with the one-line message. A rank
+        left at a barrier by one that stopped ended in a traceback (gloo: the peer closed the connection)."""
+        result, error = None, None
+        if rank == 0:
+            try:
+                result = fn()
+            except (datasets.DataError, OSError) as e:  # what main() reports in one line; LatentError included
+                error = str(e)
+        if distributed:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise LatentError(error)
+        return result
+
     if args.seed < 0:
         raise LatentError(f"--seed {args.seed}: use a seed >= 0")
     for flag, value, least in (("--image-size", args.image_size, 1), ("--batch-size", args.batch_size, 1),
@@ -327,15 +344,12 @@ def encode(args):
     if datasets.is_latent_folder(str(args.data)):
         raise LatentError(f"{args.data} is already a latent folder; --data takes images (a folder, .zip, .npz or .npy)")
     dataset = datasets.load_dataset(args.data, args.image_size, skip_bad=args.skip_bad_images)
-    if rank == 0:  # rank 0 first, so a hub download happens once and lands in the cache for the others
-        vae = load_vae(args.vae, device)
-    barrier()
+    vae = on_rank0(lambda: load_vae(args.vae, device))  # rank 0 first: a hub download happens once, into the cache
     if rank != 0:
         vae = load_vae(args.vae, device)
     if args.image_size % vae_factor(vae):
         raise LatentError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {vae_factor(vae)}")
-    manifest = prepare_folder(args, dataset, vae, args.out, log) if rank == 0 else None
-    barrier()
+    manifest = on_rank0(lambda: prepare_folder(args, dataset, vae, args.out, log))
     if manifest is None:
         with open(os.path.join(args.out, datasets.MANIFEST)) as fh:
             manifest = json.load(fh)
@@ -350,7 +364,8 @@ def encode(args):
             f"posterior {args.posterior}, {world} process(es)")
         encode_share(vae, dataset, mine, args, device, rank, world)
         barrier()
-        if rank == 0:
+
+        def finish():
             missing = int((~done_images(args.out, len(dataset))).sum())
             if missing:
                 raise LatentError(f"{missing} images are still not encoded; rerun the same command to finish")
@@ -361,6 +376,7 @@ def encode(args):
                 os.remove(os.path.join(progress, name))
             os.rmdir(progress)
             log(f"encode: wrote {manifest['count']} rows to {args.out}")
+        on_rank0(finish)
     if distributed:
         dist.barrier()  # nobody tears down the process group while a peer still uses it
         dist.destroy_process_group()

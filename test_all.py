@@ -4162,23 +4162,29 @@ def test_two_process_fid_during_training_with_synced_emas(tmp_path):
 
 @pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="shared Inception weights absent")
 def test_two_process_bad_fid_reference_stops_every_rank_at_once(tmp_path):
-    # Rank 0 fails on the reference; rank 1 must leave with it, not sit in the 6-hour gloo barrier. Two
-    # plain processes, not torchrun, whose agent would kill rank 1 anyway.
+    # Rank 0 fails on the reference; rank 1 must leave with it, not sit in the 6-hour gloo barrier
+    codes, outs = two_processes_by_hand(
+        [sys.executable, "train.py", *TINY, "--global-batch-size", "4", "--max-steps", "2", "--fid-every", "2",
+         "--fid-ref", str(tmp_path / "missing.npz"), "--inception", str(SHARED_WEIGHTS), "--out", str(tmp_path / "bad")])
+    assert codes == [2, 2]
+    assert "FID reference" in outs[0][1] and "no such file" in outs[0][1] and "Traceback" not in outs[1][1]
+
+
+def two_processes_by_hand(cmd, timeout=120):
+    """Run cmd as ranks 0 and 1 of a process group launched by hand (RANK, WORLD_SIZE, MASTER_ADDR/PORT), not by
+    torchrun, whose agent would end a rank left waiting for one that stopped. ([exit codes], [(stdout, stderr)])."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "train.py", *TINY, "--global-batch-size", "4", "--max-steps", "2", "--fid-every", "2",
-           "--fid-ref", str(tmp_path / "missing.npz"), "--inception", str(SHARED_WEIGHTS), "--out", str(tmp_path / "bad")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
-        results = [p.communicate(timeout=120) for p in procs]
+        outs = [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] == [2, 2]
-    assert "FID reference" in results[0][1] and "no such file" in results[0][1] and "Traceback" not in results[1][1]
+    return [p.returncode for p in procs], outs
 
 
 # ==============================================================================================
@@ -5910,6 +5916,16 @@ def test_latent_mistakes_give_one_line_errors(latent_setup, tmp_path, capsys):
         assert "Not a directory" in err, argv
 
 
+def test_latents_encode_refused_by_rank_0_stops_every_rank(latent_setup, tmp_path):
+    # rank 0 alone prepares --out; when it refused a folder of other files, rank 1 left its barrier with a traceback
+    root, vae, images, _ = latent_setup
+    (tmp_path / "notes.txt").write_text("x")
+    codes, outs = two_processes_by_hand([sys.executable, "latents.py", "encode", "--data", str(images), "--out",
+                                         str(tmp_path), "--vae", str(vae), "--image-size", "16", "--num-workers", "0"])
+    assert codes == [2, 2], outs
+    assert "already holds other files (notes.txt)" in outs[0][1] and outs[1][1] == ""  # one message, from rank 0
+
+
 def test_pwrite_rows_writes_each_run_at_its_rows_and_done_images_cuts_a_torn_record(tmp_path):
     # pwrite_rows against rows placed by hand in a bytearray: gaps split the runs
     header, row_bytes, rows = 16, 6, np.array([0, 1, 4, 5, 6, 9])
@@ -6100,6 +6116,8 @@ def test_bad_counts_are_refused(tmp_path, capsys, monkeypatch):
     for value in ("nan", "0"):  # an MFU of NaN or a negative one
         with pytest.raises(ValueError, match="--peak-tflops must be a positive number"):
             bench.parse_args(BENCH_TINY + ["--peak-tflops", value])
+        with pytest.raises(ValueError, match="--cfg-scale must be a finite"):  # a NaN row next to the finite ones
+            bench.parse_args(BENCH_TINY + ["--cfg-scale", value.replace("0", "inf")])
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as e:  # a --json path that cannot be written: one line, not a traceback
         bench.main(BENCH_TINY + ["--methods", "vanilla", "--warmup", "0", "--steps", "1", "--rounds", "1",
