@@ -351,12 +351,12 @@ def _nice_ticks(lo, hi, count=5):
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def _fmt(v, step=None):
-    """Tick label; with the tick spacing `step`, enough decimals that neighbouring ticks differ."""
+def _fmt(v, spacing=None):
+    """Tick label; with the tick `spacing`, enough decimals that neighbouring ticks differ."""
     if abs(v) >= 1000:
         return f"{v / 1000:.4g}k"
-    if step:
-        return f"{v:.{max(0, -math.floor(math.log10(step)))}f}"
+    if spacing:
+        return f"{v:.{max(0, -math.floor(math.log10(spacing)))}f}"
     return f"{v:.3g}"
 
 
@@ -385,10 +385,10 @@ def plot_stages(metrics_path, out_path, width=960):
             draw.line([x_of(v), y1, x_of(v), y1 + 4], fill="black")
             draw.text((x_of(v) - 10, y1 + 6), _fmt(v), fill="black", font=font)
         y_ticks = _nice_ticks(y_lo, y_hi)
-        y_step = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else None
+        y_spacing = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else None
         for v in y_ticks:
             draw.line([x0 - 4, y_map(v), x0, y_map(v)], fill="black")
-            draw.text((4, y_map(v) - 6), y_fmt(v, y_step), fill="black", font=font)
+            draw.text((4, y_map(v) - 6), y_fmt(v, y_spacing), fill="black", font=font)
         draw.text((x0, y0 - 14), label, fill="black", font=font)
         draw.text((x1 - 60, y1 + 20), "training step", fill="black", font=font)
         for step, *_ in stages[1:]:  # stage changes
@@ -401,7 +401,7 @@ def plot_stages(metrics_path, out_path, width=960):
         return y1 - (y1 - y0) * t / num_t
 
     axes(y0, y1, 0, num_t, y_of_t, f"active timesteps [t_min, t_max) vs step, {len(stages)} "
-         f"stages shown (t = 0 is the cleanest)", y_fmt=lambda v, step: str(int(v)))
+         f"stages shown (t = 0 is the cleanest)", y_fmt=lambda v, spacing: str(int(v)))
     for i, (step, stage, lo, hi) in enumerate(stages):
         stop = stages[i + 1][0] if i + 1 < len(stages) else end_step
         shade = 235 - int(150 * i / max(len(stages) - 1, 1))
@@ -424,7 +424,7 @@ def plot_stages(metrics_path, out_path, width=960):
             return y1 - (y1 - y0) * (v - lo) / (hi - lo)
 
         axes(y0, y1, lo, hi, y_of_v, "training loss" + (" (log10)" if log_scale else ""),
-             y_fmt=(lambda v, step: f"{10 ** v:.2g}") if log_scale else _fmt)
+             y_fmt=(lambda v, spacing: f"{10 ** v:.2g}") if log_scale else _fmt)
         draw.line([(x_of(s), y_of_v(f(v))) for s, v in losses], fill=(200, 40, 40), width=1)
     img.save(out_path)
 

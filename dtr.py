@@ -5,7 +5,8 @@ Paper: Park, Woo, Go, Kim, Kim, "Denoising Task Routing for Diffusion Models", I
 (arXiv 2310.07138). Official code: github.com/byeongjun-park/DTR (models/taskrouting.py).
 
 Each diffusion timestep t is a task. Task t gets a fixed binary channel mask m_t in {0,1}^C and
-every DiT block only *reads* the channels that m_t lets through; the other channels skip the block.
+every DiT block only *reads* the channels that m_t lets through; the other channels are hidden from
+the block's input and carried on by the residual (the block still writes to every channel).
 
 Paper equations -> functions here:
 - Task routing ("Task routing for diffusion models"):

@@ -45,14 +45,15 @@ Where we depart from the official code, and why:
 - Nash-MTL: the official cvxpy/ECOS problem fails silently on newer cvxpy, and the failure is
   swallowed by a bare `except`, so alpha stays at 1 forever (plain averaging). We solve each
   convex subproblem of the concave-convex procedure with scipy's trust-constr; when one fails
-  (about 1 in 300 random Gram matrices), Newton's method on the equivalent convex problem
+  (38 of 1000 random, badly scaled Gram matrices in one sweep), Newton's method on the equivalent convex problem
   0.5 a^T A a - sum log a gives the same Nash point. A failure of both is reported
   (`info["success"] = False`) so that the caller keeps its previous alpha and logs it.
   Each subproblem minimises only the linearised objective; the official one also adds sum(A x)
   (the Nash point is a fixed point of both, see _nash_subproblem).
   Like the official code, we solve for the normalised Gram matrix and return the alpha of the
-  unnormalised G G^T (the paper's equation). The official stopping rule, however, measures the
-  normalised equation's residual at the unnormalised alpha; ours stays on the normalised scale.
+  unnormalised G G^T (the paper's equation). The official stopping rules, however, measure the
+  normalised equation's residual and the change of alpha at the unnormalised alpha; ours measure
+  both on the normalised scale.
 - Task affinity: the official script needs T gradients, each over 1000 images, and stores all
   of them. We use groups of timesteps (100 by default) that share the same images and noise,
   and a fixed-size CountSketch when P > sketch_dim, so memory stays bounded.
@@ -456,7 +457,7 @@ def pcgrad(grads, generator=None, order=None):
 def weighted_sum(grads, weights):
     """sum_k weights[k] * grads[k] (P,) for grads (K, P) and weights (K,) on grads' device: the combined
     gradient of PCGrad and of a Nash-MTL update step. One row at a time in grads' dtype, so the products
-    are exact float32 (no TF32 matmul) and no second (K, P) tensor is made (13.5 GB for DiT-XL/2, K = 5)."""
+    are plain float32 arithmetic (no TF32 matmul) and no second (K, P) tensor is made (13.5 GB for DiT-XL/2, K = 5)."""
     if grads.dim() != 2 or weights.shape != (grads.shape[0],):
         raise ValueError(f"expected grads (K, P) and weights (K,), got {tuple(grads.shape)} and {tuple(weights.shape)}")
     weights = weights.to(grads.dtype)  # (K,)
@@ -581,7 +582,8 @@ def nash_mtl_weights(gram, prev_alpha=None, max_iter=NASH_MAX_ITER, change_tol=1
     the official constraint, with well-conditioned subproblems. The concave-convex procedure
     (_nash_ccp) runs up to `max_iter` convex subproblems from the best of prev_alpha / ones /
     1/sqrt(diag A) scaled to feasibility, and stops when alpha moves less than change_tol or
-    |A alpha - 1/alpha| < residual_tol (the official rules, both on the normalised scale).
+    |A alpha - 1/alpha| < residual_tol (the official thresholds; here both are measured on the
+    normalised scale, the official code measures them at the unnormalised alpha).
 
     Returns (alpha (K,) float64 numpy or None, info). info has success, converged, iterations,
     residual (normalised scale), message, newton. For PSD A the answer is also the minimiser of
@@ -630,7 +632,7 @@ def _nash_ccp(A, prev_alpha, max_iter, change_tol, residual_tol, info):
         return alpha
     for it in range(1, max_iter + 1):
         new = _nash_subproblem(A, alpha)
-        if new is None:  # trust-constr gives up now and then (about 1 in 300 random Gram matrices)
+        if new is None:  # trust-constr gives up now and then (see the module docstring)
             new = _nash_newton(A, alpha)
             if new is None or np.max(np.abs(new * (A @ new) - 1.0)) > 1e-6:
                 info.update(iterations=it, message=f"convex subproblem failed at iteration {it}, and so did Newton's method")
@@ -770,7 +772,7 @@ def gradient_affinity(grad_fn, num_timesteps, groups=100, batch_size=32, sketch_
     gen = torch.Generator().manual_seed(seed)
     features, P = [], None
     for g in range(groups):
-        t = torch.randint(edges[g], edges[g + 1], (batch_size,), generator=gen)  # (n,)
+        t = torch.randint(edges[g], edges[g + 1], (batch_size,), generator=gen)  # (batch_size,)
         flat = grad_fn(t).detach()  # (P,)
         if flat.dim() != 1 or (P is not None and flat.numel() != P):
             raise ValueError(f"grad_fn must return a flat (P,) gradient of fixed size, got "

@@ -2429,7 +2429,7 @@ def test_nash_weights_follow_the_gradient_scale_as_the_official_constraint():
 
 
 def test_nash_falls_back_to_newton_when_a_subproblem_fails(monkeypatch):
-    # trust-constr gave up on about 1 in 300 random Gram matrices (one had eigenvalues down to 1e-4
+    # trust-constr gives up now and then on a badly scaled Gram matrix (one had eigenvalues down to 1e-4
     # and alpha up to 142). Failing every subproblem on purpose keeps the test independent of scipy.
     G = np.random.default_rng(7).standard_normal((6, 200)) * np.array([[5.0], [3.0], [0.3], [1.0], [0.2], [0.5]])
     G[1] = -0.7 * G[0] + 0.3 * G[1]
