@@ -1324,6 +1324,20 @@ def test_training_reduces_loss_on_tiny_data(tmp_path):
     assert eval_loss() < 0.7 * before
 
 
+def test_ddpm_sample_grid_step_noise_is_not_its_starting_noise(tmp_path, monkeypatch):
+    # both were drawn from a generator seeded with --global-seed, so the first step's noise was exactly x_T
+    drawn = []
+
+    def generate(model, diffusion, labels, noise, noise_fn=None, **kw):
+        drawn.append((noise.clone(), noise_fn(noise), noise_fn(noise)))
+        return noise.clamp(-1, 1)
+    monkeypatch.setattr(train, "generate", generate)
+    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--sample-every", "1", "--sample-steps", "2")
+    (x_T, first, second), again = drawn[0], drawn[1]
+    assert not torch.equal(first, x_T) and not torch.equal(second, first)
+    assert all(torch.equal(a, b) for a, b in zip(drawn[0], again))  # every grid draws the same noise
+
+
 def test_train_writes_log_metrics_checkpoint_and_grid(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "3", "--sample-every", "3", "--sample-steps", "ddim5")
     start, *rec = metrics(out)
@@ -5359,9 +5373,9 @@ def test_resume_auto_refuses_when_no_checkpoint_loads_and_never_overwrites_a_ren
 def test_resume_auto_skips_a_newer_checkpoint_that_lacks_a_part(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    full = {"model": {}, "ema": {}, "opt": {}, "step": 1, "args": {}}
+    full = {"model": {}, "ema": {}, "opt": {}, "step": 1, "args": {}, "method": {}, "rng": []}
     torch.save(full, folder / "0000001.pt")
-    for missing in full:  # e.g. no optimiser state: resuming it would fail in opt.load_state_dict with a traceback
+    for missing in full:  # e.g. no optimiser state (or no rng): resuming it would fail with a traceback (KeyError 'rng')
         torch.save({k: v for k, v in full.items() if k != missing}, folder / "0000002.pt")
         logs = []
         path, ckpt = train.find_resume("auto", str(tmp_path), logs.append)

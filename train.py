@@ -11,15 +11,17 @@ Train a DiT, plain or with the papers' multi-task methods, on one CPU, one GPU o
     ant-uw | ant-pcgrad | ant-nash  ANT clustering + a multi-task optimiser (negative_transfer.py)
     curriculum                      easy-to-hard timestep curriculum (curriculum.py)
 
-A method touches training at four points, all in `Method` below: how timesteps are drawn, what the
-model does with t (a router in the DiT), how per-sample losses become gradients, and a per-step
-hook whose state is saved in checkpoints. Everything else is the DiT recipe: AdamW (lr 1e-4, no
-weight decay), EMA 0.9999 every step, bf16 autocast on CUDA.
+A method touches training at four points: how timesteps are drawn, what the model does with t (a
+router in the DiT, built by sample.build_model), how per-sample losses become gradients, and a
+per-step hook whose state is saved in checkpoints; all but the router live in `Method` below.
+Everything else is the DiT recipe: AdamW (lr 1e-4, no weight decay), EMA 0.9999 every step, bf16
+autocast on CUDA.
 
-One scalar read per step (lagging one step behind, so the GPU stays fed) tells every rank whether
-the loss was finite, whether a rank was asked to stop (SIGTERM/SIGINT) and the all-rank mean loss
-that the curriculum paces on. A non-finite step never updates the weights: fused AdamW skips it on
-the device (`found_inf`), and the run then stops, or skips up to --skip-nonfinite such steps.
+One read of three numbers per step (lagging one step behind so the GPU stays fed, except under the
+curriculum, whose pacing needs this step's loss) tells every rank whether the loss was finite,
+whether a rank was asked to stop (SIGTERM/SIGINT) and the all-rank mean loss that the curriculum
+paces on. A non-finite step never updates the weights: fused AdamW skips it on the device
+(`found_inf`), and the run then stops, or skips up to --skip-nonfinite such steps.
 """
 
 import argparse
@@ -316,7 +318,12 @@ def claim_checkpoint_folder(run_dir, start_step, resume_path, auto, log, master)
                           f"another --out; to continue the newest, use --resume auto")
 
 
-CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "args")  # what a checkpoint to resume must hold
+CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "args", "method", "rng")  # what a checkpoint to resume must hold
+
+
+def missing_keys(ckpt):
+    """The CHECKPOINT_KEYS a loaded object lacks (all of them when it is not a dict, e.g. bare weights)."""
+    return [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
 
 
 def find_resume(resume, run_dir, log):
@@ -329,9 +336,9 @@ def find_resume(resume, run_dir, log):
     for path in checkpoint_paths(run_dir):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            if all(k in ckpt for k in CHECKPOINT_KEYS):
+            if not missing_keys(ckpt):
                 return path, ckpt
-            log(f"resume: skipping {path}: incomplete (missing {[k for k in CHECKPOINT_KEYS if k not in ckpt]})")
+            log(f"resume: skipping {path}: incomplete (missing {missing_keys(ckpt)})")
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: say so and try the previous one
             log(f"resume: skipping {path}: cannot be loaded ({type(e).__name__}: {e})")
     return None, None
@@ -404,6 +411,11 @@ def check_flags(args):
                         ("--curriculum-stage-steps", args.curriculum_stage_steps)):
         if value is not None and value < 1:  # None: a model override left to the --model config
             raise ConfigError(f"{flag} {value}: must be a positive number")
+    if args.model not in DiT_models:
+        raise ConfigError(f"unknown --model {args.model!r}; choose one of {', '.join(DiT_models)}")
+    patch = int(args.model.split("/")[1])
+    if args.image_size % patch:
+        raise ConfigError(f"--image-size {args.image_size} is not divisible by the patch size {patch} of {args.model}")
     for flag, value in (("--sample-every", args.sample_every), ("--fid-every", args.fid_every),
                         ("--keep-last", args.keep_last), ("--skip-nonfinite", args.skip_nonfinite),
                         ("--num-workers", args.num_workers), ("--max-grad-norm", args.max_grad_norm),
@@ -437,6 +449,21 @@ def check_flags(args):
         raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1) (0.9999 in the papers)")
     if not 0 <= args.class_dropout_prob <= 1:  # 1: every label is the null class (unconditional)
         raise ConfigError(f"--class-dropout-prob {args.class_dropout_prob}: must be in [0, 1] (0.1 in the papers)")
+    if args.curriculum_clusters == 0 and "curriculum" in args.method and "ant" not in args.method:
+        raise ConfigError("--curriculum-clusters 0 means 'the ANT clusters', which needs an ANT method (e.g. curriculum+ant-uw)")
+    if args.ant_objective == "gradient" and "ant" in args.method and not args.ant_tas:
+        raise ConfigError("--ant-objective gradient needs --ant-tas (make one with: python negative_transfer.py affinity ...)")
+    if args.ant_tas and not (args.ant_objective == "gradient" and "ant" in args.method):
+        raise ConfigError(f"--ant-tas is read only by an ANT method (ant-uw, ant-pcgrad, ant-nash) with --ant-objective "
+                          f"gradient, but the flags say --method {args.method} --ant-objective {args.ant_objective}; "
+                          f"change those, or drop --ant-tas")
+    if args.compile_mode != "default" and not args.compile:
+        raise ConfigError(f"--compile-mode {args.compile_mode} has no effect without --compile; add --compile")
+    if args.compile_mode in CUDA_GRAPH_MODES and any(m in args.method for m in ("ant-pcgrad", "ant-nash")):
+        # CUDA graphs reuse their output buffers on the next replay, while PCGrad/Nash backpropagate
+        # through one forward K times; this pairing is untested, so it is refused rather than trusted.
+        raise ConfigError(f"--compile-mode {args.compile_mode} (CUDA graphs) is not supported with {args.method}; "
+                          f"use --compile-mode max-autotune-no-cudagraphs or default")
 
 
 def keep_graph_for_cluster_backwards():
@@ -453,14 +480,8 @@ def keep_graph_for_cluster_backwards():
 
 
 def build_run(args, device, distributed, log=print):
-    """Model, EMA, diffusion, method and optimiser for `args`: what train() and bench.py step."""
-    if args.compile_mode != "default" and not args.compile:
-        raise ConfigError(f"--compile-mode {args.compile_mode} has no effect without --compile; add --compile")
-    if args.compile_mode in CUDA_GRAPH_MODES and any(m in args.method for m in ("ant-pcgrad", "ant-nash")):
-        # CUDA graphs reuse their output buffers on the next replay, while PCGrad/Nash backpropagate
-        # through one forward K times; this pairing is untested, so it is refused rather than trusted.
-        raise ConfigError(f"--compile-mode {args.compile_mode} (CUDA graphs) is not supported with {args.method}; "
-                          f"use --compile-mode max-autotune-no-cudagraphs or default")
+    """Model, EMA, diffusion, method and optimiser for `args` (already through check_flags): what train() and
+    bench.py step."""
     model = build_model(vars(args)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if args.compile:  # FID samples from the EMA: one compile per sampling batch size, on first use (grids run eager)
@@ -642,12 +663,7 @@ def train(args):
                     print(f"warning: cannot append to {os.path.join(args.out, 'log.txt')} ({e})", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- flags
-    if args.model not in DiT_models:
-        raise ConfigError(f"unknown --model {args.model!r}; choose one of {', '.join(DiT_models)}")
-    patch = int(args.model.split("/")[1])
-    if args.image_size % patch:
-        raise ConfigError(f"--image-size {args.image_size} is not divisible by the patch size {patch} of {args.model}")
-    check_flags(args)
+    check_flags(args)  # the flags alone; below, the checks that need the number of processes, and the FID ones
     if args.global_batch_size % world:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
     if (args.global_seed + 1) * world > 2**32:  # np.random.seed(global_seed * world + rank) below takes 32 bits
@@ -667,14 +683,6 @@ def train(args):
             raise ConfigError(f"--global-seed {args.global_seed}: the FID samples are drawn with seed {args.global_seed + 1}, "
                               f"whose per-sample generators (seed * {SEED_STRIDE} + i) would pass 2^32 with --fid-samples "
                               f"{args.fid_samples}; use --global-seed 0..{max_seed(args.fid_samples) - 1}") from None
-    if args.curriculum_clusters == 0 and "curriculum" in args.method and "ant" not in args.method:
-        raise ConfigError("--curriculum-clusters 0 means 'the ANT clusters', which needs an ANT method (e.g. curriculum+ant-uw)")
-    if args.ant_objective == "gradient" and "ant" in args.method and not args.ant_tas:
-        raise ConfigError("--ant-objective gradient needs --ant-tas (make one with: python negative_transfer.py affinity ...)")
-    if args.ant_tas and not (args.ant_objective == "gradient" and "ant" in args.method):
-        raise ConfigError(f"--ant-tas is read only by an ANT method (ant-uw, ant-pcgrad, ant-nash) with --ant-objective "
-                          f"gradient, but the flags say --method {args.method} --ant-objective {args.ant_objective}; "
-                          f"change those, or drop --ant-tas")
     batch = args.global_batch_size // world
     if "ant" in args.method and batch < args.ant_clusters:  # stratified sampling (also after a curriculum) needs one per cluster
         raise ConfigError(f"{args.method} draws every one of the {args.ant_clusters} ANT clusters in each process's batch, "
@@ -713,11 +721,12 @@ def train(args):
         args.class_dropout_prob = 0.0  # unconditional: no null class, no guidance
     if isinstance(dataset, datasets.LatentFolder):
         # DiT on VAE latents: the model's input is the latent (32x32x4 for 256 px and the SD VAE). The
-        # latents are stored scaled and in both flips, so batches skip to_model_input below.
+        # latents are stored scaled (and with --flip both, in both orientations), so batches skip to_model_input below.
         m = dataset.manifest
         if args.image_size != m["image_size"]:
             raise ConfigError(f"{args.data} holds latents of {m['image_size']}px images ({m['latent_size']}x{m['latent_size']}x{m['channels']}); "
                               f"pass --image-size {m['image_size']}")
+        patch = int(args.model.split("/")[1])
         if m["latent_size"] % patch:
             raise ConfigError(f"the latent size {m['latent_size']} of {args.data} is not divisible by the patch size {patch} of {args.model}")
         args.in_channels = m["channels"]
@@ -751,9 +760,8 @@ def train(args):
     except Exception as e:  # noqa: BLE001 - truncated or not a checkpoint: say which file and what to do
         raise ConfigError(f"--resume {resume_path} cannot be loaded ({type(e).__name__}: {e}); pass another "
                           f"checkpoint, or --resume auto to take the newest one in {ckpt_dir} that loads") from None
-    if ckpt is not None and not (isinstance(ckpt, dict) and all(k in ckpt for k in CHECKPOINT_KEYS)):  # e.g. bare weights
-        raise ConfigError(f"--resume {resume_path} is not a train.py checkpoint (it lacks "
-                          f"{[k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]}); pass a "
+    if ckpt is not None and missing_keys(ckpt):  # e.g. bare weights
+        raise ConfigError(f"--resume {resume_path} is not a train.py checkpoint (it lacks {missing_keys(ckpt)}); pass a "
                           f"RUN/checkpoints/NNNNNNN.pt, or --resume auto")
     claim_checkpoint_folder(args.out, ckpt["step"] if ckpt is not None else 0, resume_path, args.resume == "auto", log, master)
     if ckpt is not None:
@@ -837,6 +845,7 @@ def train(args):
     grid_gen = torch.Generator().manual_seed(args.global_seed)
     side = args.image_size if args.latent is None else args.latent["size"]
     grid_noise = torch.randn(16, args.in_channels, side, side, generator=grid_gen).to(device)
+    step_noise_state = grid_gen.get_state()  # a DDPM grid's step noise goes on from here (not x_T's draws again)
     grid_labels = (torch.arange(16) % args.num_classes).to(device)
 
     def save_checkpoint():
@@ -949,7 +958,8 @@ def train(args):
 
     def save_samples():
         if master:  # DDPM step noise from its own generator: the grid leaves the training RNG (and resume) alone
-            gen = torch.Generator().manual_seed(args.global_seed)
+            gen = torch.Generator()
+            gen.set_state(step_noise_state)
             # Eager even with --compile: compiling the EMA for 16 images costs more than it saves, and rank 0 would
             # compile alone while the other ranks wait in a collective (NCCL's timeout is 10 min; max-autotune can take longer)
             with torch.compiler.set_stance("force_eager"):
