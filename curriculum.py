@@ -64,6 +64,11 @@ From the paper / our choice:
 - Our choice, which loss to feed: the plain mean diffusion loss of the step. Pass neither a
   loss re-weighted by learnable weights (ANT-UW's total moves as its weights learn, and can be
   negative) nor a value accumulated over several steps.
+
+CLI: draw the stages of a run from its metrics.jsonl (lines with "step", "loss" and the keys of
+Curriculum.log_dict(), and {"event": "curriculum_stage", "step", "stage", "t_min", "t_max"} at
+each stage change; Pillow needed):
+    python curriculum.py --plot RUN/metrics.jsonl --out stages.png
 """
 
 import argparse
@@ -82,17 +87,32 @@ PACINGS = ("adaptive", "fixed")
 # Timestep clusters and stages (paper: method section, Fig. 3)
 
 
+def _int_or_none(value):
+    """value as a Python int when it is an integer of any kind (int, numpy integer, 0-d integer
+    tensor), else None. Floats are not ints here."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _positive_int(name, value, unit=""):
+    """value as a Python int >= 1 (see _int_or_none), or a ValueError that names it."""
+    n = _int_or_none(value)
+    if n is None or n < 1:
+        raise ValueError(f"{name} must be a positive int{unit}, got {value!r}")
+    return n
+
+
 def timestep_clusters(num_timesteps, num_clusters):
     """N equal contiguous clusters of {0, .., T-1}, as half-open (start, stop) pairs in increasing t
     (paper: C_1 .. C_N, Fig. 3). Boundaries are floor(i T / N), so sizes differ by at most one when
     N does not divide T (our choice)."""
-    if not isinstance(num_timesteps, int) or num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
-    if not isinstance(num_clusters, int) or not 1 <= num_clusters <= num_timesteps:
-        raise ValueError(f"num_clusters must be an int in [1, num_timesteps={num_timesteps}], "
-                         f"got {num_clusters!r}")
-    bounds = [i * num_timesteps // num_clusters for i in range(num_clusters + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(num_clusters)]
+    T, N = _positive_int("num_timesteps", num_timesteps), _int_or_none(num_clusters)
+    if N is None or not 1 <= N <= T:
+        raise ValueError(f"num_clusters must be an int in [1, num_timesteps={T}], got {num_clusters!r}")
+    bounds = [i * T // N for i in range(N + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(N)]
 
 
 def check_clusters(clusters, num_timesteps):
@@ -154,10 +174,9 @@ class Curriculum:
             raise ValueError(f"pacing must be one of {PACINGS}, got {pacing!r}")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be a positive int (updates), got {patience!r}")
-        if not isinstance(stage_steps, int) or stage_steps < 1:
-            raise ValueError(f"stage_steps must be a positive int (updates), got {stage_steps!r}")
+        patience = _positive_int("patience", patience, " (updates)")  # Python ints: the state dict stays JSON
+        stage_steps = _positive_int("stage_steps", stage_steps, " (updates)")
+        num_timesteps = _positive_int("num_timesteps", num_timesteps)
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing is an EMA decay and must be in [0, 1), got {smoothing!r}")
         if not rel_tol >= 0.0:
@@ -165,8 +184,6 @@ class Curriculum:
         if clusters is None:
             self.clusters = timestep_clusters(num_timesteps, num_clusters)
         else:
-            if not isinstance(num_timesteps, int) or num_timesteps < 1:
-                raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
             self.clusters = check_clusters(clusters, num_timesteps)
         self.num_timesteps = num_timesteps
         self.pacing = pacing
@@ -227,7 +244,11 @@ class Curriculum:
         """Apply the pacing rule for one training step; return True when the stage changed.
         Adaptive: advance after `patience` updates without relative improvement of the smoothed
         loss (after a warm-up of one EMA time constant); fixed: advance every `stage_steps`
-        updates (paper: pacing function; details in the module docstring)."""
+        updates (paper: pacing function; details in the module docstring). `loss` is one number, the
+        step's mean diffusion loss (a float or a 1-element tensor; a tensor is read on the host)."""
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            raise ValueError(f"loss must be one number, the step's mean loss, got a tensor of shape "
+                             f"{tuple(loss.shape)}; pass loss.mean()")
         loss = float(loss)
         if not math.isfinite(loss):
             raise ValueError(f"loss must be finite, got {loss}; the run has diverged")

@@ -173,6 +173,11 @@ class TaskRouter(nn.Module):
 
     The model calls `route = router(t)` once per forward and `router.route(block, x, c, route)`
     for every block; the same mask acts in every block and the final layer is not routed.
+
+    channels: the block width C (the last dim of the (N, L, C) tokens). num_timesteps: T of YOUR
+    noise schedule; it must match, since t in 0..T-1 picks row t (a default T = 1000 router fed a
+    T = 100 schedule's t would give every task nearly the same window). Keep it as a submodule of
+    the model: `.to(device)` then moves the masks and `copy.deepcopy` (an EMA) copies them.
     """
 
     def __init__(self, channels, num_timesteps=1000, alpha=4.0, beta=0.8, kind="dtr", seed=0):
@@ -194,12 +199,18 @@ class TaskRouter(nn.Module):
 
     def forward(self, t):
         """
-        Mask rows for a batch of ORIGINAL timesteps t (N,) in 0..T-1 (integer, or float holding
-        integral values, e.g. from a respaced sampler's index map; rounded, so 998.9999 is 999).
-        Returns (N, C) float32. No host sync, so it traces under torch.compile.
+        Mask rows for a batch of ORIGINAL timesteps t (N,) in 0..T-1 (any integer dtype, or float
+        holding integral values, e.g. from a respaced sampler's index map; rounded, so 998.9999 is
+        999). Call it on the raw t, before the model's timestep embedding. Returns (N, C) in the
+        dtype of the mask buffer (float32 unless the model was cast), on its device.
+        The range is not checked, since that would wait for the device: t >= T raises an IndexError
+        on the CPU and a device-side assert on a GPU, a negative t silently wraps to row T + t, and a
+        continuous t in [0, 1] silently picks row 0 or 1 for every sample (map it to
+        round(t * (T - 1)) first). No host sync, so it traces under torch.compile.
         """
         if t.ndim != 1:
-            raise ValueError(f"t must be a 1-D tensor of timesteps (N,), got shape {tuple(t.shape)}")
+            raise ValueError(f"t must be a 1-D tensor of timesteps (N,), got shape {tuple(t.shape)}; call the "
+                             f"router on the raw timesteps, before the timestep embedding")
         return self.masks[(t.round() if t.is_floating_point() else t).long()]  # (N, C)
 
     def route(self, block, x, c, m):

@@ -57,6 +57,12 @@ Where we depart from the official code, and why:
 - Task affinity: the official script needs T gradients, each over 1000 images, and stores all
   of them. We use groups of timesteps (100 by default) that share the same images and noise,
   and a fixed-size CountSketch when P > sketch_dim, so memory stays bounded.
+
+CLI (the library above needs only torch, numpy and scipy; the plots need Pillow):
+    python negative_transfer.py cluster --objective log-snr -k 5 --plot clusters.png
+    python negative_transfer.py affinity --ckpt CKPT.pt --data PATH --out tas.npy
+`affinity` loads train.py checkpoints through this repo's sample.py and data.py; elsewhere call
+gradient_affinity(grad_fn, T) with a grad_fn of your own.
 """
 
 import argparse
@@ -200,7 +206,8 @@ def cluster_timesteps(num_clusters, objective="timestep", alphas_cumprod=None, t
     "gradient" (-TAS(c, t), needs `tas`).
 
     SNR(t) = abar_t / (1 - abar_t) is computed in float64 from `alphas_cumprod` (T,), which the
-    caller takes from its noise schedule. `num_timesteps` is needed only for "timestep" when
+    caller takes from its noise schedule (a numpy array, a list or a CPU tensor; a float32 schedule
+    gives the float64 clusters for DiT's linear one, every value must lie in (0, 1)). `num_timesteps` is needed only for "timestep" when
     neither alphas_cumprod nor tas is given; when given it must agree with them.
     Returns (intervals, total_cost) as interval_clustering does.
     """
@@ -224,8 +231,18 @@ def cluster_timesteps(num_clusters, objective="timestep", alphas_cumprod=None, t
         if alphas_cumprod is None:
             raise ValueError(f"objective {objective!r} needs alphas_cumprod from the noise schedule")
         abar = np.asarray(alphas_cumprod, dtype=np.float64)
-        if abar.ndim != 1 or abar.size == 0 or not np.all((abar > 0) & (abar < 1)):
-            raise ValueError("alphas_cumprod must be a 1-D array with every value in (0, 1)")
+        if abar.ndim != 1 or abar.size == 0:
+            raise ValueError(f"alphas_cumprod must be a 1-D (T,) array, got shape {abar.shape}")
+        bad = np.flatnonzero(~((abar > 0) & (abar < 1)))
+        if bad.size:
+            i = int(bad[0])
+            if abar[i] >= 1:
+                fix = "compute the schedule in float64 (in float16/32, 1 - beta rounds to 1 for a tiny beta)"
+            elif abar[i] == 0:
+                fix = "a zero-terminal-SNR schedule is not supported by the SNR objectives; use objective 'timestep'"
+            else:
+                fix = "pass alpha-bar, the cumulative product of 1 - beta"
+            raise ValueError(f"alphas_cumprod must lie in (0, 1), but alphas_cumprod[{i}] = {float(abar[i])}: {fix}")
         if objective == "snr":
             values = abar / (1.0 - abar)  # (T,)
         else:
@@ -273,8 +290,15 @@ def stratified_timesteps(batch_size, intervals, generator=None, device=None):
 def cluster_losses(per_sample_loss, cluster, num_clusters):
     """
     Per-cluster loss L_k = mean of the per-sample losses in cluster k (ANT, training with
-    clusters). Differentiable, computed with index_add (no host sync). A cluster with no sample
-    gets 0 (stratified_timesteps never leaves one empty). Returns (K,) float32.
+    clusters). per_sample_loss (B,) (average each sample's loss over C, H, W first), cluster (B,)
+    int64 or int32 with values in [0, K) (not checked: that would wait for the device).
+    Differentiable, computed with index_add (no host sync). Returns (K,) float32.
+
+    A cluster with no sample gets L_k = 0; stratified_timesteps never leaves one empty. If t comes
+    from another sampler (e.g. curriculum.Curriculum), label it with
+    cluster = torch.bucketize(t, starts, right=True) - 1 (starts: the (K,) interval starts, on t's
+    device) and pass present = torch.zeros(K, dtype=torch.bool, device=t.device).scatter_(0,
+    cluster, True) to UncertaintyWeighting, else the s_k of an empty cluster falls without end.
     """
     if per_sample_loss.dim() != 1 or cluster.shape != per_sample_loss.shape:
         raise ValueError(f"per_sample_loss and cluster must both be (B,), got "
@@ -342,7 +366,8 @@ def task_gradients(losses, params):
     if losses.dim() != 1 or not params:
         raise ValueError("losses must be (K,) and params a non-empty list of parameters")
     if any(not p.requires_grad for p in params):
-        raise ValueError("every parameter in params must require grad")
+        raise ValueError("every parameter in params must require grad (a DiT's pos_embed does not); "
+                         "pass [p for p in model.parameters() if p.requires_grad]")
     if len({(p.dtype, p.device) for p in params}) != 1:
         raise ValueError("params must share one dtype and device")
     P = sum(p.numel() for p in params)

@@ -1952,6 +1952,14 @@ def test_router_forward_picks_rows_by_original_timestep():
         router(t[None])
 
 
+def test_router_called_on_the_embedded_timestep_says_where_to_call_it():
+    # The official DiT rebinds t to its (N, D) embedding in forward; a router call placed after that line must say so.
+    router = TaskRouter(16, num_timesteps=100)
+    with pytest.raises(ValueError, match="before the timestep embedding"):
+        router(torch.randn(4, 16))
+    assert torch.equal(router(torch.tensor([0, 99], dtype=torch.int32)), router.masks[[0, 99]])
+
+
 def test_router_bad_kind_raises_value_error():
     with pytest.raises(ValueError):
         TaskRouter(32, kind="learned")
@@ -2260,6 +2268,29 @@ def test_cluster_timesteps_says_what_is_missing():
         nt.cluster_timesteps(2, "timestep", alphas_cumprod=linear_alphas_cumprod(), num_timesteps=500)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         nt.cluster_timesteps(2, "snr", alphas_cumprod=np.array([1.0, 0.5]))
+
+
+
+def test_cluster_timesteps_says_why_a_foreign_schedule_is_refused():
+    # a float16 schedule rounds alpha-bar_0 to 1, a zero-terminal-SNR one ends at 0: the error names the step and the fix
+    half = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0).half()
+    with pytest.raises(ValueError, match=r"alphas_cumprod\[0\] = 1.0: compute the schedule in float64"):
+        nt.cluster_timesteps(5, "log-snr", alphas_cumprod=half)
+    zero_terminal = linear_alphas_cumprod().copy()
+    zero_terminal[-1] = 0.0
+    with pytest.raises(ValueError, match=r"alphas_cumprod\[999\] = 0.0: a zero-terminal-SNR .* use objective 'timestep'"):
+        nt.cluster_timesteps(5, "snr", alphas_cumprod=zero_terminal)
+    float32 = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)  # a foreign float32 schedule clusters like float64
+    assert nt.cluster_timesteps(5, "snr", alphas_cumprod=float32)[0] == [(0, 1), (1, 2), (2, 5), (5, 18), (18, 1000)]
+
+
+def test_task_gradients_on_a_model_with_a_frozen_parameter_says_what_to_pass():
+    model = nn.Linear(3, 2)
+    model.pos_embed = nn.Parameter(torch.zeros(2), requires_grad=False)  # like DiT's fixed sin-cos table
+    losses = torch.stack([model(torch.randn(4, 3)).pow(2).mean() for _ in range(2)])
+    with pytest.raises(ValueError, match=r"pass \[p for p in model.parameters\(\) if p.requires_grad\]"):
+        nt.task_gradients(losses, model.parameters())
+    assert nt.task_gradients(losses, [p for p in model.parameters() if p.requires_grad]).shape == (2, 8)
 
 
 # -----------------------------------------------------------------------------
@@ -2956,6 +2987,27 @@ def test_finished_curriculum_state_loads():
     b = Curriculum(1000, 2, pacing="fixed", stage_steps=1)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert b.finished and b.active_range == (0, 1000) and not b.update(1.0)
+
+
+def test_curriculum_takes_integer_settings_of_any_integer_type_and_saves_plain_ints():
+    # a copier's T or N often comes from numpy or torch; np.int64(1000) was refused as "not a positive int"
+    for T, N, patience in ((np.int64(1000), np.int64(20), np.int64(500)), (torch.tensor(1000), 20, torch.tensor(5))):
+        cur = Curriculum(T, N, patience=patience)
+        assert cur.active_range == (950, 1000) and cur.patience == int(patience)
+        json.dumps(cur.state_dict())  # plain Python ints
+    assert Curriculum(np.int64(100), clusters=[(0, 50), (50, 100)]).state_dict()["num_timesteps"] == 100
+    for bad in (1000.0, "1000", 0):
+        with pytest.raises(ValueError, match="num_timesteps must be a positive int"):
+            Curriculum(bad, 20)
+    with pytest.raises(ValueError, match="patience must be a positive int"):
+        Curriculum(1000, 20, patience=2.5)
+
+
+def test_curriculum_update_with_a_per_sample_loss_says_to_pass_the_mean():
+    cur = Curriculum(1000, 20)
+    with pytest.raises(ValueError, match=r"got a tensor of shape \(8,\); pass loss.mean\(\)"):
+        cur.update(torch.rand(8))
+    assert cur.update(torch.tensor(0.5)) is False and cur.stage_updates == 1
 
 
 def test_load_state_dict_rejects_other_settings():
