@@ -400,9 +400,10 @@ def init_distributed(backend):
         dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world)
 
 
-def check_flags(args):
+def check_flags(args, world=1):
     """Refuse the flag values that would train silently wrong or crash later, with one line saying what to
-    pass. Needs no data and no process group: train() and bench.py (which builds runs directly) call it."""
+    pass. Needs only the flags and the number of processes `world`, no data and no process group: train()
+    and bench.py (which builds runs directly) call it."""
     for flag, value in (("--global-batch-size", args.global_batch_size), ("--log-every", args.log_every),
                         ("--ckpt-every", args.ckpt_every), ("--nash-every", args.nash_every),
                         ("--max-steps", args.max_steps), ("--image-size", args.image_size),
@@ -464,6 +465,30 @@ def check_flags(args):
         # through one forward K times; this pairing is untested, so it is refused rather than trusted.
         raise ConfigError(f"--compile-mode {args.compile_mode} (CUDA graphs) is not supported with {args.method}; "
                           f"use --compile-mode max-autotune-no-cudagraphs or default")
+    if args.global_batch_size % world:
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
+    if (args.global_seed + 1) * world > 2**32:  # train()'s np.random.seed(global_seed * world + rank) takes 32 bits
+        raise ConfigError(f"--global-seed {args.global_seed}: must be below {2**32 // world} with {world} process(es)")
+    if args.fid_every:
+        if args.fid_batch_size < 1:
+            raise ConfigError(f"--fid-batch-size {args.fid_batch_size}: must be a positive number")
+        if args.fid_samples < max(2, world):
+            raise ConfigError(f"--fid-samples {args.fid_samples}: FID needs at least 2 samples (a covariance) and one per "
+                              f"process ({world}); use thousands for a meaningful value")
+        try:  # FID samples are drawn with seed global_seed + 1
+            check_seed(args.global_seed + 1, args.fid_samples)
+        except ValueError:
+            if max_seed(args.fid_samples) < 1:  # no --global-seed fits: the count is the mistake
+                raise ConfigError(f"--fid-samples {args.fid_samples}: at most {2**32 - SEED_STRIDE}, as FID sample i draws from "
+                                  f"a generator seeded (global seed + 1) * {SEED_STRIDE} + i, which must stay below 2^32") from None
+            raise ConfigError(f"--global-seed {args.global_seed}: the FID samples are drawn with seed {args.global_seed + 1}, "
+                              f"whose per-sample generators (seed * {SEED_STRIDE} + i) would pass 2^32 with --fid-samples "
+                              f"{args.fid_samples}; use --global-seed 0..{max_seed(args.fid_samples) - 1}") from None
+    batch = args.global_batch_size // world
+    if "ant" in args.method and batch < args.ant_clusters:  # stratified sampling (also after a curriculum) needs one per cluster
+        raise ConfigError(f"{args.method} draws every one of the {args.ant_clusters} ANT clusters in each process's batch, "
+                          f"but a process gets {batch} images (--global-batch-size {args.global_batch_size} over {world}); "
+                          f"use --global-batch-size {args.ant_clusters * world} or more, or lower --ant-clusters")
 
 
 def keep_graph_for_cluster_backwards():
@@ -663,31 +688,8 @@ def train(args):
                     print(f"warning: cannot append to {os.path.join(args.out, 'log.txt')} ({e})", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- flags
-    check_flags(args)  # the flags alone; below, the checks that need the number of processes, and the FID ones
-    if args.global_batch_size % world:
-        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
-    if (args.global_seed + 1) * world > 2**32:  # np.random.seed(global_seed * world + rank) below takes 32 bits
-        raise ConfigError(f"--global-seed {args.global_seed}: must be below {2**32 // world} with {world} process(es)")
-    if args.fid_every:
-        if args.fid_batch_size < 1:
-            raise ConfigError(f"--fid-batch-size {args.fid_batch_size}: must be a positive number")
-        if args.fid_samples < max(2, world):
-            raise ConfigError(f"--fid-samples {args.fid_samples}: FID needs at least 2 samples (a covariance) and one per "
-                              f"process ({world}); use thousands for a meaningful value")
-        try:  # FID samples are drawn with seed global_seed + 1
-            check_seed(args.global_seed + 1, args.fid_samples)
-        except ValueError:
-            if max_seed(args.fid_samples) < 1:  # no --global-seed fits: the count is the mistake
-                raise ConfigError(f"--fid-samples {args.fid_samples}: at most {2**32 - SEED_STRIDE}, as FID sample i draws from "
-                                  f"a generator seeded (global seed + 1) * {SEED_STRIDE} + i, which must stay below 2^32") from None
-            raise ConfigError(f"--global-seed {args.global_seed}: the FID samples are drawn with seed {args.global_seed + 1}, "
-                              f"whose per-sample generators (seed * {SEED_STRIDE} + i) would pass 2^32 with --fid-samples "
-                              f"{args.fid_samples}; use --global-seed 0..{max_seed(args.fid_samples) - 1}") from None
-    batch = args.global_batch_size // world
-    if "ant" in args.method and batch < args.ant_clusters:  # stratified sampling (also after a curriculum) needs one per cluster
-        raise ConfigError(f"{args.method} draws every one of the {args.ant_clusters} ANT clusters in each process's batch, "
-                          f"but a process gets {batch} images (--global-batch-size {args.global_batch_size} over {world}); "
-                          f"use --global-batch-size {args.ant_clusters * world} or more, or lower --ant-clusters")
+    check_flags(args, world)
+    batch = args.global_batch_size // world  # per process
     ckpt_dir = os.path.join(args.out, "checkpoints")
     if master:
         try:  # fail now, not after hours of training, if the results folder cannot be written
