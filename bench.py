@@ -90,9 +90,10 @@ def dit_forward_flops(input_size, patch_size, in_channels, hidden_size, depth, m
     Only the matrix products are counted: the patch convolution, the timestep MLP (the label is a
     table lookup), per block the adaLN Linear, attention (QKV, scores Q K^T, A V, output
     projection) and MLP, and the final layer (its adaLN Linear and output Linear). Norms,
-    activations, softmax, modulation, residuals and DTR's masks are O(L D) per block and left out,
-    as in the DiT paper's count (which reports multiply-adds: its 118.6 "Gflops" for DiT-XL/2 at
-    256 px are half the "total" here). A training step costs forward + backward = 3x forward.
+    activations, modulation, residuals and DTR's masks (O(L D) per block) and the softmax
+    (O(H L^2)) are left out, as in the DiT paper's count (which reports multiply-adds: its 118.6
+    "Gflops" for DiT-XL/2 at 256 px are half the "total" here). A training step costs forward +
+    backward = 3x forward.
     """
     L, D, p = (input_size // patch_size) ** 2, hidden_size, patch_size
     parts = {
@@ -439,7 +440,7 @@ def bench_sampling(benches, samplers, cfg_scale, batch_size, device, fwd_flops):
 
 def bench_fid(batch_size, image_size, rounds, device):
     """images/s of FID feature extraction (FIDInceptionV3, random weights) on uint8 images of the
-    generated size; fid.extract_features resizes them to 299 as in a real evaluation."""
+    generated size; the network resizes them to 299 as in a real evaluation."""
     import fid
     net = fid.FIDInceptionV3().requires_grad_(False).eval().to(device)
     if device.type == "cpu":

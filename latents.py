@@ -362,6 +362,7 @@ def encode(args):
         log(f"encode: {len(dataset)} images ({done.sum()} already done), {args.image_size}px -> "
             f"{manifest['channels']}x{manifest['latent_size']}x{manifest['latent_size']}, flip {args.flip}, "
             f"posterior {args.posterior}, {world} process(es)")
+        barrier()  # every rank has read the logs before any appends: a later read would split a shorter list
         encode_share(vae, dataset, mine, args, device, rank, world)
         barrier()
 
@@ -431,7 +432,8 @@ def decode(args):
     decoder.batch_size = args.batch_size
     os.makedirs(args.out, exist_ok=True)  # before the decoding, not after it: an --out under a file fails now
     images = torch.cat([to_uint8(decoder(c.to(device))) for c in z.split(args.batch_size)]).numpy()  # (n, H, W, 3)
-    np.savez(os.path.join(args.out, "images.npz"), arr_0=images, arr_1=np.asarray(y, dtype=np.int64))
+    # Atomically, as sample.py's samples.npz: a write cut short leaves no half images.npz that refuses the rerun
+    atomic_write(os.path.join(args.out, "images.npz"), lambda f: np.savez(f, arr_0=images, arr_1=np.asarray(y, dtype=np.int64)))
     save_grid(images[:64], os.path.join(args.out, "grid.png"))
     print(f"decoded {n} latents to {os.path.join(args.out, 'images.npz')} ({images.shape[1]}x{images.shape[2]})")
     return images

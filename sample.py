@@ -177,7 +177,7 @@ def check_seed(seed, num_samples):
 
 
 def max_seed(num_samples):
-    """The largest seed check_seed accepts for num_samples samples (-1 when none is)."""
+    """The largest seed check_seed accepts for num_samples samples (negative when none is)."""
     return (2**32 - num_samples) // SEED_STRIDE
 
 

@@ -5944,6 +5944,46 @@ def test_decode_cli_writes_adm_npz_from_a_folder_or_an_npz(latent_setup, tmp_pat
     np.testing.assert_array_equal(np.load(tmp_path / "rec2" / "images.npz")["arr_0"], rec["arr_0"][:3])
 
 
+
+def test_decode_write_cut_short_leaves_no_images_npz_that_refuses_the_rerun(latent_setup, tmp_path, monkeypatch):
+    # as sample.py's samples.npz: a half images.npz (a full disk) once refused the rerun as "exists"
+    argv = ["decode", "--latents", str(latent_setup[3]), "--out", str(tmp_path / "rec"), "--num", "2"]
+    savez = np.savez
+
+    def disk_full(file, **arrays):
+        if "images.npz" in str(getattr(file, "name", file)):
+            (file if hasattr(file, "write") else open(file, "wb")).write(b"PK\x03\x04 half a zip")
+            raise OSError(28, "No space left on device")
+        return savez(file, **arrays)
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(SystemExit):
+        latents.main(argv)
+    assert [p.name for p in (tmp_path / "rec").iterdir()] == []  # no images.npz, no temporary file
+    monkeypatch.setattr(np, "savez", savez)
+    latents.main(argv)
+    assert np.load(tmp_path / "rec" / "images.npz")["arr_0"].shape == (2, 16, 16, 3)
+
+
+def test_encode_ranks_all_read_the_progress_logs_before_any_rank_appends(latent_setup, tmp_path, monkeypatch):
+    # Each rank splits the images that its own read of the logs leaves. A rank that read them after another had
+    # logged its first batch split a shorter list, and images fell between the shares: a fresh two-process encode
+    # with a slow rank 0 ended in "2 images are still not encoded". Rank 0 of a faked two-process group:
+    root, vae, images, _ = latent_setup
+    events = []
+    fake = types.SimpleNamespace(init_process_group=lambda *a, **k: None, get_rank=lambda: 0, get_world_size=lambda: 2,
+                                 broadcast_object_list=lambda box, src: None, barrier=lambda: events.append("barrier"),
+                                 destroy_process_group=lambda: None)
+    monkeypatch.setattr(latents, "dist", fake)
+    monkeypatch.setenv("RANK", "0")
+    done_images, encode_share = latents.done_images, latents.encode_share
+    monkeypatch.setattr(latents, "done_images", lambda *a: events.append("read") or done_images(*a))
+    monkeypatch.setattr(latents, "encode_share", lambda *a: events.append("append") or encode_share(*a))
+    with pytest.raises(SystemExit):  # rank 1's half is missing at the end
+        latents.main(["encode", "--data", str(images), "--out", str(tmp_path / "lat"), "--vae", str(vae),
+                      "--image-size", "16", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"])
+    assert events[:3] == ["read", "barrier", "append"]
+
+
 def _exit_message(capsys, fn, argv):
     with pytest.raises(SystemExit) as e:
         fn(argv)
