@@ -321,6 +321,8 @@ class LatentFolder(torch.utils.data.Dataset):
         try:
             with open(os.path.join(self.path, MANIFEST)) as f:
                 self.manifest = json.load(f)
+            if not isinstance(self.manifest, dict):  # an image folder's own list, next to a latents.npy (is_latent_folder)
+                raise ValueError(f"its {MANIFEST} holds a {type(self.manifest).__name__}, not latents.py's settings")
             self.labels = np.load(os.path.join(self.path, "labels.npy"))
             shape = np.load(os.path.join(self.path, "latents.npy"), mmap_mode="r").shape
         except (OSError, ValueError) as e:

@@ -481,6 +481,9 @@ def npz_array(path):
     numpy cannot memory-map a member of a zip, but a ZIP_STORED member is a verbatim .npy file, which
     starts where zip_data_offset says: a magic string, a header (shape, order, dtype), then the data,
     where the memmap starts."""
+    if not zipfile.is_zipfile(path):  # np.load would give an .npy's array, or refuse "pickled data"
+        raise ValueError(f"{path} is not an .npz (a zip of .npy files, as np.savez writes); save the images with "
+                         f"np.savez(path, arr_0=images)")
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         if "arr_0.npy" not in names and "arr_0" not in names:
@@ -763,7 +766,7 @@ def compute_statistics(images, net, keep=(), batch_size=50, num_workers=0, limit
 def is_statistics_file(path):
     """True for an .npz holding `mu` and `sigma` (ours, pytorch-fid's or an ADM reference batch)."""
     path = Path(path)
-    if path.suffix.lower() != ".npz" or not path.is_file():
+    if path.suffix.lower() != ".npz" or not path.is_file() or not zipfile.is_zipfile(path):  # np.save's .npy, renamed
         return False
     with np.load(path) as data:
         return "mu" in data.files and "sigma" in data.files
@@ -783,6 +786,22 @@ def read_statistics(path):
     return stats
 
 
+def atomic_write(path, write, mode="wb"):
+    """Call write(f) on a temporary file in path's folder, fsync, then rename it to path: a crash or a
+    full disk mid-write leaves the previous file untouched and never half a file under the final name
+    (checkpoints, manifests, samples.npz, FID statistics)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_statistics(path, stats):
     """Write a statistics dict (see compute_statistics) to an .npz readable by read_statistics,
     pytorch-fid (mu, sigma) and the ADM evaluator (mu, sigma, mu_s, sigma_s)."""
@@ -791,7 +810,9 @@ def save_statistics(path, stats):
         raise ValueError(f"statistics files end in .npz, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = ("mu", "sigma", "mu_s", "sigma_s", "pool", "logits", "n", "source")
-    np.savez(path, **{k: stats[k] for k in keys if k in stats})
+    # Through a temporary file renamed into place: a write cut short (disk full, a killed job) left half an .npz,
+    # which the next run's cache read failed on (BadZipFile) and --save-stats refused to overwrite
+    atomic_write(path, lambda f: np.savez(f, **{k: stats[k] for k in keys if k in stats}))  # a file: savez adds no .npz
 
 
 def load_or_compute_stats(source, net, cache_path=None, keep=(), key=None, **kwargs):
@@ -814,11 +835,15 @@ def load_or_compute_stats(source, net, cache_path=None, keep=(), key=None, **kwa
     if key is not None:
         tag += f"|{key}"
     if cache_path is not None and Path(cache_path).is_file():
-        cached = read_statistics(cache_path)
-        if cached.get("source") == tag and all(k in cached for k in keep):
-            return cached
-        warnings.warn(f"{cache_path} was made from {cached.get('source')!r} (features {sorted(cached)}), "
-                      f"not {tag!r} with {list(keep)}; recomputing it")
+        try:
+            cached = read_statistics(cache_path)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # e.g. cut short by an older, non-atomic write
+            warnings.warn(f"{cache_path} cannot be read ({type(e).__name__}: {e}); recomputing it")
+        else:
+            if cached.get("source") == tag and all(k in cached for k in keep):
+                return cached
+            warnings.warn(f"{cache_path} was made from {cached.get('source')!r} (features {sorted(cached)}), "
+                          f"not {tag!r} with {list(keep)}; recomputing it")
     if isinstance(source, (str, Path)) and is_statistics_file(source):
         stats = read_statistics(source)
         missing = [k for k in keep if k not in stats]
@@ -845,6 +870,17 @@ def check_is_possible(metrics, net):
                          "pt_inception-2015-12-05-6726825d.pth")
 
 
+def check_statistics(name, stats, keep, metrics):
+    """Refuse the statistics of the samples or reference (`name`) if they lack the raw features `keep` or, for
+    sFID among `metrics`, mu_s and sigma_s."""
+    needed = list(keep) + (["mu_s", "sigma_s"] if "sfid" in metrics else [])
+    missing = [k for k in needed if k not in stats]
+    if missing:
+        raise ValueError(f"the {name} lack {missing}: sFID needs mu_s/sigma_s, precision/recall the raw "
+                         f"pool features and IS the logits, which a statistics file may not hold; "
+                         f"pass images, or drop those metrics")
+
+
 def evaluate(samples, reference, net, metrics=("fid",), batch_size=50, num_workers=0, limit=None,
              progress=True, pr_batch_size=5000):
     """Score `samples` against `reference` with the ADM evaluator's metrics; returns a dict with
@@ -864,13 +900,8 @@ def evaluate(samples, reference, net, metrics=("fid",), batch_size=50, num_worke
     keep_reference = ("pool",) if "pr" in metrics else ()
     s, r = (x if isinstance(x, dict) else load_or_compute_stats(x, net, keep=keep, **kwargs)
             for x, keep in ((samples, keep_samples), (reference, keep_reference)))
-    for name, stats, keep in (("samples", s, keep_samples), ("reference", r, keep_reference)):
-        needed = list(keep) + (["mu_s", "sigma_s"] if "sfid" in metrics else [])
-        missing = [k for k in needed if k not in stats]
-        if missing:
-            raise ValueError(f"the {name} lack {missing}: sFID needs mu_s/sigma_s, precision/recall the raw "
-                             f"pool features and IS the logits, which a statistics file may not hold; "
-                             f"pass images, or drop those metrics")
+    check_statistics("samples", s, keep_samples, metrics)
+    check_statistics("reference", r, keep_reference, metrics)
     result = {}
     if "fid" in metrics:
         result["fid"] = frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"])
@@ -1082,6 +1113,9 @@ def main(argv=None):
             Path(args.save_stats).parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             parser.error(f"--save-stats {args.save_stats}: cannot make its folder ({e})")
+    for path in (args.samples, args.reference):  # a mistyped REFERENCE was found only after the samples' features
+        if path is not None and not Path(path).exists():
+            parser.error(f"no such file or folder: {path}")
     num_workers = args.num_workers
     if num_workers is None:  # decoding only pays off when the GPU is the fast part
         num_workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
@@ -1099,10 +1133,14 @@ def main(argv=None):
             result = {"saved": str(args.save_stats), "n_samples": samples.get("n")}
         else:
             keep = (("pool",) if "pr" in metrics else ()) + (("logits",) if "is" in metrics else ())
+            reference = args.reference
+            if is_statistics_file(reference):  # read at once: one without mu_s (sFID) or pool (pr) is refused before the samples' features
+                reference = load_or_compute_stats(reference, net, keep=("pool",) if "pr" in metrics else (), **kwargs)
+                check_statistics("reference", reference, (), metrics)
             samples = load_or_compute_stats(args.samples, net, keep=keep, **kwargs)
             if args.save_stats:
                 save_statistics(args.save_stats, samples)
-            result = evaluate(samples, args.reference, net, metrics, **kwargs)
+            result = evaluate(samples, reference, net, metrics, **kwargs)
     except (ValueError, RuntimeError, OSError) as e:  # OSError: e.g. a --save-stats file that cannot be written
         parser.exit(2, f"fid.py: error: {e}\n")
     if args.json:

@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 
 import data as datasets
+from fid import atomic_write
 
 INSTALL = "pip install diffusers"
 
@@ -162,22 +163,6 @@ def load_decoder(latent, device="cpu", vae=None):
 # ----------------------------------------------------------------------------------------------
 #                                   Encoding a dataset
 # ----------------------------------------------------------------------------------------------
-
-def atomic_write(path, write, mode="wb"):
-    """Call write(f) on a temporary file in path's folder, fsync, then rename it to path: a crash or a
-    full disk mid-write leaves the previous file untouched and never half a file under the final name
-    (checkpoints, manifests, samples.npz)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def write_json(obj, path):
     """Write JSON atomically (atomic_write): readers never see half a manifest."""

@@ -1095,6 +1095,15 @@ def test_labels_from_paths_hand_values():
     assert datasets._labels_from_paths(["caf\udce9/1.png", "b/2.png"]) == ([1, 0], ["b", "caf\udce9"])
 
 
+def test_a_foreign_list_manifest_beside_a_latents_npy_is_one_data_error(tmp_path):
+    # is_latent_folder sends such a folder to LatentFolder "so that it says what is wrong"; it raised AttributeError
+    (tmp_path / "manifest.json").write_text('[{"file": "a/0.png"}]')
+    np.save(tmp_path / "latents.npy", np.zeros((2, 4, 2, 2), np.float16))
+    np.save(tmp_path / "labels.npy", np.zeros(2, np.int64))
+    with pytest.raises(datasets.DataError, match="not a readable latent folder.*holds a list"):
+        datasets.load_dataset(tmp_path, 16)
+
+
 def test_zip_skips_macos_resource_forks(tmp_path):
     _write_images(tmp_path / "imgs", 2)
     with zipfile.ZipFile(tmp_path / "mac.zip", "w") as zf:
@@ -3996,6 +4005,59 @@ def test_cli_save_stats_round_trip(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == f"FID: {from_stats['fid']:.4f}"
 
 
+def test_a_statistics_cache_cut_short_is_recomputed_and_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    net, cache = TinyNet(), tmp_path / "run" / "ref_stats.npz"
+    first = fid.load_or_compute_stats(make_images(8), net, cache_path=cache, progress=False)
+    whole = cache.read_bytes()
+    for torn in (whole[: len(whole) // 2], b""):  # BadZipFile, EOFError from np.load: tracebacks in train.py
+        cache.write_bytes(torn)
+        with pytest.warns(UserWarning, match="cannot be read.*recomputing"):
+            again = fid.load_or_compute_stats(make_images(8), net, cache_path=cache, progress=False)
+        np.testing.assert_array_equal(again["sigma"], first["sigma"])
+    real_savez = np.savez
+
+    def disk_full(file, **arrays):
+        real_savez(file, **arrays)
+        file.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        fid.save_statistics(tmp_path / "out" / "s.npz", first)
+    assert list((tmp_path / "out").iterdir()) == []  # no half file for the next run to read or refuse to overwrite
+    with pytest.raises(OSError, match="No space"):
+        fid.save_statistics(cache, first)
+    assert cache.read_bytes() == whole  # the previous statistics are intact
+
+
+def test_an_npz_that_is_no_zip_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
+    with open(tmp_path / "samples.npz", "wb") as f:
+        np.save(f, make_images(4))  # an .npy under an .npz name: a TypeError traceback from `with np.load(...)`
+    (tmp_path / "text.npz").write_text("not numpy at all")  # refused as "pickled data"
+    reference = write_folder(tmp_path / "reference", make_images(4, seed=1))
+    for bad in ("samples.npz", "text.npz"):
+        with pytest.raises(SystemExit):
+            fid.main([str(tmp_path / bad), str(reference)])
+        assert "is not an .npz" in capsys.readouterr().err
+    assert not fid.is_statistics_file(tmp_path / "samples.npz")
+
+
+def test_cli_checks_the_reference_before_featurising_the_samples(tmp_path, monkeypatch, capsys):
+    net = TinyNet()
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": net)
+    samples = write_folder(tmp_path / "samples", make_images(10, seed=1))
+    stats = fid.compute_statistics(make_images(9), TinyNet(), progress=False)
+    np.savez(tmp_path / "mu_only.npz", mu=stats["mu"], sigma=stats["sigma"])  # pytorch-fid's format: no mu_s, no pool
+    for reference, metrics, message in ((tmp_path / "typo", "fid", "no such file"),
+                                        (tmp_path / "mu_only.npz", "fid,sfid", "mu_s"),
+                                        (tmp_path / "mu_only.npz", "pr", "statistics only")):
+        with pytest.raises(SystemExit):
+            fid.main([str(samples), str(reference), "--metrics", metrics])
+        assert message in capsys.readouterr().err and net.calls == 0, reference
+    assert fid.main([str(samples), str(tmp_path / "mu_only.npz"), "--json"])["n_reference"] is None
+
+
 def test_cli_errors_exit_with_a_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
     with pytest.raises(SystemExit) as exit_info:
@@ -4052,7 +4114,19 @@ def test_fid_during_training_survives_a_failed_distance_and_keys_its_cache(tmp_p
     assert first["fid"] is None and "not positive semi-definite" in first["fid_error"] and np.isfinite(second["fid"])
     assert last_checkpoint(out)["step"] == 2  # the run went on
     assert fid.read_fid_curve(out) == {2: (second["fid"], 8)}  # curves skip the failed evaluation
-    assert fid.read_statistics(out / "fid_ref_stats.npz")["source"].endswith("shapes|16px")  # the cache names its data
+    assert fid.read_statistics(out / "fid_ref_stats.npz")["source"].endswith("shapes|16px|seed 0")  # the cache names its data
+
+
+def test_fid_reference_cache_of_the_shapes_follows_the_seed_of_a_resumed_run(tmp_path, monkeypatch):
+    # the built-in shapes are drawn from --global-seed: resumed with another seed, the cache of the old images was reused
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
+    flags = ["--global-batch-size", "4", "--fid-every", "1", "--fid-samples", "4", "--fid-steps", "ddim2",
+             "--fid-batch-size", "4", "--fid-ref-limit", "8"]
+    out = run_train(tmp_path, *flags, "--max-steps", "1")
+    with pytest.warns(UserWarning, match="recomputing"):
+        run_train(tmp_path, *flags, "--max-steps", "2", "--resume", "auto", "--global-seed", "5")
+    expected = fid.compute_statistics(datasets.ShapesDataset(16, 10000, seed=5), TinyNet(), limit=8, progress=False)
+    np.testing.assert_allclose(fid.read_statistics(out / "fid_ref_stats.npz")["mu"], expected["mu"], rtol=1e-6)
 
 
 def test_fid_curves_errors(tmp_path, capsys):
@@ -6093,7 +6167,7 @@ def test_atomic_write_flushes_and_fsyncs_the_whole_file_before_renaming_it(tmp_p
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    latents.atomic_write(str(path), lambda f: f.write(payload))
+    fid.atomic_write(str(path), lambda f: f.write(payload))
     assert synced == [(len(payload), False)] and path.read_bytes() == payload
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]  # no temporary file left
 

@@ -904,6 +904,8 @@ def train(args):
         if master:
             try:
                 key = None if args.fid_ref else f"{os.path.abspath(args.data)}|{args.image_size}px"  # the training set
+                if key is not None and isinstance(dataset, datasets.ShapesDataset):  # its images follow the seed
+                    key += f"|seed {dataset.seed}"
                 ref_stats = fid.load_or_compute_stats(args.fid_ref or dataset, fid_net, key=key,
                                                       cache_path=os.path.join(args.out, "fid_ref_stats.npz"),
                                                       limit=args.fid_ref_limit, batch_size=args.fid_batch_size,
