@@ -195,10 +195,8 @@ class Diffusion:
 
         With learn_sigma the output is [eps, v]; v in [-1, 1] interpolates between the clipped
         posterior log variance and log beta_t (improved DDPM eq. 15)."""
-        C = x_t.shape[1]
+        C = self._check_channels(model_output, x_t)
         if self.learn_sigma:
-            if model_output.shape[1] != 2 * C:
-                raise ValueError(f"a learn_sigma model must output {2 * C} channels, got {model_output.shape[1]}")
             eps, v = model_output[:, :C], model_output[:, C:]
             min_log = self._extract("posterior_log_variance_clipped", t, x_t)
             max_log = self._extract("log_betas", t, x_t)
@@ -212,6 +210,17 @@ class Diffusion:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _ = self.q_posterior(pred_xstart, x_t, t)
         return mean, log_variance, pred_xstart
+
+    def _check_channels(self, model_output, x):
+        """x's channel count C, after checking that model_output has 2C channels (eps, v) with learn_sigma and C
+        (eps) without: slicing or broadcasting would otherwise hide a model built with the other learn_sigma."""
+        C = x.shape[1]
+        want = 2 * C if self.learn_sigma else C
+        if model_output.shape[1] != want:
+            raise ValueError(f"a {'learn_sigma' if self.learn_sigma else 'fixed-variance'} diffusion needs a model "
+                             f"output of {want} channels, got {model_output.shape[1]}; build the model and the "
+                             f"diffusion with the same learn_sigma")
+        return C
 
     # -------------------------------------------------------------------- training
 
@@ -229,7 +238,7 @@ class Diffusion:
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)  # (N, C, H, W)
         out = model(x_t, self.original_timesteps(t), **(model_kwargs or {})).float()  # (N, C_out, H, W)
-        C = x_start.shape[1]
+        C = self._check_channels(out, x_start)
         eps = out[:, :C]
         mse = (noise - eps).pow(2).mean(dim=(1, 2, 3))  # (N,)
         if self.learn_sigma:
@@ -279,12 +288,14 @@ class Diffusion:
             out = model_fn(x, self.original_timesteps(t)).float()
             _, _, x0 = self.p_mean_variance(out, x, t, clip_denoised)
             eps = self.predict_eps(x, t, x0)
-            abar = self._extract("alphas_cumprod", t, x)
-            abar_prev = self._extract("alphas_cumprod_prev", t, x)
-            sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-            x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+            # The coefficients in float64, then cast: in float32, 1 - abar_prev near t = 0 keeps only a few digits.
+            abar_prev = self._table("alphas_cumprod_prev", x.device)[t]  # (N,) float64
+            sigma = eta * torch.sqrt(self._table("posterior_variance", x.device)[t])  # (N,) eq. 16: eta * sqrt(beta~_t)
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            x = (x0 * torch.sqrt(abar_prev).to(x.dtype).view(shape)
+                 + torch.sqrt(1 - abar_prev - sigma ** 2).to(x.dtype).view(shape) * eps)
             if i > 0 and eta > 0:
-                x = x + sigma * draw(x)
+                x = x + sigma.to(x.dtype).view(shape) * draw(x)
         return x
 
     def sample(self, model_fn, noise, steps="250", clip_denoised=True, progress=False, noise_fn=None):

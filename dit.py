@@ -202,6 +202,11 @@ class DiT(nn.Module):
         if input_size % patch_size:
             raise ValueError(f"image size {input_size} is not divisible by the patch size {patch_size}; "
                              f"pick an image size that is a multiple of {patch_size}")
+        if hidden_size % 4:  # the 2-D sin-cos embedding gives a quarter of the channels to each of sin/cos x row/column
+            unit = math.lcm(4, max(num_heads, 1))
+            raise ValueError(f"hidden size {hidden_size} is not a multiple of 4, which the 2-D sin-cos position embedding "
+                             f"needs; pick a multiple of 4 and of num_heads {num_heads}, e.g. "
+                             f"{unit * max(1, round(hidden_size / unit))}")
         self.input_size = input_size
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels

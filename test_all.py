@@ -239,6 +239,14 @@ def test_image_size_must_divide_by_patch():
         DiT_models["DiT-S/8"](input_size=20)
 
 
+def test_hidden_size_not_a_multiple_of_four_is_refused_in_one_line():
+    # the 2-D sin-cos position embedding splits the width into four quarters: 9 crashed with a RuntimeError in
+    # pos_embed.copy_ (8 columns for 9), 10 with "positional embedding width 5 must be even", naming no setting
+    for hidden, heads in ((9, 3), (10, 2)):
+        with pytest.raises(ValueError, match=f"hidden size {hidden} is not a multiple of 4.*e.g. {4 * heads}"):
+            DiT(input_size=8, patch_size=2, hidden_size=hidden, depth=1, num_heads=heads, num_classes=2)
+
+
 # Hand-computed values of the official layout's helpers.
 
 def test_timestep_embedding_hand_values():
@@ -449,6 +457,33 @@ def test_hybrid_loss_vb_trains_only_variance():
     assert eps.grad is None or torch.count_nonzero(eps.grad) == 0
     assert torch.count_nonzero(v.grad) > 0
     assert torch.all(out["vb"] > 0)
+
+
+def test_ddim_step_coefficients_are_computed_in_float64():
+    # 1 - alpha-bar_prev in float32 kept about 4 digits next to t = 0 (alpha-bar_0 = 0.9999): a float32 chain was 2e-5
+    # (eta 0) and 1.4e-4 (eta 1) off the float64 one; with the float64 coefficients only the float32 arithmetic is left
+    d = gd.Diffusion(learn_sigma=False, betas=np.array([1e-4, 2e-2]))
+    g = torch.Generator().manual_seed(0)
+    x_T, eps = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    for eta in (0.0, 1.0):
+        run = lambda x: d.ddim_sample(lambda z, t: eps.to(z.dtype), x, clip_denoised=False, eta=eta, noise_fn=torch.ones_like)
+        exact, single = run(x_T), run(x_T.float())
+        assert single.dtype == torch.float32
+        assert ((single.double() - exact).abs() / exact.abs()).max() < 5e-6, eta
+
+
+def test_diffusion_refuses_a_model_output_of_the_other_learn_sigma():
+    # a fixed-variance diffusion fed a learn_sigma model's 2C channels silently dropped the variance channels in
+    # training, and for C = 1 broadcast them in sampling into a (N, 2, H, W) "image"
+    x = torch.randn(2, 1, 4, 4)
+    two = lambda x, t, y=None: torch.zeros(x.shape[0], 2, *x.shape[2:])
+    fixed = gd.Diffusion(40, learn_sigma=False)
+    with pytest.raises(ValueError, match="needs a model output of 1 channels, got 2; build the model and the diffusion"):
+        fixed.training_losses(two, x, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="needs a model output of 1 channels, got 2"):
+        fixed.sample(two, x, steps="5")
+    with pytest.raises(ValueError, match="learn_sigma diffusion needs a model output of 2 channels, got 1"):
+        gd.Diffusion(40).training_losses(lambda x, t, y=None: torch.zeros_like(x), x, torch.tensor([0, 5]))
 
 
 def test_kl_is_zero_when_model_matches_posterior():

@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datasets
 import latents
+from diffusion import WEIGHTINGS
 from dit import DiT_models
 from sample import (COMPILE_MODES, CUDA_GRAPH_MODES, SEED_STRIDE, build_diffusion, build_model, check_seed,
                     compile_for_sampling, generate, max_seed, method_parts, resolve_device, sample_indices, save_grid,
@@ -592,7 +593,7 @@ def parse_args(argv=None):
     a("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance (DiT: 0.1)")
     a("--num-timesteps", type=int, default=1000, help="T (all three papers: 1000)")
     a("--schedule", default="linear", choices=("linear", "cosine"), help="linear (DiT) or cosine (ADM, used by ANT)")
-    a("--weighting", default="constant", choices=("constant", "min-snr", "p2"), help="per-sample weight of the MSE term")
+    a("--weighting", default="constant", choices=WEIGHTINGS, help="per-sample weight of the MSE term")
     a("--min-snr-gamma", type=float, default=5.0, help="Min-SNR-gamma (Hang et al. 2023)")
     a("--p2-gamma", type=float, default=1.0, help="P2 weighting gamma (Choi et al. 2022)")
     a("--p2-k", type=float, default=1.0, help="P2 weighting k")
