@@ -287,7 +287,7 @@ def stratified_timesteps(batch_size, intervals, generator=None, device=None):
     return t, cluster
 
 
-def cluster_losses(per_sample_loss, cluster, num_clusters):
+def cluster_losses(per_sample_loss, cluster, num_clusters, counts=None):
     """
     Per-cluster loss L_k = mean of the per-sample losses in cluster k (ANT, training with
     clusters). per_sample_loss (B,) (average each sample's loss over C, H, W first), cluster (B,)
@@ -299,14 +299,20 @@ def cluster_losses(per_sample_loss, cluster, num_clusters):
     cluster = torch.bucketize(t, starts, right=True) - 1 (starts: the (K,) interval starts, on t's
     device) and pass present = torch.zeros(K, dtype=torch.bool, device=t.device).scatter_(0,
     cluster, True) to UncertaintyWeighting, else the s_k of an empty cluster falls without end.
+
+    counts (K,), optional, replaces this batch's per-cluster sample counts as the divisor. Under
+    DDP, when the ranks' counts differ (such a sampler), pass the all-rank mean counts
+    (all_reduce_mean of this rank's) and present = counts > 0: the ranks' average of L_k, and of
+    its gradients, is then the mean over cluster k's samples on all ranks, as on one big batch.
     """
     if per_sample_loss.dim() != 1 or cluster.shape != per_sample_loss.shape:
         raise ValueError(f"per_sample_loss and cluster must both be (B,), got "
                          f"{tuple(per_sample_loss.shape)} and {tuple(cluster.shape)}")
     loss = per_sample_loss.float()  # (B,)
     sums = loss.new_zeros(num_clusters).index_add(0, cluster, loss)  # (K,)
-    counts = loss.new_zeros(num_clusters).index_add(0, cluster, torch.ones_like(loss))  # (K,)
-    return sums / counts.clamp_min(1.0)
+    if counts is None:
+        counts = loss.new_zeros(num_clusters).index_add(0, cluster, torch.ones_like(loss))  # (K,)
+    return sums / torch.where(counts > 0, counts, 1.0)  # (K,) 0 for a cluster with no sample
 
 
 class UncertaintyWeighting(nn.Module):

@@ -4312,7 +4312,7 @@ def test_curriculum_smoothing_flag_reaches_the_pacer():
     assert method.curriculum.smoothing == 0.9 and method.curriculum.warmup == 10  # one EMA time constant
 
 
-@pytest.mark.parametrize("method", ["ant-pcgrad", "ant-nash", "dtr+curriculum", "ant-uw"])
+@pytest.mark.parametrize("method", ["ant-pcgrad", "ant-nash", "dtr+curriculum", "ant-uw", "curriculum+ant-uw"])
 @retry_rank_abort
 def test_two_process_methods_keep_replicas_and_decisions_identical(tmp_path, method):
     r = torchrun("train.py", *TINY, "--method", method, "--global-batch-size", "10", "--max-steps", "4", "--ckpt-every", "2",
@@ -5019,6 +5019,47 @@ def test_curriculum_ant_uw_leaves_the_log_variances_of_hidden_clusters_alone():
     expected = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5 * (1 - L4.item() / 5)])
     torch.testing.assert_close(run.method.uw.log_vars.grad, expected)
     torch.testing.assert_close(loss, 0.5 * L4 / 5)  # s = 0 at the start
+
+
+CURRICULUM_UW_RANK = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import train, sample
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://{store}", rank=rank, world_size=2)
+args = train.parse_args(["--method", "curriculum+ant-uw", "--ant-clusters", "5"])
+method = train.Method(args, sample.build_diffusion(vars(args)), torch.device("cpu"), log=lambda m: None)
+w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+x, cluster = torch.load(sys.argv[2])
+method.backward((x[rank] @ w) ** 2, cluster[rank], [w], 0)
+for g in (w.grad, method.uw.log_vars.grad):  # DDP's average of the model's, train_step's of the s_k
+    dist.all_reduce(g)
+    g.div_(2)
+torch.save((w.grad, method.uw.log_vars.grad), sys.argv[3])
+dist.destroy_process_group()
+"""
+
+
+def test_two_process_curriculum_ant_uw_weighs_clusters_as_one_big_batch(tmp_path):
+    # During the curriculum each rank draws t uniformly, so the ranks' cluster counts differ: here rank 1 draws none
+    # of cluster 3. L_k was each rank's own mean, so averaging the ranks halved cluster 3's weight (and its s_k step)
+    # and weighed cluster 4's samples 1/4 and 1/8; with L_k over the all-rank counts two ranks train as one batch.
+    torch.manual_seed(0)
+    x, cluster = torch.randn(2, 6, 3), torch.tensor([[3, 3, 4, 4, 4, 4], [4, 4, 4, 4, 4, 4]])
+    torch.save((x, cluster), tmp_path / "batch.pt")
+    script = tmp_path / "rank.py"
+    script.write_text(CURRICULUM_UW_RANK.format(repo=str(REPO), store=str(tmp_path / "store")))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "batch.pt"), str(tmp_path / f"{r}.pt")],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    args = train.parse_args(["--method", "curriculum+ant-uw", "--ant-clusters", "5"])
+    one = train.Method(args, sample.build_diffusion(vars(args)), CPU, log=lambda m: None)
+    w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    one.backward((x.reshape(12, 3) @ w) ** 2, cluster.reshape(12), [w], 0)
+    for r in range(2):
+        w_grad, s_grad = torch.load(tmp_path / f"{r}.pt")
+        torch.testing.assert_close(w_grad, w.grad)
+        torch.testing.assert_close(s_grad, one.uw.log_vars.grad)
 
 
 def test_resume_applies_the_learning_rate_flags_and_refuses_other_ant_clusters(tmp_path):

@@ -149,11 +149,17 @@ class Method:
         K = len(self.intervals)
         if self.nash is not None:
             self.nash.step()  # its saved counter follows the run; the decisions below use `step` itself
-        L = self.nt.cluster_losses(loss_vec, cluster, K)  # (K,)
+        counts = None  # stratified sampling gives every rank the same counts: per-rank means average to the all-rank one
+        if self.curriculum is not None and not self.curriculum.finished:
+            # The curriculum's uniform t gives each rank its own counts, and a rank may draw none of a cluster that
+            # another drew. L_k divides by the all-rank mean count, so that DDP's average of the ranks' gradients (and
+            # UW's of its s_k) is that of one big batch. index_add, not bincount (a host sync on CUDA); no-op on one process.
+            counts = torch.zeros(K, device=cluster.device).index_add_(0, cluster, torch.ones_like(cluster, dtype=torch.float))
+            counts = self.nt.all_reduce_mean(counts)  # (K,)
+        L = self.nt.cluster_losses(loss_vec, cluster, K, counts)  # (K,)
         if self.uw is not None:
-            # (K,) all True unless a curriculum hides clusters. A scatter, not bincount: CUDA's bincount
-            # reads input.max() on the host, a sync every step (with it ANT-UW ran 5-9% behind vanilla on an H100).
-            present = torch.zeros(K, dtype=torch.bool, device=cluster.device).scatter_(0, cluster, True)
+            # (K,) all True unless a curriculum hides clusters (on every rank)
+            present = counts > 0 if counts is not None else torch.ones(K, dtype=torch.bool, device=cluster.device)
             loss = self.uw(L, present)
             loss.backward()
             return loss.detach(), {"L": L.detach(), "w": self.uw.weights().detach(), "present": present.float()}
