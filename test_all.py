@@ -5040,6 +5040,38 @@ dist.destroy_process_group()
 """
 
 
+NASH_RANK = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import train, sample
+import negative_transfer as nt
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://{store}", rank=rank, world_size=2)
+if rank == 1:  # a CPU whose solver rounds differently
+    solve = nt.nash_mtl_weights
+    nt.nash_mtl_weights = lambda *a, **k: (lambda alpha, info: (alpha * (1 + 1e-9), info))(*solve(*a, **k))
+args = train.parse_args(["--method", "ant-nash", "--ant-clusters", "2"])
+method = train.Method(args, sample.build_diffusion(vars(args)), torch.device("cpu"), log=lambda m: None)
+w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+x = torch.randn(4, 3, generator=torch.Generator().manual_seed(rank))
+method.backward((x @ w) ** 2, torch.tensor([0, 0, 1, 1]), [w], 0)
+torch.save(method.nash.state_dict(), sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def test_two_process_nash_alpha_is_rank_0s_on_every_rank(tmp_path):
+    # every rank solves for alpha from the same all-reduced gradients; a solver that rounds differently on one node
+    # made the replicas drift, and the checkpoint hash stopped the run
+    script = tmp_path / "rank.py"
+    script.write_text(NASH_RANK.format(repo=str(REPO), store=str(tmp_path / "store")))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / f"{r}.pt")],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    states = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    assert states[0] == states[1] and states[0]["updates"] == 1 and states[0]["alpha"] != [1.0, 1.0]
+
+
 def test_two_process_curriculum_ant_uw_weighs_clusters_as_one_big_batch(tmp_path):
     # During the curriculum each rank draws t uniformly, so the ranks' cluster counts differ: here rank 1 draws none
     # of cluster 3. L_k was each rank's own mean, so averaging the ranks halved cluster 3's weight (and its s_k step)

@@ -175,6 +175,10 @@ class Method:
         G = self.nt.all_reduce_mean(G)
         if self.nash is not None:
             info = self.nash.update(G)
+            if dist.is_initialized():  # rank 0's alpha and counters: a solver on another CPU may round differently
+                state = [self.nash.state_dict()]
+                dist.broadcast_object_list(state, src=0)
+                self.nash.load_state_dict(state[0])
             if not info["success"]:
                 self.log(f"step {step}: Nash-MTL solver failed ({info['message']}); keeping alpha = {self.nash.alpha.round(4).tolist()}")
             elif info["newton"]:
