@@ -184,7 +184,10 @@ class MethodBench:
     def __init__(self, name, train_argv, num_classes, in_channels, batch_size, device, out_dir):
         args = train.parse_args(train_argv + ["--method", name, "--global-batch-size", str(batch_size)])
         args.method = train.parse_method(args.method)
-        train.check_flags(args)  # train.py's refusals: --depth 0 would bench the config's depth, a negative norm no clipping
+        try:  # train.py's refusals: --depth 0 would bench the config's depth, a negative norm no clipping
+            train.check_flags(args)
+        except train.ConfigError as e:  # bench's --batch-size is the run's --global-batch-size
+            raise train.ConfigError(str(e).replace("--global-batch-size", "--batch-size")) from None
         args.num_classes, args.in_channels, args.out = num_classes, in_channels, out_dir
         torch.manual_seed(0)  # every method starts from the same weights
         before = allocated(device)

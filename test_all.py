@@ -6406,6 +6406,8 @@ def test_bad_counts_are_refused(tmp_path, capsys, monkeypatch):
             bench.parse_args(BENCH_TINY + ["--peak-tflops", value])
         with pytest.raises(ValueError, match="--cfg-scale must be a finite"):  # a NaN row next to the finite ones
             bench.parse_args(BENCH_TINY + ["--cfg-scale", value.replace("0", "inf")])
+    with pytest.raises(ValueError, match=r"\(--batch-size 4 over 1\); use --batch-size 5 or more"):  # bench's own flag
+        bench.bench(BENCH_TINY + ["--batch-size", "4", "--methods", "vanilla,ant-uw"], log=lambda msg: None)
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as e:  # a --json path that cannot be written: one line, not a traceback
         bench.main(BENCH_TINY + ["--methods", "vanilla", "--warmup", "0", "--steps", "1", "--rounds", "1",
