@@ -472,6 +472,27 @@ def test_ddim_step_coefficients_are_computed_in_float64():
         assert ((single.double() - exact).abs() / exact.abs()).max() < 5e-6, eta
 
 
+def test_ddim_matches_eq_12_computed_by_hand_in_float64():
+    # The test above compares the sampler with itself in float64, which a float32 table, or a sigma that ignores eta,
+    # also passes. Here DDIM eq. 12 is computed by hand from alpha-bar, with sigma_t = eta sqrt((1 - abar_prev) /
+    # (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (eq. 16): a float32 run stays within float32 arithmetic of it.
+    betas = np.array([1e-4, 2e-2])
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    d = gd.Diffusion(learn_sigma=False, betas=betas)
+    g = torch.Generator().manual_seed(0)
+    x_T, eps = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    for eta in (0.0, 1.0):
+        x = x_T
+        for t in (1, 0):
+            x0 = (x - math.sqrt(1 - abar[t]) * eps) / math.sqrt(abar[t])
+            sigma = eta * math.sqrt((1 - abar_prev[t]) / (1 - abar[t])) * math.sqrt(1 - abar[t] / abar_prev[t])
+            x = x0 * math.sqrt(abar_prev[t]) + math.sqrt(1 - abar_prev[t] - sigma ** 2) * eps + (sigma if t else 0.0)
+        single = d.ddim_sample(lambda z, t: eps.to(z.dtype), x_T.float(), clip_denoised=False, eta=eta,
+                               noise_fn=torch.ones_like)
+        assert ((single.double() - x).abs() / x.abs()).max() < 5e-6, eta
+
+
 def test_diffusion_refuses_a_model_output_of_the_other_learn_sigma():
     # a fixed-variance diffusion fed a learn_sigma model's 2C channels silently dropped the variance channels in
     # training, and for C = 1 broadcast them in sampling into a (N, 2, H, W) "image"
@@ -1596,6 +1617,32 @@ def test_cluster_counts_are_bounded_by_T_only_for_the_method_that_uses_them():
             train.check_flags(train.parse_args(small + flags))
 
 
+def test_check_flags_refuses_by_the_process_count_and_at_each_limit():
+    # The checks train() made inline moved into check_flags(args, world); each limit is pinned on both sides, and the
+    # two refusals that no test reached are here (--curriculum-clusters 0 without ANT, gradient clusters without a TAS)
+    def check(world, *flags):
+        train.check_flags(train.parse_args(["--model", "DiT-S/4", "--image-size", "16", *flags]), world)
+
+    check(1, "--global-seed", str(2**32 - 1))  # np.random.seed(global_seed * world + rank) takes up to 2^32 - 1
+    check(2, "--global-seed", str(2**31 - 1), "--global-batch-size", "4")
+    with pytest.raises(train.ConfigError, match=f"--global-seed {2**31}: must be below {2**31} with 2"):
+        check(2, "--global-seed", str(2**31), "--global-batch-size", "4")
+    fid_on = ["--fid-every", "1", "--fid-samples", "3", "--global-batch-size", "12"]
+    check(3, *fid_on)  # one FID sample per process
+    with pytest.raises(train.ConfigError, match=r"--fid-samples 3: .*one per process \(4\)"):
+        check(4, *fid_on)
+    ant = ["--method", "ant-uw", "--ant-clusters", "4", "--global-batch-size", "8"]
+    check(2, *ant)  # 4 images a process: one per cluster
+    with pytest.raises(train.ConfigError, match="a process gets 2 images"):
+        check(4, *ant)
+    with pytest.raises(train.ConfigError, match="--image-size 18 is not divisible by the patch size 4"):  # bench too
+        train.check_flags(train.parse_args(["--model", "DiT-S/4", "--image-size", "18"]))
+    with pytest.raises(train.ConfigError, match="--curriculum-clusters 0 means 'the ANT clusters'"):
+        check(1, "--method", "curriculum", "--curriculum-clusters", "0")
+    with pytest.raises(train.ConfigError, match="--ant-objective gradient needs --ant-tas"):
+        check(1, "--method", "ant-uw", "--ant-objective", "gradient")
+
+
 def test_corrupt_image_is_named(tmp_path, capsys):
     _write_images(tmp_path / "imgs", 2)
     (tmp_path / "imgs" / "a" / "broken.png").write_bytes(b"not an image")
@@ -2328,6 +2375,13 @@ def test_cluster_timesteps_says_why_a_foreign_schedule_is_refused():
     assert nt.cluster_timesteps(5, "snr", alphas_cumprod=float32)[0] == [(0, 1), (1, 2), (2, 5), (5, 18), (18, 1000)]
 
 
+def test_cluster_timesteps_refuses_a_schedule_that_is_not_one_dimensional():
+    for abar, shape in ((np.full((2, 3), 0.5), "(2, 3)"), (np.zeros(0), "(0,)")):
+        with pytest.raises(ValueError) as e:
+            nt.cluster_timesteps(2, "log-snr", alphas_cumprod=abar)
+        assert str(e.value) == f"alphas_cumprod must be a 1-D (T,) array, got shape {shape}"
+
+
 def test_task_gradients_on_a_model_with_a_frozen_parameter_says_what_to_pass():
     model = nn.Linear(3, 2)
     model.pos_embed = nn.Parameter(torch.zeros(2), requires_grad=False)  # like DiT's fixed sin-cos table
@@ -2368,6 +2422,13 @@ def test_cluster_losses_equal_a_loop_and_carry_gradients():
     got.sum().backward()
     counts = torch.bincount(cluster, minlength=3).float()
     assert torch.allclose(loss.grad, 1.0 / counts[cluster])
+
+
+def test_cluster_losses_divide_by_fractional_all_rank_mean_counts():
+    # Under DDP a cluster drawn once on one of two ranks has the mean count 0.5: L_k = its loss / 0.5 on that rank,
+    # so the ranks' average is its loss, as on one big batch (a count clamped at 1 halved it); no sample: L_k = 0
+    L = nt.cluster_losses(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 1]), 3, counts=torch.tensor([0.5, 2.5, 0.0]))
+    torch.testing.assert_close(L, torch.tensor([2.0, 2.0, 0.0]))
 
 
 def test_uw_gradients_match_analytic():
@@ -5072,6 +5133,25 @@ def test_two_process_nash_alpha_is_rank_0s_on_every_rank(tmp_path):
     assert states[0] == states[1] and states[0]["updates"] == 1 and states[0]["alpha"] != [1.0, 1.0]
 
 
+def test_ant_nash_loads_the_alpha_and_counters_broadcast_from_rank_0(monkeypatch):
+    # The two-process test above sees equal states, which a broadcast from rank 1 also gives: here the broadcast is
+    # faked to deliver rank 0's state, and the method must ask for src 0 and then use what arrived
+    sent = []
+
+    def broadcast_object_list(box, src):
+        sent.append(src)
+        box[0] = {"alpha": [0.25, 4.0], "steps": 7, "updates": 3, "failures": 1}  # rank 0's
+    monkeypatch.setattr(train, "dist", types.SimpleNamespace(is_initialized=lambda: True,
+                                                             broadcast_object_list=broadcast_object_list))
+    args = train.parse_args(["--method", "ant-nash", "--ant-clusters", "2"])
+    method = train.Method(args, sample.build_diffusion(vars(args)), CPU, log=lambda m: None)
+    w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    method.backward((x @ w) ** 2, torch.tensor([0, 0, 1, 1]), [w], 0)
+    assert sent == [0]
+    assert method.nash.state_dict() == {"alpha": [0.25, 4.0], "steps": 7, "updates": 3, "failures": 1}
+
+
 def test_two_process_curriculum_ant_uw_weighs_clusters_as_one_big_batch(tmp_path):
     # During the curriculum each rank draws t uniformly, so the ranks' cluster counts differ: here rank 1 draws none
     # of cluster 3. L_k was each rank's own mean, so averaging the ranks halved cluster 3's weight (and its s_k step)
@@ -5615,6 +5695,13 @@ def test_resume_auto_skips_a_newer_checkpoint_that_lacks_a_part(tmp_path):
         path, ckpt = train.find_resume("auto", str(tmp_path), logs.append)
         assert Path(path).name == "0000001.pt" and ckpt == full, missing
         assert f"missing ['{missing}']" in logs[0]
+
+
+def test_resume_of_a_file_that_holds_no_dict_is_refused_in_one_line(tmp_path, capsys):
+    # `"model" in tensor` raises a RuntimeError: missing_keys must not ask a saved tensor for its keys
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    assert train.missing_keys(torch.zeros(3)) == list(train.CHECKPOINT_KEYS)
+    assert "is not a train.py checkpoint" in _train_error(tmp_path, capsys, "--resume", str(tmp_path / "tensor.pt"))
 
 
 def test_a_failed_checkpoint_write_stops_with_the_previous_one_intact(tmp_path, monkeypatch, capsys):
@@ -6166,6 +6253,36 @@ def test_encode_ranks_all_read_the_progress_logs_before_any_rank_appends(latent_
     assert events[:3] == ["read", "barrier", "append"]
 
 
+def _fake_encode_rank(monkeypatch, rank, broadcast):
+    """latents.dist faked as `rank` of a two-process group whose broadcast_object_list is `broadcast`."""
+    fake = types.SimpleNamespace(init_process_group=lambda *a, **k: None, get_rank=lambda: rank, get_world_size=lambda: 2,
+                                 broadcast_object_list=broadcast, barrier=lambda: None, destroy_process_group=lambda: None)
+    monkeypatch.setattr(latents, "dist", fake)
+    monkeypatch.setenv("RANK", str(rank))
+
+
+def test_encode_errors_of_rank_0_reach_the_other_ranks(latent_setup, tmp_path, monkeypatch):
+    # rank 0 alone prepares --out and marks it complete; an error there must be broadcast, or the other ranks wait in
+    # the next collective (an OSError, e.g. an --out under a file, was raised on rank 0 alone; so was the final check)
+    root, vae, images, _ = latent_setup
+    sent = []
+    _fake_encode_rank(monkeypatch, 0, lambda box, src: sent.append(box[0]))
+    (tmp_path / "file").write_text("x")
+    argv = ["encode", "--data", str(images), "--vae", str(vae), "--image-size", "16", "--num-workers", "0"]
+    with pytest.raises(SystemExit):
+        latents.main(argv + ["--out", str(tmp_path / "file" / "o")])
+    assert "Not a directory" in sent[-1]
+    sent.clear()
+    with pytest.raises(SystemExit):  # rank 0 of two encodes its half: the other half is missing at the end
+        latents.main(argv + ["--out", str(tmp_path / "lat")])
+    assert sent[:2] == [None, None] and "still not encoded" in sent[2]
+    replay = iter(sent)  # rank 1 receives what rank 0 sent
+    _fake_encode_rank(monkeypatch, 1, lambda box, src: box.__setitem__(0, next(replay)))
+    with pytest.raises(SystemExit) as e:
+        latents.main(argv + ["--out", str(tmp_path / "lat")])
+    assert e.value.code == 2 and next(replay, "all read") == "all read"  # stopped by the third message (rank 0 prints it)
+
+
 def _exit_message(capsys, fn, argv):
     with pytest.raises(SystemExit) as e:
         fn(argv)
@@ -6202,6 +6319,19 @@ def test_latent_mistakes_give_one_line_errors(latent_setup, tmp_path, capsys):
                  ["decode", "--latents", str(folder), "--num", "2"]):
         err = _exit_message(capsys, latents.main, argv + ["--out", str(tmp_path / "file" / "o")])
         assert "Not a directory" in err, argv
+
+
+def test_latent_size_that_the_patch_does_not_divide_is_refused(latent_setup, tmp_path, capsys):
+    # check_flags sees only the image size (12 % 4 = 0); the latent size (6) is checked against the patch after loading
+    folder = tmp_path / "lat6"
+    folder.mkdir()
+    manifest = json.loads((latent_setup[3] / datasets.MANIFEST).read_text())
+    (folder / datasets.MANIFEST).write_text(json.dumps({**manifest, "image_size": 12, "latent_size": 6, "count": 4}))
+    np.save(folder / "latents.npy", np.zeros((4, manifest["channels"], 6, 6), np.float16))
+    np.save(folder / "labels.npy", np.zeros(4, np.int64))
+    err = _exit_message(capsys, train.main, LATENT_TINY + ["--max-steps", "1", "--out", str(tmp_path / "o"),
+                                                          "--data", str(folder), "--image-size", "12"])
+    assert "the latent size 6" in err and "not divisible by the patch size 4" in err
 
 
 def test_latents_encode_refused_by_rank_0_stops_every_rank(latent_setup, tmp_path):
