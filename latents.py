@@ -312,6 +312,10 @@ def encode(args):
                 result = fn()
             except (datasets.DataError, OSError) as e:  # what main() reports in one line; LatentError included
                 error = str(e)
+            except Exception as e:  # a bug, not bad input: rank 0 shows the traceback, and the others stop with it
+                if distributed:
+                    dist.broadcast_object_list([f"rank 0 stopped ({type(e).__name__}: {e})"], src=0)
+                raise
         if distributed:
             box = [error]
             dist.broadcast_object_list(box, src=0)

@@ -6281,6 +6281,12 @@ def test_encode_errors_of_rank_0_reach_the_other_ranks(latent_setup, tmp_path, m
     with pytest.raises(SystemExit) as e:
         latents.main(argv + ["--out", str(tmp_path / "lat")])
     assert e.value.code == 2 and next(replay, "all read") == "all read"  # stopped by the third message (rank 0 prints it)
+    sent.clear()  # a bug on rank 0 (not bad input) keeps its traceback there, and the other ranks are told
+    _fake_encode_rank(monkeypatch, 0, lambda box, src: sent.append(box[0]))
+    monkeypatch.setattr(latents, "prepare_folder", lambda *a: {}["complete"])
+    with pytest.raises(KeyError):
+        latents.main(argv + ["--out", str(tmp_path / "lat2")])
+    assert sent[-1] == "rank 0 stopped (KeyError: 'complete')"
 
 
 def _exit_message(capsys, fn, argv):
