@@ -5628,6 +5628,46 @@ def test_a_stop_signal_during_the_step_before_a_checkpoint_stops_at_that_checkpo
     assert [p.name for p in checkpoints(out)] == ["0000002.pt"]
 
 
+def test_a_job_wide_sigterm_that_reaches_the_dataloader_workers_still_stops_at_a_checkpoint(tmp_path, monkeypatch, capsys):
+    # Slurm signals every process of a job at its time limit (Ctrl-C: the terminal's process group). A worker that died
+    # of it failed the next step ("DataLoader worker is killed by signal") and the run ended without its checkpoint.
+    import multiprocessing
+    before = set(multiprocessing.active_children())
+    real_step = train.train_step
+
+    def spy(run, x, y, step):
+        if step == 1:
+            workers = [str(p.pid) for p in multiprocessing.active_children() if p not in before]
+            assert len(workers) == 2
+            kill = "import os, signal, sys; [os.kill(int(p), signal.SIGTERM) for p in sys.argv[1:]]"
+            subprocess.run([sys.executable, "-c", kill, *workers], check=True)  # from another process, as the job's
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(run, x, y, step)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    out = run_train(tmp_path, "--num-workers", "2", "--global-batch-size", "4", "--max-steps", "20", "--ckpt-every", "100",
+                    "--log-every", "100")
+    assert "stopped by a signal at step 3" in capsys.readouterr().out
+    assert [p.name for p in checkpoints(out)] == ["0000003.pt"]
+
+
+def test_a_run_that_stops_on_an_error_gives_back_the_signal_handlers(tmp_path, monkeypatch):
+    # otherwise Ctrl-C in the calling process (pytest itself) only sets the stop flag of a run that has ended
+    real_step = train.train_step
+
+    def fail(run, x, y, step):
+        if step == 2:
+            raise train.ConfigError("non-finite loss at step 3; stopping")
+        return real_step(run, x, y, step)
+
+    monkeypatch.setattr(train, "train_step", fail)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "5")
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 SLOW_SAVE = """
 import sys, time, torch
 sys.path.insert(0, {repo!r})
@@ -5730,6 +5770,34 @@ def test_resume_with_another_batch_size_warns(tmp_path, capsys):
 def test_keep_last_prunes_only_older_checkpoints(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "5", "--ckpt-every", "1", "--keep-last", "2")
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["0000004.pt", "0000005.pt"]
+
+
+def test_keep_last_that_cannot_remove_an_old_checkpoint_warns_and_trains_on(tmp_path, monkeypatch, capsys):
+    # the new checkpoint is on disk: a failed prune is no failed write, and no reason to stop
+    real_remove = os.remove
+
+    def remove(path):
+        if str(path).endswith("0000002.pt"):
+            raise PermissionError(13, "Permission denied", path)
+        real_remove(path)
+
+    monkeypatch.setattr(os, "remove", remove)
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "6", "--ckpt-every", "2", "--keep-last", "1")
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["0000002.pt", "0000006.pt"]
+    assert "--keep-last 1: cannot remove" in capsys.readouterr().out
+
+
+def test_nash_messages_number_steps_like_the_log_metrics_and_checkpoints(tmp_path, monkeypatch):
+    # "step s" in log.txt is the s-th step, the one whose metrics record and checkpoint say step s
+    real_update = nt.NashMTL.update
+
+    def failing(self, grads):
+        return {**real_update(self, grads), "success": False, "message": "forced"}
+
+    monkeypatch.setattr(nt.NashMTL, "update", failing)
+    out = run_train(tmp_path, "--method", "ant-nash", "--nash-every", "3", "--global-batch-size", "5", "--max-steps", "4")
+    solved = [line.split(":")[0] for line in (out / "log.txt").read_text().splitlines() if "Nash-MTL solver failed" in line]
+    assert solved == ["step 1", "step 4"]  # the 1st and 4th steps (0-based 0 and 3) solve
 
 
 def test_checkpoints_are_ordered_by_step_and_other_files_are_not_ours(tmp_path):

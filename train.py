@@ -27,6 +27,7 @@ paces on. A non-finite step never updates the weights: fused AdamW skips it on t
 import argparse
 import copy
 import datetime
+import functools
 import glob
 import hashlib
 import io
@@ -34,6 +35,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -179,10 +181,11 @@ class Method:
                 state = [self.nash.state_dict()]
                 dist.broadcast_object_list(state, src=0)
                 self.nash.load_state_dict(state[0])
+            # step + 1: the log, metrics and checkpoints number a step by the count of steps done once it is taken
             if not info["success"]:
-                self.log(f"step {step}: Nash-MTL solver failed ({info['message']}); keeping alpha = {self.nash.alpha.round(4).tolist()}")
+                self.log(f"step {step + 1}: Nash-MTL solver failed ({info['message']}); keeping alpha = {self.nash.alpha.round(4).tolist()}")
             elif info["newton"]:
-                self.log(f"step {step}: Nash-MTL {info['message']}")
+                self.log(f"step {step + 1}: Nash-MTL {info['message']}")
             flat = self.nt.weighted_sum(G, self.nash.alpha_tensor(L) / K)  # (P,) = grad of sum_k alpha_k L_k / K
         else:
             flat = self.nt.pcgrad(G, self.order_gen)  # (P,)
@@ -262,6 +265,26 @@ class StreamSampler:
             yield idx
 
 
+def leave_stop_signals_to_the_trainer(worker_id, trainer):
+    """worker_init_fn of the training DataLoader. A job-wide stop reaches every process: Slurm sends SIGTERM to all
+    processes of a job at its time limit, Ctrl-C sends SIGINT to the terminal's process group. A worker it killed made
+    the next step fail ("DataLoader worker is killed by signal") with no checkpoint written; train() finishes the step,
+    writes one and shuts its workers down itself. A SIGTERM from the training process `trainer` (its shutdown of a
+    stuck worker, and multiprocessing's at exit) still ends the worker, as in torch's own handler; not the worker's
+    parent, which is a forkserver under that start method (Python 3.14's default)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only a stop sends it: the trainer ends its workers with SIGTERM
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: a SIGTERM's sender cannot be told, so it still ends the worker
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # one thread so far: only the waiter below takes SIGTERM
+
+    def wait():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait, daemon=True).start()
+
+
 def batches(dataset, sampler, args, device):
     """Infinite iterator of (uint8 images (B, 3, H, W) or float16 latents, labels (B,)) on the device."""
     if args.data_on_device:
@@ -272,6 +295,7 @@ def batches(dataset, sampler, args, device):
         return
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+                                         worker_init_fn=functools.partial(leave_stop_signals_to_the_trainer, trainer=os.getpid()),
                                          generator=torch.Generator())  # its own seed draw must not shift the global RNG
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -888,13 +912,16 @@ def train(args):
             try:
                 atomic_save(state, path)
                 log(f"saved checkpoint {path}")
-                if args.keep_last > 0:  # prune only now that the new one is safely on disk
-                    for old in checkpoint_paths(args.out)[args.keep_last:]:
-                        os.remove(old)
             except OSError as e:  # disk full, folder gone, permissions: stop, keep what is on disk
                 previous = checkpoint_paths(args.out)
                 error[0] = (f"cannot write checkpoint {path}: {e}. Stopping at step {step}; the previous checkpoint "
                             f"{previous[0] if previous else '(none)'} is intact. Free space and resume with --resume auto")
+            if args.keep_last > 0 and error[0] is None:  # prune only now that the new one is safely on disk
+                for old in checkpoint_paths(args.out)[args.keep_last:]:
+                    try:
+                        os.remove(old)
+                    except OSError as e:  # the new checkpoint is written: train on, and say what is left behind
+                        log(f"warning: --keep-last {args.keep_last}: cannot remove {old} ({e})")
         if distributed:
             dist.broadcast_object_list(error, src=0)
         if error[0]:
@@ -1132,6 +1159,9 @@ def train(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    # train() puts these back when its loop ends; after an error (a non-finite stop, a failed checkpoint write) a caller
+    # in this process (the tests, a notebook) would keep its stop handler, and Ctrl-C would no longer interrupt it
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         train(args)
     except Exception as e:
@@ -1144,6 +1174,9 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {lines[-1].split(': ', 1)[1] if worker else e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
