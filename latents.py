@@ -464,6 +464,8 @@ def main(argv=None):
     except (datasets.DataError, OSError) as e:  # LatentError included; OSError: e.g. an --out under a file
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
+        if dist.is_available() and dist.is_initialized():  # every rank stops here together (encode's on_rank0)
+            dist.destroy_process_group()
         sys.exit(2)
 
 

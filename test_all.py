@@ -4397,6 +4397,7 @@ def test_two_process_fid_during_training_with_synced_emas(tmp_path):
 
 
 @pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="shared Inception weights absent")
+@retry_rank_abort
 def test_two_process_bad_fid_reference_stops_every_rank_at_once(tmp_path):
     # Rank 0 fails on the reference; rank 1 must leave with it, not sit in the 6-hour gloo barrier
     codes, outs = two_processes_by_hand(
@@ -4420,6 +4421,8 @@ def two_processes_by_hand(cmd, timeout=120):
     finally:
         for p in procs:
             p.kill()
+    if any(RANK_ABORT in err for _, err in outs):
+        raise RankAbort(str(outs)[-3000:])
     return [p.returncode for p in procs], outs
 
 
@@ -6301,17 +6304,22 @@ def test_decode_write_cut_short_leaves_no_images_npz_that_refuses_the_rerun(late
     assert np.load(tmp_path / "rec" / "images.npz")["arr_0"].shape == (2, 16, 16, 3)
 
 
+def _fake_encode_rank(monkeypatch, rank, broadcast, barrier=lambda: None):
+    """latents.dist faked as `rank` of a two-process group whose broadcast_object_list is `broadcast`."""
+    fake = types.SimpleNamespace(init_process_group=lambda *a, **k: None, get_rank=lambda: rank, get_world_size=lambda: 2,
+                                 broadcast_object_list=broadcast, barrier=barrier, destroy_process_group=lambda: None,
+                                 is_available=lambda: True, is_initialized=lambda: True)
+    monkeypatch.setattr(latents, "dist", fake)
+    monkeypatch.setenv("RANK", str(rank))
+
+
 def test_encode_ranks_all_read_the_progress_logs_before_any_rank_appends(latent_setup, tmp_path, monkeypatch):
     # Each rank splits the images that its own read of the logs leaves. A rank that read them after another had
     # logged its first batch split a shorter list, and images fell between the shares: a fresh two-process encode
     # with a slow rank 0 ended in "2 images are still not encoded". Rank 0 of a faked two-process group:
     root, vae, images, _ = latent_setup
     events = []
-    fake = types.SimpleNamespace(init_process_group=lambda *a, **k: None, get_rank=lambda: 0, get_world_size=lambda: 2,
-                                 broadcast_object_list=lambda box, src: None, barrier=lambda: events.append("barrier"),
-                                 destroy_process_group=lambda: None)
-    monkeypatch.setattr(latents, "dist", fake)
-    monkeypatch.setenv("RANK", "0")
+    _fake_encode_rank(monkeypatch, 0, lambda box, src: None, barrier=lambda: events.append("barrier"))
     done_images, encode_share = latents.done_images, latents.encode_share
     monkeypatch.setattr(latents, "done_images", lambda *a: events.append("read") or done_images(*a))
     monkeypatch.setattr(latents, "encode_share", lambda *a: events.append("append") or encode_share(*a))
@@ -6319,14 +6327,6 @@ def test_encode_ranks_all_read_the_progress_logs_before_any_rank_appends(latent_
         latents.main(["encode", "--data", str(images), "--out", str(tmp_path / "lat"), "--vae", str(vae),
                       "--image-size", "16", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"])
     assert events[:3] == ["read", "barrier", "append"]
-
-
-def _fake_encode_rank(monkeypatch, rank, broadcast):
-    """latents.dist faked as `rank` of a two-process group whose broadcast_object_list is `broadcast`."""
-    fake = types.SimpleNamespace(init_process_group=lambda *a, **k: None, get_rank=lambda: rank, get_world_size=lambda: 2,
-                                 broadcast_object_list=broadcast, barrier=lambda: None, destroy_process_group=lambda: None)
-    monkeypatch.setattr(latents, "dist", fake)
-    monkeypatch.setenv("RANK", str(rank))
 
 
 def test_encode_errors_of_rank_0_reach_the_other_ranks(latent_setup, tmp_path, monkeypatch):
@@ -6408,6 +6408,7 @@ def test_latent_size_that_the_patch_does_not_divide_is_refused(latent_setup, tmp
     assert "the latent size 6" in err and "not divisible by the patch size 4" in err
 
 
+@retry_rank_abort
 def test_latents_encode_refused_by_rank_0_stops_every_rank(latent_setup, tmp_path):
     # rank 0 alone prepares --out; when it refused a folder of other files, rank 1 left its barrier with a traceback
     root, vae, images, _ = latent_setup
