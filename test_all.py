@@ -5629,6 +5629,8 @@ def test_a_stop_signal_during_the_step_before_a_checkpoint_stops_at_that_checkpo
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "6", "--ckpt-every", "2", "--log-every", "100")
     assert "stopped by a signal at step 2" in capsys.readouterr().out
     assert [p.name for p in checkpoints(out)] == ["0000002.pt"]
+    # the steps since the last record are logged before the stop (they were lost: the resumed run starts after them)
+    assert [(r["step"], np.isfinite(r["loss"])) for r in metrics(out) if "loss" in r] == [(2, True)]
 
 
 def test_a_job_wide_sigterm_that_reaches_the_dataloader_workers_still_stops_at_a_checkpoint(tmp_path, monkeypatch, capsys):

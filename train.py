@@ -1098,10 +1098,12 @@ def train(args):
             pending = (step, flags)
         bar.update(1)
 
-        if step % args.log_every == 0 or step == args.max_steps:
-            if pending is not None:
-                keep_going = resolve(pending) and keep_going
-                pending = None
+        due_log = step % args.log_every == 0 or step == args.max_steps
+        due_ckpt = step % args.ckpt_every == 0 or step == args.max_steps
+        if pending is not None and (due_log or due_ckpt):  # both read the device anyway: no extra wait
+            keep_going = resolve(pending) and keep_going
+            pending = None
+        if due_log or not keep_going:  # a stop logs the steps since the last record, before its checkpoint
             stats = torch.cat([bucket_sum, bucket_cnt, kept_steps] + [v.view(-1) for v in extra_sum.values()])
             if distributed:
                 dist.all_reduce(stats)
@@ -1133,10 +1135,7 @@ def train(args):
             extra_sum, n_logged, t0 = {}, 0, time.time()
 
         t_pause = time.time()  # checkpoints, grids and FID do not count against the training throughput
-        if step % args.ckpt_every == 0 or step == args.max_steps or not keep_going:
-            if pending is not None:
-                keep_going = resolve(pending) and keep_going
-                pending = None
+        if due_ckpt or not keep_going:
             save_checkpoint()
         if args.sample_every and step % args.sample_every == 0:
             save_samples()
