@@ -117,12 +117,30 @@ class RankAbort(AssertionError):
 
 
 def torchrun(*args, nproc=2, timeout=300, env=None):
+    """torchrun args (its own options, such as --max-restarts=1, may lead) on nproc processes; RankAbort on RANK_ABORT."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if r.returncode != 0 and RANK_ABORT in r.stderr:
         raise RankAbort(r.stderr[-3000:])
     return r
+
+
+def file_store_ranks(script, *args, timeout=120):
+    """Run `python script RANK *args` as ranks 0 and 1 (the script joins a gloo group through a file store: no port to
+    race for) and require both to exit 0. RankAbort on RANK_ABORT, so that retry_rank_abort reruns the test."""
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), *map(str, args[r])], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    codes = [p.returncode for p in procs]
+    if codes != [0, 0] and any(RANK_ABORT in err for _, err in outs):
+        raise RankAbort(str(outs)[-3000:])
+    assert codes == [0, 0], str(outs)[-3000:]
 
 
 def retry_rank_abort(test):
@@ -1090,9 +1108,14 @@ def test_grey_palette_and_rgba_images_become_rgb(tmp_path):
     (tmp_path / "m").mkdir()
     Image.new("L", (16, 16), 100).save(tmp_path / "m" / "grey.png")
     Image.new("RGBA", (16, 16), (10, 20, 30, 128)).save(tmp_path / "m" / "rgba.png")
-    Image.new("P", (16, 16), 3).save(tmp_path / "m" / "pal.png")
+    pal = Image.new("P", (16, 16), 3)
+    pal.putpalette([0, 0, 0] * 3 + [200, 50, 7] + [0, 0, 0] * 252)  # index 3 is (200, 50, 7)
+    pal.save(tmp_path / "m" / "pal.png")
     ds = datasets.load_dataset(tmp_path / "m", 16)
-    assert all(ds[i][0].shape == (3, 16, 16) for i in range(3))
+    images = [ds[i][0] for i in range(3)]
+    assert all(x.shape == (3, 16, 16) and torch.equal(x, x[:, :1, :1].expand(3, 16, 16)) for x in images)  # uniform
+    # grey copied to every channel, alpha dropped (not blended), the palette index looked up
+    assert sorted(tuple(x[:, 0, 0].tolist()) for x in images) == [(10, 20, 30), (100, 100, 100), (200, 50, 7)]
 
 
 def test_to_model_input_scales_and_flips():
@@ -1965,20 +1988,20 @@ def test_dtr_start_just_above_a_half_rounds_up_in_exact_arithmetic():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, named",
     [
-        dict(num_timesteps=1, channels=8),
-        dict(num_timesteps=10, channels=0),
-        dict(num_timesteps=10.0, channels=8),
-        dict(num_timesteps=10, channels=8, beta=0.0),
-        dict(num_timesteps=10, channels=8, beta=1.5),
-        dict(num_timesteps=10, channels=8, beta=0.1),  # int(0.8) = 0 active channels
-        dict(num_timesteps=10, channels=8, alpha=0.0),
-        dict(num_timesteps=10, channels=8, alpha=float("inf")),
+        (dict(num_timesteps=1, channels=8), "num_timesteps"),
+        (dict(num_timesteps=10, channels=0), "channels"),
+        (dict(num_timesteps=10.0, channels=8), "num_timesteps"),
+        (dict(num_timesteps=10, channels=8, beta=0.0), "beta"),
+        (dict(num_timesteps=10, channels=8, beta=1.5), "beta"),
+        (dict(num_timesteps=10, channels=8, beta=0.1), "0 active channels"),  # int(0.8) = 0 active channels
+        (dict(num_timesteps=10, channels=8, alpha=0.0), "alpha"),
+        (dict(num_timesteps=10, channels=8, alpha=float("inf")), "alpha"),
     ],
 )
-def test_dtr_bad_arguments_raise_value_error(kwargs):
-    with pytest.raises(ValueError):
+def test_dtr_bad_arguments_raise_value_error(kwargs, named):
+    with pytest.raises(ValueError, match=named):  # the error names the bad argument (not some later failure)
         routing_masks(**kwargs)
 
 
@@ -2716,14 +2739,13 @@ dist.destroy_process_group()
 """
 
 
+@retry_rank_abort
 def test_all_reduce_mean_gives_every_rank_the_same_decision(tmp_path):
     G = torch.randn(2, 3)
     assert nt.all_reduce_mean(G) is G  # no process group: identity
-    script = tmp_path / "rank.py"  # a file store: no port to race for
+    script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT.format(repo=str(REPO), store=str(tmp_path / "store")))
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / f"{r}.pt")])
-             for r in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
+    file_store_ranks(script, *[[tmp_path / f"{r}.pt"] for r in range(2)])
     out = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     mean = sum(torch.randn(3, 40, generator=torch.Generator().manual_seed(r)) for r in range(2)) / 2
     assert torch.allclose(out[0]["G"], mean) and torch.equal(out[0]["G"], out[1]["G"])
@@ -5124,14 +5146,13 @@ dist.destroy_process_group()
 """
 
 
+@retry_rank_abort
 def test_two_process_nash_alpha_is_rank_0s_on_every_rank(tmp_path):
     # every rank solves for alpha from the same all-reduced gradients; a solver that rounds differently on one node
     # made the replicas drift, and the checkpoint hash stopped the run
     script = tmp_path / "rank.py"
     script.write_text(NASH_RANK.format(repo=str(REPO), store=str(tmp_path / "store")))
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / f"{r}.pt")],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
+    file_store_ranks(script, *[[tmp_path / f"{r}.pt"] for r in range(2)])
     states = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     assert states[0] == states[1] and states[0]["updates"] == 1 and states[0]["alpha"] != [1.0, 1.0]
 
@@ -5155,6 +5176,7 @@ def test_ant_nash_loads_the_alpha_and_counters_broadcast_from_rank_0(monkeypatch
     assert method.nash.state_dict() == {"alpha": [0.25, 4.0], "steps": 7, "updates": 3, "failures": 1}
 
 
+@retry_rank_abort
 def test_two_process_curriculum_ant_uw_weighs_clusters_as_one_big_batch(tmp_path):
     # During the curriculum each rank draws t uniformly, so the ranks' cluster counts differ: here rank 1 draws none
     # of cluster 3. L_k was each rank's own mean, so averaging the ranks halved cluster 3's weight (and its s_k step)
@@ -5164,9 +5186,7 @@ def test_two_process_curriculum_ant_uw_weighs_clusters_as_one_big_batch(tmp_path
     torch.save((x, cluster), tmp_path / "batch.pt")
     script = tmp_path / "rank.py"
     script.write_text(CURRICULUM_UW_RANK.format(repo=str(REPO), store=str(tmp_path / "store")))
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "batch.pt"), str(tmp_path / f"{r}.pt")],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
+    file_store_ranks(script, *[[tmp_path / "batch.pt", tmp_path / f"{r}.pt"] for r in range(2)])
     args = train.parse_args(["--method", "curriculum+ant-uw", "--ant-clusters", "5"])
     one = train.Method(args, sample.build_diffusion(vars(args)), CPU, log=lambda m: None)
     w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
@@ -5573,8 +5593,10 @@ def _wait_for(predicate, timeout=120):
 
 
 def _steps_logged(out):
+    """The last step metrics.jsonl records; read while the run appends, so a line not yet complete is left out."""
     path = out / "metrics.jsonl"
-    return max([json.loads(l).get("step", 0) for l in path.read_text().splitlines()], default=0) if path.exists() else 0
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []  # the text after the last newline is incomplete
+    return max([json.loads(l).get("step", 0) for l in lines], default=0)
 
 
 SLOW_AFTER_5 = """
@@ -6018,13 +6040,12 @@ def test_two_process_gradients_as_bucket_views_train_exactly_as_copied_gradients
     assert deep_equal(views["method"], copies["method"]) == [] and deep_equal(views["opt"], copies["opt"]) == []
 
 
+@retry_rank_abort
 def test_torchrun_max_restarts_recovers_from_a_crashed_worker(tmp_path):
     script = tmp_path / "crash_once.py"
     script.write_text(CRASH_ONCE.format(repo=str(REPO)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-                        str(script), *TINY, "--global-batch-size", "4", "--max-steps", "8", "--ckpt-every", "2",
-                        "--resume", "auto", "--out", str(tmp_path / "el")],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun("--max-restarts=1", str(script), *TINY, "--global-batch-size", "4", "--max-steps", "8", "--ckpt-every", "2",
+                 "--resume", "auto", "--out", str(tmp_path / "el"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "0000004.pt at step 4" in r.stdout
     assert last_checkpoint(tmp_path / "el")["step"] == 8
@@ -6182,6 +6203,7 @@ def test_encode_resumes_after_a_torn_progress_record(latent_setup, tmp_path, mon
     assert ds.manifest["complete"] and not (out / "progress").exists()
 
 
+@retry_rank_abort
 def test_two_process_encode_resumes_after_a_crash_without_duplicates(tmp_path):
     pytest.importorskip("diffusers")
     _tiny_vae(tmp_path / "vae")
@@ -6204,6 +6226,8 @@ def test_two_process_encode_resumes_after_a_crash_without_duplicates(tmp_path):
         datasets.load_dataset(str(out), 16)
 
     second = run(-1, tmp_path / "second")
+    if second.returncode != 0 and RANK_ABORT in second.stderr:
+        raise RankAbort(second.stderr[-3000:])
     assert second.returncode == 0, second.stderr[-3000:]
     encoded = sum(int(n) for r in range(2) for n in (tmp_path / f"second{r}").read_text().split())
     assert encoded == 6  # only the 10 - 4 images not recorded; finished batches are not encoded again
