@@ -45,8 +45,8 @@ Where we depart from the official code, and why:
 - Nash-MTL: the official cvxpy/ECOS problem fails silently on newer cvxpy, and the failure is
   swallowed by a bare `except`, so alpha stays at 1 forever (plain averaging). We solve each
   convex subproblem of the concave-convex procedure with scipy's trust-constr; when one fails
-  (38 of 1000 random, badly scaled Gram matrices in one sweep), Newton's method on the equivalent convex problem
-  0.5 a^T A a - sum log a gives the same Nash point. A failure of both is reported
+  (38 of 1000 random, badly scaled Gram matrices in one sweep), Newton's method on the
+  equivalent convex problem 0.5 a^T A a - sum log a gives the same Nash point. A failure of both is reported
   (`info["success"] = False`) so that the caller keeps its previous alpha and logs it.
   Each subproblem minimises only the linearised objective; the official one also adds sum(A x)
   (the Nash point is a fixed point of both, see _nash_subproblem).
@@ -206,9 +206,10 @@ def cluster_timesteps(num_clusters, objective="timestep", alphas_cumprod=None, t
     "gradient" (-TAS(c, t), needs `tas`).
 
     SNR(t) = abar_t / (1 - abar_t) is computed in float64 from `alphas_cumprod` (T,), which the
-    caller takes from its noise schedule (a numpy array, a list or a CPU tensor; a float32 schedule
-    gives the float64 clusters for DiT's linear one, every value must lie in (0, 1)). `num_timesteps` is needed only for "timestep" when
-    neither alphas_cumprod nor tas is given; when given it must agree with them.
+    caller takes from its noise schedule: a numpy array, a list or a CPU tensor, every value in
+    (0, 1) (for DiT's linear schedule a float32 copy gives the float64 clusters). `num_timesteps`
+    is needed only for "timestep" when neither alphas_cumprod nor tas is given; when given it must
+    agree with them.
     Returns (intervals, total_cost) as interval_clustering does.
     """
     if objective not in OBJECTIVES:
