@@ -6334,7 +6334,7 @@ def _fake_encode_rank(monkeypatch, rank, broadcast, barrier=lambda: None):
     """latents.dist faked as `rank` of a two-process group whose broadcast_object_list is `broadcast`."""
     fake = types.SimpleNamespace(init_process_group=lambda *a, **k: None, get_rank=lambda: rank, get_world_size=lambda: 2,
                                  broadcast_object_list=broadcast, barrier=barrier, destroy_process_group=lambda: None,
-                                 is_available=lambda: True, is_initialized=lambda: True)
+                                 is_available=lambda: True, is_initialized=lambda: False)  # main's exit: sys.exit
     monkeypatch.setattr(latents, "dist", fake)
     monkeypatch.setenv("RANK", str(rank))
 
