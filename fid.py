@@ -870,6 +870,12 @@ def check_is_possible(metrics, net):
                          "pt_inception-2015-12-05-6726825d.pth")
 
 
+def raw_features(metrics, samples=True):
+    """The raw features a statistics dict must keep for `metrics`: the pool features for precision/recall, and for
+    the samples (not the reference) the logits for IS."""
+    return (("pool",) if "pr" in metrics else ()) + (("logits",) if samples and "is" in metrics else ())
+
+
 def check_statistics(name, stats, keep, metrics):
     """Refuse the statistics of the samples or reference (`name`) if they lack the raw features `keep` or, for
     sFID among `metrics`, mu_s and sigma_s."""
@@ -896,8 +902,7 @@ def evaluate(samples, reference, net, metrics=("fid",), batch_size=50, num_worke
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
     check_is_possible(metrics, net)
     kwargs = dict(batch_size=batch_size, num_workers=num_workers, limit=limit, progress=progress)
-    keep_samples = (("pool",) if "pr" in metrics else ()) + (("logits",) if "is" in metrics else ())
-    keep_reference = ("pool",) if "pr" in metrics else ()
+    keep_samples, keep_reference = raw_features(metrics), raw_features(metrics, samples=False)
     s, r = (x if isinstance(x, dict) else load_or_compute_stats(x, net, keep=keep, **kwargs)
             for x, keep in ((samples, keep_samples), (reference, keep_reference)))
     check_statistics("samples", s, keep_samples, metrics)
@@ -1128,16 +1133,15 @@ def main(argv=None):
             check_is_possible(metrics, net)
         kwargs = dict(batch_size=args.batch_size, num_workers=num_workers, limit=args.limit)
         if args.reference is None:
-            samples = load_or_compute_stats(args.samples, net, keep=("pool",) if "pr" in metrics else (), **kwargs)
+            samples = load_or_compute_stats(args.samples, net, keep=raw_features(metrics, samples=False), **kwargs)
             save_statistics(args.save_stats, samples)
             result = {"saved": str(args.save_stats), "n_samples": samples.get("n")}
         else:
-            keep = (("pool",) if "pr" in metrics else ()) + (("logits",) if "is" in metrics else ())
             reference = args.reference
             if is_statistics_file(reference):  # read at once: one without mu_s (sFID) or pool (pr) is refused before the samples' features
-                reference = load_or_compute_stats(reference, net, keep=("pool",) if "pr" in metrics else (), **kwargs)
+                reference = load_or_compute_stats(reference, net, keep=raw_features(metrics, samples=False), **kwargs)
                 check_statistics("reference", reference, (), metrics)
-            samples = load_or_compute_stats(args.samples, net, keep=keep, **kwargs)
+            samples = load_or_compute_stats(args.samples, net, keep=raw_features(metrics), **kwargs)
             if args.save_stats:
                 save_statistics(args.save_stats, samples)
             result = evaluate(samples, reference, net, metrics, **kwargs)
