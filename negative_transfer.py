@@ -288,6 +288,12 @@ def stratified_timesteps(batch_size, intervals, generator=None, device=None):
     return t, cluster
 
 
+def cluster_counts(cluster, num_clusters):
+    """(K,) float32 number of samples in each cluster, for cluster ids (B,) in [0, K). index_add, not bincount:
+    CUDA's bincount reads the ids' maximum on the host, a sync every step."""
+    return torch.zeros(num_clusters, device=cluster.device).index_add_(0, cluster, torch.ones_like(cluster, dtype=torch.float))
+
+
 def cluster_losses(per_sample_loss, cluster, num_clusters, counts=None):
     """
     Per-cluster loss L_k = mean of the per-sample losses in cluster k (ANT, training with
@@ -298,13 +304,13 @@ def cluster_losses(per_sample_loss, cluster, num_clusters, counts=None):
     A cluster with no sample gets L_k = 0; stratified_timesteps never leaves one empty. If t comes
     from another sampler (e.g. curriculum.Curriculum), label it with
     cluster = torch.bucketize(t, starts, right=True) - 1 (starts: the (K,) interval starts, on t's
-    device) and pass present = torch.zeros(K, dtype=torch.bool, device=t.device).scatter_(0,
-    cluster, True) to UncertaintyWeighting, else the s_k of an empty cluster falls without end.
+    device) and pass present = cluster_counts(cluster, K) > 0 to UncertaintyWeighting, else the s_k
+    of an empty cluster falls without end.
 
-    counts (K,), optional, replaces this batch's per-cluster sample counts as the divisor. Under
-    DDP, when the ranks' counts differ (such a sampler), pass the all-rank mean counts
-    (all_reduce_mean of this rank's) and present = counts > 0: the ranks' average of L_k, and of
-    its gradients, is then the mean over cluster k's samples on all ranks, as on one big batch.
+    counts (K,), optional, replaces this batch's cluster_counts as the divisor. Under DDP, when the
+    ranks' counts differ (such a sampler), pass the all-rank mean counts (all_reduce_mean of this
+    rank's) and present = counts > 0: the ranks' average of L_k, and of its gradients, is then the
+    mean over cluster k's samples on all ranks, as on one big batch.
     """
     if per_sample_loss.dim() != 1 or cluster.shape != per_sample_loss.shape:
         raise ValueError(f"per_sample_loss and cluster must both be (B,), got "
@@ -312,7 +318,7 @@ def cluster_losses(per_sample_loss, cluster, num_clusters, counts=None):
     loss = per_sample_loss.float()  # (B,)
     sums = loss.new_zeros(num_clusters).index_add(0, cluster, loss)  # (K,)
     if counts is None:
-        counts = loss.new_zeros(num_clusters).index_add(0, cluster, torch.ones_like(loss))  # (K,)
+        counts = cluster_counts(cluster, num_clusters)  # (K,)
     return sums / torch.where(counts > 0, counts, 1.0)  # (K,) 0 for a cluster with no sample
 
 

@@ -155,9 +155,8 @@ class Method:
         if self.curriculum is not None and not self.curriculum.finished:
             # The curriculum's uniform t gives each rank its own counts, and a rank may draw none of a cluster that
             # another drew. L_k divides by the all-rank mean count, so that DDP's average of the ranks' gradients (and
-            # UW's of its s_k) is that of one big batch. index_add, not bincount (a host sync on CUDA); no-op on one process.
-            counts = torch.zeros(K, device=cluster.device).index_add_(0, cluster, torch.ones_like(cluster, dtype=torch.float))
-            counts = self.nt.all_reduce_mean(counts)  # (K,)
+            # UW's of its s_k) is that of one big batch. A no-op on one process.
+            counts = self.nt.all_reduce_mean(self.nt.cluster_counts(cluster, K))  # (K,)
         L = self.nt.cluster_losses(loss_vec, cluster, K, counts)  # (K,)
         if self.uw is not None:
             # (K,) all True unless a curriculum hides clusters (on every rank)
