@@ -477,7 +477,7 @@ def summarise(benches, batch_size, fwd_flops, peak):
             "ms_per_round": rounds_ms, "ratio_per_round": ratios,
             "backward_passes": passes, "backward_passes_plain": plain, "backward_passes_update": update,
             "flop_ratio": (1 + 2 * passes) / 3, "train_flops_per_image": flops_per_image,
-            "peak_memory_mb": None if b.peak_bytes is None else b.peak_bytes / 2**20,
+            "peak_memory_mib": None if b.peak_bytes is None else b.peak_bytes / 2**20,
             "host_syncs_per_step": len(b.host_syncs), "host_syncs": b.host_syncs, "other_warnings": b.other_warnings,
             "mfu": None if peak is None else flops_per_image * images_per_s / (peak * 1e12),
         }
@@ -518,11 +518,11 @@ def print_report(result):
     print(f"timing: warm-up {c['warmup']} step(s) per method, then {c['rounds']} rounds x {c['steps']} steps, "
           f"methods interleaved (order rotated each round); median over rounds\n")
     head = (f"{'method':<22}{'ms/step':>9}{'img/s':>9}{'x vanilla':>11}{'range':>15}{'bwd/step':>10}{'FLOP x':>8}"
-            f"{'syncs':>7}{'peak MB':>9}{'MFU':>7}")
+            f"{'syncs':>7}{'peak MiB':>9}{'MFU':>7}")
     print(head)
     print("-" * len(head))
     for name, r in result["methods"].items():
-        mem = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        mem = "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         print(f"{name:<22}{r['ms_per_step']:>9.1f}{r['images_per_s']:>9.1f}{r['ratio']:>11.3f}"
               f"{r['ratio_min']:>8.3f}-{r['ratio_max']:<6.3f}{r['backward_passes']:>10.2f}{r['flop_ratio']:>8.2f}"
@@ -551,7 +551,7 @@ def print_report(result):
               + (f"{peak:g} TFLOP/s (bf16 dense peak)." if peak else "an unknown peak: pass --peak-tflops."))
     else:
         print(f"Peak memory: n/a per method on the CPU (no allocator statistics; all runs share one process). "
-              f"Process max RSS with every run alive: {result['max_rss_mb']:.0f} MB."
+              f"Process max RSS with every run alive: {result['max_rss_mib']:.0f} MiB."
               + (f" MFU against the given {c['peak_tflops']:g} TFLOP/s." if c["peak_tflops"] else ""))
     if result.get("sample"):
         what = "sampling (EMA model" + (", compiled)" if c["compile"] else ")")
@@ -665,7 +665,7 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
                    "peak_tflops": peak, "train_argv": train_argv},
         "flops": {"forward_per_image": fwd["total"], "forward_parts": fwd},
         "methods": summarise(benches, args.batch_size, fwd["total"], peak),
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
     }
     if args.sample:
         log("bench: sampling")

@@ -398,7 +398,7 @@ def dataset_to_tensor(dataset, num_workers=0, device="cpu"):
     start = 0
     for x, y in loader:  # x: (B, 3, H, W) uint8 or (B, C, h, w) float16
         if images is None:
-            images = torch.empty((len(dataset), *x.shape[1:]), dtype=x.dtype, device=device)  # (N, 3, H, W)
+            images = torch.empty((len(dataset), *x.shape[1:]), dtype=x.dtype, device=device)  # (N, 3, H, W) or (N, C, h, w)
             labels = torch.empty(len(dataset), dtype=torch.int64, device=device)  # (N,)
         images[start: start + len(x)] = x
         labels[start: start + len(x)] = torch.as_tensor(y)

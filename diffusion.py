@@ -4,7 +4,7 @@ Gaussian diffusion for DiT: noise schedules, SNR, training losses and samplers.
 Follows Ho et al. 2020 (DDPM), Nichol & Dhariwal 2021 (improved DDPM: learned-range variance,
 hybrid loss, cosine schedule, respacing) and Song et al. 2021 (DDIM), with the conventions of the
 official DiT code (which uses openai/guided-diffusion). Every schedule quantity is computed in
-float64 numpy and cast to float32 only when it meets a tensor.
+float64 numpy and cast to float32 (float64 for a float64 tensor) only when it meets a tensor.
 
 Loss weightings (applied per sample to the epsilon-MSE term only; the VLB term trains the variance):
 - "constant": w = 1 (DiT).
@@ -88,7 +88,7 @@ class Diffusion:
             raise ValueError(f"unknown loss weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         if weighting == "min-snr" and not min_snr_gamma > 0:  # gamma <= 0 gives every sample weight 0 (or < 0)
             raise ValueError(f"min_snr_gamma must be > 0 (Hang et al.: 5), got {min_snr_gamma}")
-        if weighting == "p2" and not (p2_gamma >= 0 and p2_k >= 0):  # a negative k makes (k + SNR)^-gamma NaN
+        if weighting == "p2" and not (p2_gamma >= 0 and p2_k >= 0):  # k < 0: k + SNR < 0 at high t, a weight < 0 or NaN
             raise ValueError(f"p2_gamma and p2_k must be >= 0 (Choi et al.: gamma 1, k 1), got {p2_gamma} and {p2_k}")
         self.schedule, self.learn_sigma, self.weighting = schedule, learn_sigma, weighting
         self.min_snr_gamma, self.p2_gamma, self.p2_k = min_snr_gamma, p2_gamma, p2_k
@@ -99,7 +99,7 @@ class Diffusion:
         if len(betas) < 2:
             raise ValueError("a diffusion needs at least 2 timesteps (the t = 0 variance is clipped to t = 1's); "
                              "sample with 2 or more steps")
-        self.betas = betas  # (T,) float64, and so is every array below
+        self.betas = betas  # (T,) float64, as is every schedule array below (timestep_map: int64)
         self.num_timesteps = len(betas)
         self.timestep_map = np.arange(self.num_timesteps, dtype=np.int64) if timestep_map is None else np.asarray(timestep_map, dtype=np.int64)
 
@@ -197,15 +197,15 @@ class Diffusion:
         posterior log variance and log beta_t (improved DDPM eq. 15)."""
         C = self._check_channels(model_output, x_t)
         if self.learn_sigma:
-            eps, v = model_output[:, :C], model_output[:, C:]
-            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
-            max_log = self._extract("log_betas", t, x_t)
-            frac = (v + 1) / 2
-            log_variance = frac * max_log + (1 - frac) * min_log
+            eps, v = model_output[:, :C], model_output[:, C:]  # (N, C, H, W) each
+            min_log = self._extract("posterior_log_variance_clipped", t, x_t)  # (N, 1, 1, 1)
+            max_log = self._extract("log_betas", t, x_t)  # (N, 1, 1, 1)
+            frac = (v + 1) / 2  # (N, C, H, W)
+            log_variance = frac * max_log + (1 - frac) * min_log  # (N, C, H, W)
         else:
-            eps = model_output
-            log_variance = self._extract("fixed_log_variance", t, x_t).expand_as(x_t)
-        pred_xstart = self.predict_xstart(x_t, t, eps)
+            eps = model_output  # (N, C, H, W)
+            log_variance = self._extract("fixed_log_variance", t, x_t).expand_as(x_t)  # (N, C, H, W)
+        pred_xstart = self.predict_xstart(x_t, t, eps)  # (N, C, H, W)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _ = self.q_posterior(pred_xstart, x_t, t)
@@ -239,10 +239,10 @@ class Diffusion:
         x_t = self.q_sample(x_start, t, noise)  # (N, C, H, W)
         out = model(x_t, self.original_timesteps(t), **(model_kwargs or {})).float()  # (N, C_out, H, W)
         C = self._check_channels(out, x_start)
-        eps = out[:, :C]
+        eps = out[:, :C]  # (N, C, H, W)
         mse = (noise - eps).pow(2).mean(dim=(1, 2, 3))  # (N,)
         if self.learn_sigma:
-            frozen = torch.cat([eps.detach(), out[:, C:]], dim=1)
+            frozen = torch.cat([eps.detach(), out[:, C:]], dim=1)  # (N, 2C, H, W)
             vb = self._vb_bits_per_dim(frozen, x_start, x_t, t)  # (N,)
         else:
             vb = torch.zeros_like(mse)
@@ -271,10 +271,10 @@ class Diffusion:
         draw = torch.randn_like if noise_fn is None else noise_fn
         x = noise
         for i in _steps(self.num_timesteps, progress):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = model_fn(x, self.original_timesteps(t)).float()
-            mean, log_var, _ = self.p_mean_variance(out, x, t, clip_denoised)
-            x = mean + (i > 0) * torch.exp(0.5 * log_var) * draw(x)
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # (N,)
+            out = model_fn(x, self.original_timesteps(t)).float()  # (N, C_out, H, W)
+            mean, log_var, _ = self.p_mean_variance(out, x, t, clip_denoised)  # (N, C, H, W) each
+            x = mean + (i > 0) * torch.exp(0.5 * log_var) * draw(x)  # (N, C, H, W)
         return x
 
     @torch.no_grad()
@@ -284,10 +284,10 @@ class Diffusion:
         draw = torch.randn_like if noise_fn is None else noise_fn
         x = noise
         for i in _steps(self.num_timesteps, progress):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = model_fn(x, self.original_timesteps(t)).float()
-            _, _, x0 = self.p_mean_variance(out, x, t, clip_denoised)
-            eps = self.predict_eps(x, t, x0)
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # (N,)
+            out = model_fn(x, self.original_timesteps(t)).float()  # (N, C_out, H, W)
+            _, _, x0 = self.p_mean_variance(out, x, t, clip_denoised)  # (N, C, H, W)
+            eps = self.predict_eps(x, t, x0)  # (N, C, H, W)
             # The coefficients in float64, then cast: in float32, 1 - abar_prev near t = 0 keeps only a few digits.
             abar_prev = self._table("alphas_cumprod_prev", x.device)[t]  # (N,) float64
             sigma = eta * torch.sqrt(self._table("posterior_variance", x.device)[t])  # (N,) eq. 16: eta * sqrt(beta~_t)
@@ -320,7 +320,8 @@ def _steps(n, progress):
 
 def guided_model_fn(model, y, cfg_scale, null_class, guided_channels=None):
     """model_fn(x, t) for the samplers: plain conditional model for cfg_scale == 1, else
-    classifier-free guidance through model.forward_with_cfg on the doubled batch."""
+    classifier-free guidance through model.forward_with_cfg on the doubled batch. null_class: the
+    label of the unconditional embedding row (model.num_classes); guided_channels as in DiT.forward_with_cfg."""
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, y)
     y_null = torch.full_like(y, null_class)

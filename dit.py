@@ -287,14 +287,14 @@ class DiT(nn.Module):
         k = self.in_channels if guided_channels is None else guided_channels
         if not 1 <= k <= self.in_channels:
             raise ValueError(f"guided_channels must be in 1..{self.in_channels} (the epsilon channels), got {k}")
-        half = x[: len(x) // 2]
+        half = x[: len(x) // 2]  # (N/2, C, H, W)
         # self(...), not self.forward: a model compiled in place (sample.compile_for_sampling) compiles __call__
         out = self(torch.cat([half, half], dim=0), t, y).float()  # (N, C_out, H, W); guidance in fp32 under autocast
-        eps, rest = out[:, :k], out[:, k:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)
+        eps, rest = out[:, :k], out[:, k:]  # (N, k, H, W), (N, C_out - k, H, W)
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)  # 2 x (N/2, k, H, W)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # (N/2, k, H, W)
+        eps = torch.cat([half_eps, half_eps], dim=0)  # (N, k, H, W)
+        return torch.cat([eps, rest], dim=1)  # (N, C_out, H, W)
 
 
 # ----------------------------------------------------------------------------------------------

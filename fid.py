@@ -39,7 +39,7 @@ CLI:  python fid.py SAMPLES REFERENCE [--metrics fid,sfid,is,pr] [--json]
       python fid.py curves RUN [RUN ...] --out fid.png    (FID against step of train.py runs)
 SAMPLES / REFERENCE: an image folder (recursive), a .zip of images, an .npz sample batch
 (`arr_0`: N x H x W x 3 uint8) or a statistics .npz (`mu`, `sigma`, optional `mu_s`, `sigma_s`,
-`pool`; ADM reference batches hold both `arr_0` and the statistics).
+`pool`, `logits`; ADM reference batches hold both `arr_0` and the statistics).
 """
 
 import argparse
@@ -688,7 +688,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 def inception_score(logits, split_size=IS_SPLIT_SIZE):
     """Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016) as the ADM evaluator
     computes it: p(y|x) = softmax(logits) with ADM's bias-free logits, p(y) the mean over a split,
-    splits of `split_size` consecutive samples (ceil(N / 5000) splits, the last may be shorter),
+    splits of `split_size` consecutive samples (ceil(N / split_size) splits, the last may be shorter),
     and the mean of the per-split scores. float64 with log-softmax, so no log(0)."""
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or logits.shape[0] < 1:
@@ -724,7 +724,7 @@ def _knn_radii(feats, k, batch_size):
 
 
 def precision_recall(real, fake, k=3, batch_size=5000, device="cpu"):
-    """Improved precision and recall (Kynkaanniemi et al. 2019, Sec. 3) on features
+    """Improved precision and recall (Kynkaanniemi et al. 2019) on features
     real (N, D) and fake (M, D), as the ADM evaluator: each set's manifold is the union of balls
     around its points with radius = distance to the k-th nearest neighbour within the set;
     precision = share of fake points inside the real manifold, recall = share of real points
@@ -804,7 +804,8 @@ def atomic_write(path, write, mode="wb"):
 
 def save_statistics(path, stats):
     """Write a statistics dict (see compute_statistics) to an .npz readable by read_statistics,
-    pytorch-fid (mu, sigma) and the ADM evaluator (mu, sigma, mu_s, sigma_s)."""
+    pytorch-fid (mu, sigma) and the ADM evaluator's read_statistics (mu, sigma, mu_s, sigma_s; its
+    script also reads arr_0 images, which this file does not hold)."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"statistics files end in .npz, got {path}")
@@ -820,7 +821,7 @@ def load_or_compute_stats(source, net, cache_path=None, keep=(), key=None, **kwa
     (a folder, .zip, .npz sample batch, or an array/Dataset) and, when `cache_path` is given,
     saved there and reused on the next call (e.g. train.py's reference statistics, once per run).
 
-    keep: raw features needed besides the statistics, ("pool",) for precision/recall. A
+    keep: raw features needed besides the statistics, "pool" for precision/recall, "logits" for the IS. A
     statistics file without them is read for the statistics and its arr_0 images (ADM reference
     batches) are run through the network for the features; without images it is an error.
     kwargs: batch_size, num_workers, limit, progress, passed to compute_statistics.
@@ -1027,7 +1028,7 @@ def plot_fid_curves(curves, out_path, title="FID of the EMA model during trainin
 
 
 def curves_main(argv=None):
-    """CLI: python fid.py curves RUN [RUN ...] [--labels a,b,...] [--out fid.png] prints the
+    """CLI: python fid.py curves RUN [RUN ...] [--labels a,b,...] [--out fid_curves.png] prints the
     markdown table of FID per step and run and draws the plot."""
     parser = argparse.ArgumentParser(prog="fid.py curves",
                                      description="Table and plot of FID against training step for train.py runs "
@@ -1069,7 +1070,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="FID / sFID / Inception Score / precision-recall of image samples (pytorch-fid "
                     "network, ADM evaluator metrics). Inputs: image folder, .zip, .npz sample batch "
-                    "(arr_0), or statistics .npz (mu, sigma[, mu_s, sigma_s, pool]). "
+                    "(arr_0), or statistics .npz (mu, sigma[, mu_s, sigma_s, pool, logits]). "
                     "'python fid.py curves RUN [RUN ...]' tabulates and plots the FID of train.py runs instead.")
     parser.add_argument("samples", help="the images to score (or to take statistics of with --save-stats)")
     parser.add_argument("reference", nargs="?", help="reference images or statistics .npz")
@@ -1083,9 +1084,11 @@ def main(argv=None):
                         help=f"path to {FID_WEIGHTS_FILE} (default: download once into the torch hub cache)")
     parser.add_argument("--limit", type=int, default=None,
                         help="use N images of each image input, spread evenly over its sorted order "
-                             "(quick checks, e.g. FID-10K of a 50K batch); statistics files are used whole")
+                             "(quick checks, e.g. FID-10K of a 50K batch); a statistics file's mu/sigma are used whole, "
+                             "its arr_0 images (read for missing pool features) are not")
     parser.add_argument("--save-stats", default=None, metavar="OUT.npz",
-                        help="write the statistics of SAMPLES (with pool features when pr is among --metrics)")
+                        help="write the statistics of SAMPLES (with pool features when pr is among --metrics, "
+                             "and the logits when is is among them)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of one line per metric")
     args = parser.parse_args(argv)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
@@ -1133,7 +1136,7 @@ def main(argv=None):
             check_is_possible(metrics, net)
         kwargs = dict(batch_size=args.batch_size, num_workers=num_workers, limit=args.limit)
         if args.reference is None:
-            samples = load_or_compute_stats(args.samples, net, keep=raw_features(metrics, samples=False), **kwargs)
+            samples = load_or_compute_stats(args.samples, net, keep=raw_features(metrics), **kwargs)  # a reference or samples to score later
             save_statistics(args.save_stats, samples)
             result = {"saved": str(args.save_stats), "n_samples": samples.get("n")}
         else:

@@ -131,7 +131,8 @@ def encode_batch(vae, x, rows, posterior="sample", seed=0):
 
 
 class Decoder:
-    """Scaled latents (N, C, h, w) -> images (N, 3, f*h, f*w) in [-1, 1]: x = D(z / s + shift).
+    """Scaled latents (N, C, h, w) -> images (N, 3, f*h, f*w), nominally in [-1, 1] but not clamped:
+    x = D(z / s + shift).
 
     `factor` is f, so callers know the image size without decoding. Decodes in chunks of
     `batch_size`: the decoder's activations at full resolution are large."""
@@ -337,7 +338,8 @@ def encode(args):
     if rank != 0:
         vae = load_vae(args.vae, device)
     if args.image_size % vae_factor(vae):
-        raise LatentError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {vae_factor(vae)}")
+        raise LatentError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {vae_factor(vae)}; "
+                         f"use a multiple of {vae_factor(vae)}")
     manifest = on_rank0(lambda: prepare_folder(args, dataset, vae, args.out, log))
     if manifest is None:
         with open(os.path.join(args.out, datasets.MANIFEST)) as fh:
@@ -436,7 +438,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("encode", help="encode an image dataset into a latent folder (torchrun for several processes)")
-    e.add_argument("--data", required=True, help="image folder, .zip or .npz (as train.py reads them; 'shapes' for the built-in set)")
+    e.add_argument("--data", required=True, help="image folder, .zip, .npz or .npy (as train.py reads them; 'shapes' for the built-in set)")
     e.add_argument("--out", required=True, help="the latent folder to write (or resume)")
     e.add_argument("--vae", required=True, help="local AutoencoderKL folder, or a hub name such as stabilityai/sd-vae-ft-ema (needs internet)")
     e.add_argument("--image-size", type=int, default=256, help="pixel size: ADM centre crop + resize, then encode (DiT: 256)")

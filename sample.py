@@ -150,8 +150,10 @@ def to_device(x, device):
 @torch.no_grad()
 def generate(model, diffusion, labels, noise, steps="250", cfg_scale=1.0, clip_denoised=True, guided_channels=None,
              progress=False, noise_fn=None, precision="bf16"):
-    """Images in [-1, 1] (N, C, H, W) for the given labels (N,) and starting noise (N, C, H, W);
-    noise_fn draws the DDPM steps' noise (diffusion.Diffusion.ddpm_sample; default: global RNG).
+    """Samples (N, C, H, W) for the given labels (N,) and starting noise (N, C, H, W): images in
+    [-1, 1], or a latent model's latents (clip_denoised=False). guided_channels: guide only the
+    first N epsilon channels (3: the official DiT code), None all. noise_fn draws the DDPM steps'
+    noise (diffusion.Diffusion.ddpm_sample; default: global RNG).
     On CUDA the network runs under bf16 autocast, or in fp32 (TF32 matmuls, as the official DiT
     sampler) with precision="fp32"; the sampler's own arithmetic is fp32 either way."""
     if precision not in ("bf16", "fp32"):

@@ -4103,6 +4103,19 @@ def test_cli_refuses_is_before_featurising_the_samples(tmp_path, monkeypatch, ca
     fid.main([str(samples), "--save-stats", str(tmp_path / "s.npz"), "--metrics", "is"])  # no score: nothing to refuse
 
 
+def test_cli_saved_sample_statistics_keep_the_logits_for_a_later_inception_score(tmp_path, monkeypatch, capsys):
+    # fid.py SAMPLES --save-stats S --metrics is once kept no logits, so scoring S later refused IS
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
+    samples = write_folder(tmp_path / "samples", make_images(10, seed=1))
+    reference = write_folder(tmp_path / "reference", make_images(12, seed=2))
+    fid.main([str(samples), "--save-stats", str(tmp_path / "s.npz"), "--metrics", "fid,is"])
+    assert fid.read_statistics(tmp_path / "s.npz")["logits"].shape[0] == 10
+    from_images = fid.main([str(samples), str(reference), "--metrics", "fid,is", "--json"])
+    from_stats = fid.main([str(tmp_path / "s.npz"), str(reference), "--metrics", "fid,is", "--json"])
+    for key in ("fid", "is"):
+        assert from_stats[key] == pytest.approx(from_images[key], rel=1e-6)
+
+
 def test_cli_save_stats_round_trip(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
     samples = write_folder(tmp_path / "samples", make_images(10, seed=1))
@@ -6678,7 +6691,7 @@ def test_bench_times_every_method_and_writes_the_table_and_json(tmp_path, capsys
         assert name in out
         assert len(r["ratio_per_round"]) == 2 and all(math.isfinite(v) and v > 0 for v in r["ratio_per_round"])
         assert r["images_per_s"] == pytest.approx(10 / (r["ms_per_step"] / 1000))
-        assert r["peak_memory_mb"] is None and r["mfu"] is None  # CPU, no peak given: honest n/a
+        assert r["peak_memory_mib"] is None and r["mfu"] is None  # CPU, no peak given: honest n/a
     assert methods["vanilla"]["ratio"] == 1.0
     # one plain step of each, read for host syncs: none, but the curriculum's pacing read of the loss
     assert {n: r["host_syncs_per_step"] for n, r in methods.items()} == {

@@ -14,8 +14,8 @@ Train a DiT, plain or with the papers' multi-task methods, on one CPU, one GPU o
 A method touches training at four points: how timesteps are drawn, what the model does with t (a
 router in the DiT, built by sample.build_model), how per-sample losses become gradients, and a
 per-step hook whose state is saved in checkpoints; all but the router live in `Method` below.
-Everything else is the DiT recipe: AdamW (lr 1e-4, no weight decay), EMA 0.9999 every step, bf16
-autocast on CUDA.
+Everything else is the DiT recipe: AdamW (lr 1e-4, no weight decay), EMA 0.9999 every step; plus
+bf16 autocast on CUDA, which DiT does not use (--precision fp32 for DiT's).
 
 One read of three numbers per step (lagging one step behind so the GPU stays fed, except under the
 curriculum, whose pacing needs this step's loss) tells every rank whether the loss was finite,
@@ -206,9 +206,11 @@ class Method:
         return None
 
     def log_fields(self):
+        """The curriculum's stage and t range for the log record ({} without a curriculum)."""
         return {} if self.curriculum is None else self.curriculum.log_dict()
 
     def state_dict(self):
+        """The method's state for a checkpoint: ANT's clusters and PCGrad generator, UW, Nash-MTL, curriculum."""
         state = {"order_gen": self.order_gen.get_state(), "intervals": [list(iv) for iv in self.intervals]} if self.ant else {}
         if self.uw is not None:
             state["uw"] = self.uw.state_dict()
@@ -219,6 +221,7 @@ class Method:
         return state
 
     def load_state_dict(self, state):
+        """Restore state_dict's output; a ConfigError if the checkpoint's ANT clusters differ from these flags'."""
         if self.ant:
             saved = state.get("intervals")  # None in checkpoints written before the intervals were saved
             if saved is not None and [tuple(iv) for iv in saved] != [tuple(iv) for iv in self.intervals]:
@@ -692,6 +695,7 @@ def parse_args(argv=None):
 
 
 def train(args):
+    """Train with the flags of parse_args (one process, or one rank under torchrun); returns the last step."""
     # ---------------------------------------------------------------- processes and devices
     distributed = "RANK" in os.environ
     try:
@@ -1040,7 +1044,8 @@ def train(args):
                mininterval=1.0)
 
     def resolve(pending):
-        """Read the previous step's flags (the only host sync of the loop). Returns False to stop."""
+        """Read a step's flags: the previous step's, or this one's under the curriculum (the loop's one host
+        sync per step). Returns False to stop."""
         nonlocal nonfinite
         s, flags = pending
         mean_loss, bad, stop = flags.tolist()
