@@ -36,7 +36,7 @@ papers' 32x32x4 inputs of 256 px images, with --image-size 32). On a CPU shared 
 set OMP_NUM_THREADS=1: with more threads than free cores every step waits on the slowest thread
 and the timings swing by tens of percent. Any other train.py flag (--depth, --hidden-size,
 --num-heads, --ant-clusters, --nash-every, --learn-sigma, --compile-mode, ...) is passed through
-to train.parse_args.
+to train.parse_args, except --method and --global-batch-size: --methods and --batch-size set them.
 """
 
 import argparse
@@ -599,7 +599,8 @@ def parse_args(argv=None):
     a("--profile", type=int, default=0, metavar="N", help="also profile N plain steps per method: where the time goes")
     a("--json", default=None, help="write every number to this file")
     args, rest = p.parse_known_args(argv)
-    args.sample_batch_size = args.sample_batch_size or args.batch_size
+    if args.sample_batch_size is None:  # not `or`: --sample-batch-size 0 is refused below, not taken as the default
+        args.sample_batch_size = args.batch_size
     for name in ("batch_size", "sample_batch_size", "steps", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -612,6 +613,17 @@ def parse_args(argv=None):
         raise ValueError(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
     if not math.isfinite(args.cfg_scale):  # as sample.py: NaN guidance times a sampler that draws NaN images
         raise ValueError(f"--cfg-scale must be a finite guidance scale (1 = no guidance; the papers use 1.5), got {args.cfg_scale}")
+    if args.json is not None:  # written at the end: an unwritable path failed only after every timing
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not args.json or os.path.isdir(args.json) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            raise ValueError(f"--json {args.json!r}: cannot write a file there; pass a file path in a writable folder")
+    # Each run gets --method and --global-batch-size from bench's own flags, which would replace these without a word.
+    # Values no one passes go first: still there after `rest`, they say it set neither (abbreviations included).
+    unset = train.parse_args(["--method", "", "--global-batch-size", "-1"] + rest)
+    for flag, given, own in (("--method", unset.method != "", "--methods"),
+                             ("--global-batch-size", unset.global_batch_size != -1, "--batch-size")):
+        if given:
+            raise ValueError(f"{flag} is set by bench.py for each run; use {own}")
     train_argv = ["--model", args.model, "--image-size", str(args.image_size), "--precision", args.precision] + rest
     if args.compile:
         train_argv.append("--compile")

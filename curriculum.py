@@ -326,7 +326,7 @@ def read_curriculum_records(metrics_path):
     """Read metrics.jsonl; return (stages, losses, last_step). stages: sorted (step, stage, t_min,
     t_max) at which the active range took effect, from the "curriculum_stage" events (falling back on
     the curriculum/* keys of log records before the first event or when there are no events);
-    losses: (step, loss) of the log records."""
+    losses: (step, loss) of the log records with a finite loss."""
     events, logged, losses, last_step = [], [], [], None
     with open(metrics_path) as f:
         for lineno, line in enumerate(f, 1):
@@ -346,7 +346,7 @@ def read_curriculum_records(metrics_path):
                 if "curriculum/t_min" in rec:
                     logged.append((step, int(rec["curriculum/stage"]), int(rec["curriculum/t_min"]),
                                    int(rec["curriculum/t_max"])))
-                if "loss" in rec:
+                if "loss" in rec and math.isfinite(float(rec["loss"])):  # NaN: a log window of skipped non-finite steps
                     losses.append((step, float(rec["loss"])))
     if not events and not logged:
         raise ValueError(f"{metrics_path} has no curriculum records (neither 'curriculum_stage' "

@@ -473,14 +473,9 @@ class ImageFiles(torch.utils.data.Dataset):
             self._file.close()
 
 
-def npz_array(path):
-    """arr_0 of an .npz as an array, memory-mapped when np.savez stored it uncompressed in C order, so
-    that 50k 256x256 samples (or a training set, data.ArrayDataset) are not read into memory at once;
-    otherwise (np.savez_compressed, Fortran order, a member named "arr_0" by hand) read whole.
-
-    numpy cannot memory-map a member of a zip, but a ZIP_STORED member is a verbatim .npy file, which
-    starts where zip_data_offset says: a magic string, a header (shape, order, dtype), then the data,
-    where the memmap starts."""
+def npz_member(path):
+    """The ZipInfo of arr_0.npy in an .npz (None for a member named "arr_0" by hand), or a ValueError saying why the
+    file holds no images to read; nothing is read but the zip's directory."""
     if not zipfile.is_zipfile(path):  # np.load would give an .npy's array, or refuse "pickled data"
         raise ValueError(f"{path} is not an .npz (a zip of .npy files, as np.savez writes); save the images with "
                          f"np.savez(path, arr_0=images)")
@@ -489,7 +484,18 @@ def npz_array(path):
         if "arr_0.npy" not in names and "arr_0" not in names:
             raise ValueError(f"{path} has no arr_0 (N x H x W x 3 uint8 images) to read; it holds "
                              f"{[n[:-4] if n.endswith('.npy') else n for n in names]} (a statistics file needs mu and sigma)")
-        info = zf.NameToInfo.get("arr_0.npy")
+        return zf.NameToInfo.get("arr_0.npy")
+
+
+def npz_array(path):
+    """arr_0 of an .npz as an array, memory-mapped when np.savez stored it uncompressed in C order, so
+    that 50k 256x256 samples (or a training set, data.ArrayDataset) are not read into memory at once;
+    otherwise (np.savez_compressed, Fortran order, a member named "arr_0" by hand) read whole.
+
+    numpy cannot memory-map a member of a zip, but a ZIP_STORED member is a verbatim .npy file, which
+    starts where zip_data_offset says: a magic string, a header (shape, order, dtype), then the data,
+    where the memmap starts."""
+    info = npz_member(path)
     if info is not None and info.compress_type == zipfile.ZIP_STORED:
         with open(path, "rb") as f:
             f.seek(zip_data_offset(f.fileno(), info.header_offset))
@@ -816,6 +822,21 @@ def save_statistics(path, stats):
     atomic_write(path, lambda f: np.savez(f, **{k: stats[k] for k in keys if k in stats}))  # a file: savez adds no .npz
 
 
+def check_source(path):
+    """Refuse a path that load_or_compute_stats would refuse only once it reached it: missing, or neither a statistics
+    .npz, an .npz with arr_0, nor a folder or zip with images. Lists the folder or zip and reads no image, so that
+    sample.py and fid.py can check a reference before hours of sampling or of the other input's features."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no such file or folder: {path}")
+    if is_statistics_file(path):
+        return
+    if path.suffix.lower() == ".npz":
+        npz_member(path)
+    else:
+        ImageFiles(path)
+
+
 def load_or_compute_stats(source, net, cache_path=None, keep=(), key=None, **kwargs):
     """Statistics of `source` for evaluate(): read from a statistics .npz, or computed from images
     (a folder, .zip, .npz sample batch, or an array/Dataset) and, when `cache_path` is given,
@@ -1108,6 +1129,8 @@ def main(argv=None):
                          f"or pass another path")
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be a positive number")
+    if args.num_workers is not None and args.num_workers < 0:  # the DataLoader's refusal names its num_workers=0
+        parser.error(f"--num-workers {args.num_workers}: must be 0 or more (0 decodes in this process)")
     if args.limit is not None and args.limit < 2:
         parser.error(f"--limit {args.limit}: statistics need at least 2 images (a covariance); use thousands")
     try:
@@ -1122,8 +1145,13 @@ def main(argv=None):
         except OSError as e:
             parser.error(f"--save-stats {args.save_stats}: cannot make its folder ({e})")
     for path in (args.samples, args.reference):  # a mistyped REFERENCE was found only after the samples' features
-        if path is not None and not Path(path).exists():
-            parser.error(f"no such file or folder: {path}")
+        if path is not None and (not path or not Path(path).exists()):  # '' is Path('.'), the working folder
+            parser.error(f"no such file or folder: {path!r}")
+    if args.reference is not None:  # and one of the wrong kind (a text file, an .npz without arr_0, an empty folder) too
+        try:
+            check_source(args.reference)
+        except ValueError as e:
+            parser.exit(2, f"fid.py: error: {e}\n")
     num_workers = args.num_workers
     if num_workers is None:  # decoding only pays off when the GPU is the fast part
         num_workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0

@@ -327,6 +327,8 @@ def encode(args):
 
     if args.seed < 0:
         raise LatentError(f"--seed {args.seed}: use a seed >= 0")
+    if not args.out:  # '' wrote the arrays and manifest into the working folder, past the check for other files there
+        raise LatentError("--out is empty; give the latent folder to write (or resume)")
     for flag, value, least in (("--image-size", args.image_size, 1), ("--batch-size", args.batch_size, 1),
                                ("--num-workers", args.num_workers, 0)):
         if value < least:  # checked before the VAE loads and the folder is made, not by the DataLoader after
@@ -388,6 +390,8 @@ def decode(args):
         raise LatentError(f"--num {args.num}: give a positive count, or leave it out to decode all")
     if args.batch_size < 1:
         raise LatentError(f"--batch-size {args.batch_size}: must be a positive number")
+    if not args.out:
+        raise LatentError("--out is empty; give the folder for images.npz and grid.png")
     if os.path.exists(os.path.join(args.out, "images.npz")):  # as sample.py's samples.npz: never overwritten
         raise LatentError(f"{os.path.join(args.out, 'images.npz')} exists; decoded images are not overwritten: "
                           f"pass another --out or delete the file")
@@ -410,8 +414,8 @@ def decode(args):
                 z, y = f["arr_0"], (f["arr_1"] if "arr_1" in f.files else np.zeros(len(f["arr_0"]), dtype=np.int64))
         except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: an .npy (an array, not an archive)
             raise LatentError(f"cannot read latents from {args.latents} ({e}); expected an .npz with arr_0 (N, C, h, w)") from None
-        if z.ndim != 4 or not np.issubdtype(z.dtype, np.floating):
-            raise LatentError(f"{args.latents}: arr_0 must be float latents (N, C, h, w), got {z.shape} {z.dtype}")
+        if z.ndim != 4 or not np.issubdtype(z.dtype, np.floating) or not len(z):  # none: a reshape error in the VAE
+            raise LatentError(f"{args.latents}: arr_0 must be float latents (N, C, h, w) with N >= 1, got {z.shape} {z.dtype}")
         if not args.vae:
             raise LatentError("decoding an .npz needs --vae (the VAE the latents were made with)")
         n = min(args.num or len(z), len(z))

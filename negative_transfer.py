@@ -988,10 +988,22 @@ def _affinity_command(args):
                         ("--sketch-dim", args.sketch_dim)):
         if value < 1:
             raise SystemExit(f"{flag} {value}: must be a positive number")
+    if not args.out:  # it wrote a hidden file, .npy, in the working folder
+        raise SystemExit("--out is empty; pass the .npy to write, e.g. tas.npy")
     folder = os.path.dirname(os.path.abspath(args.out))
     if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):  # checked before the gradients, not after
         raise SystemExit(f"--out {args.out}: cannot write there ({folder} is not a writable folder); pass another path")
+    out = args.out if args.out.endswith(".npy") else args.out + ".npy"  # the name np.save gives it
+    if os.path.exists(out):  # an earlier TAS: hours of gradients, and the default --out is the same tas.npy each time
+        raise SystemExit(f"--out {args.out}: {out} exists; TAS files are not overwritten: delete it or pass another path")
     device = resolve_device(args.device)  # a ValueError that says what to do for a typo or a GPU not there
+    # Every checkpoint loads, and all share one T, before any gradient: a typo or another T later in the list
+    # stopped the command only after the gradients of the checkpoints before it (a broadcast error for another T).
+    T = {ckpt: len(load_model(ckpt)[1].alphas_cumprod) for ckpt in args.ckpt}
+    if len(set(T.values())) > 1:
+        listed = ", ".join(f"{ckpt}: T={t}" for ckpt, t in T.items())
+        raise SystemExit(f"the checkpoints differ in their number of timesteps ({listed}); TAS averages over "
+                         f"checkpoints of one diffusion, so pass those of one run")
     total = None
     for ckpt in args.ckpt:
         model, diffusion, train_args = load_model(ckpt, device=device, use_ema=False)
@@ -1043,7 +1055,6 @@ def _affinity_command(args):
         total = tas if total is None else total + tas
         print(f"{ckpt}: mean TAS {tas.mean():.4f}")
     tas = total / len(args.ckpt)
-    out = args.out if args.out.endswith(".npy") else args.out + ".npy"  # the name np.save gives it
     np.save(out, tas)
     print(f"wrote {out} {tas.shape}, averaged over {len(args.ckpt)} checkpoint(s)")
 

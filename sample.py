@@ -314,6 +314,12 @@ def main(argv=None):
                  f"mixed in; pass another --out or delete that folder")
     if args.fid_ref is not None and not os.path.exists(args.fid_ref):
         sys.exit(f"error: --fid-ref {args.fid_ref} does not exist")
+    if args.fid_ref is not None:  # a reference of the wrong kind was refused only after the sampling
+        import fid
+        try:
+            fid.check_source(args.fid_ref)
+        except ValueError as e:
+            sys.exit(f"error: --fid-ref: {e}")
     if not math.isfinite(args.cfg_scale):  # NaN or inf guidance gives NaN samples, saved as blank images
         sys.exit(f"error: --cfg-scale {args.cfg_scale}: must be a finite guidance scale (1 = no guidance; the papers use 1.5)")
     distributed = "RANK" in os.environ

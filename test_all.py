@@ -1628,6 +1628,32 @@ def test_bad_files_seeds_devices_and_fid_settings_give_one_line_errors(tmp_path,
     assert not list((tmp_path / "bad" / "checkpoints").glob("*.pt"))  # refused before the first step
 
 
+def test_empty_path_flags_are_refused_not_read_as_left_out(tmp_path, capsys):
+    # --resume "$CKPT" with CKPT unset started a fresh run; --out '' trained into results/<model>-<method>, --fid-ref ''
+    # scored against the training data
+    for flag in ("--resume", "--out", "--fid-ref", "--inception", "--ant-tas", "--vae"):
+        assert _train_error(tmp_path, capsys, flag, "") == f"error: {flag} is empty; give a path, or leave the flag out"
+    assert not (tmp_path / "bad").exists()
+
+
+def test_fid_flags_without_fid_every_are_refused(tmp_path, capsys):
+    # the run trained to the end without a single FID, the reference and weights it was given never read
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(6), sigma=np.eye(6))
+    for flags in (["--fid-ref", str(tmp_path / "ref.npz")], ["--fid-ref-limit", "100"], ["--inception", "w.pth"]):
+        err = _train_error(tmp_path, capsys, *flags)
+        assert err.startswith(f"error: {flags[0]} has no effect without --fid-every; add --fid-every N"), err
+
+
+def test_infinite_uw_lr_and_loss_weighting_parameters_are_refused(tmp_path, capsys):
+    # each trained on: --uw-lr inf (--lr inf was refused) turns the log variances NaN after one step, --p2-gamma inf
+    # weights every MSE term 0, --min-snr-gamma inf is the constant weighting
+    for flags, says in ((["--uw-lr", "inf"], "--uw-lr inf: must be a finite number"),
+                        (["--weighting", "p2", "--p2-gamma", "inf"], "must be finite and >= 0"),
+                        (["--weighting", "p2", "--p2-k", "inf"], "must be finite and >= 0"),
+                        (["--weighting", "min-snr", "--min-snr-gamma", "inf"], "--min-snr-gamma inf: must be a finite")):
+        assert says in _train_error(tmp_path, capsys, *flags), flags
+
+
 def test_cluster_counts_are_bounded_by_T_only_for_the_method_that_uses_them():
     small = ["--num-timesteps", "4", "--schedule", "cosine"]  # below the defaults: 5 ANT and 20 curriculum clusters
     for method in ("vanilla", "dtr"):
@@ -2920,6 +2946,30 @@ def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch, capsys
     assert all(x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1 and x.max() > 0.5 for x in seen)
 
 
+def test_cli_affinity_checks_every_checkpoint_and_its_out_before_any_gradient(tmp_path, monkeypatch, capsys):
+    # a missing or unloadable last --ckpt, or one of another T (then a numpy broadcast error), stopped the command only
+    # after the gradients of the checkpoints before it; an existing --out (by default tas.npy) was overwritten
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
+    ckpt = torch.load(checkpoints(out)[-1], map_location="cpu", weights_only=False)
+    torch.save({**ckpt, "args": {**ckpt["args"], "num_timesteps": 500}}, tmp_path / "t500.pt")
+    (tmp_path / "done.npy").write_bytes(b"an earlier TAS")
+    computed = []
+    monkeypatch.setattr(nt, "gradient_affinity", lambda *a, **k: computed.append(1))
+    first = str(checkpoints(out)[-1])
+    args = ["--data", "shapes", "--groups", "2", "--batch-size", "2", "--batches", "1", "--device", "cpu"]
+    for ckpts, dest, says in (([first, str(tmp_path / "typo.pt")], "tas.npy", "typo.pt does not exist"),
+                              ([first, str(tmp_path / "t500.pt")], "tas.npy", "differ in their number of timesteps"),
+                              ([first], "done.npy", "done.npy exists; TAS files are not overwritten"),
+                              ([first], "done", "done.npy exists")):
+        with pytest.raises(SystemExit) as e:
+            nt.main(["affinity", "--ckpt", *ckpts, *args, "--out", str(tmp_path / dest)])
+        err = capsys.readouterr().err
+        assert says in (e.value.code if isinstance(e.value.code, str) else err), (ckpts, dest)
+    assert not computed and (tmp_path / "done.npy").read_bytes() == b"an earlier TAS"
+    with pytest.raises(SystemExit, match="--out is empty"):
+        nt.main(["affinity", "--ckpt", first, *args, "--out", ""])
+
+
 def test_cli_affinity_refuses_data_that_do_not_fit_the_checkpoint(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")  # shapes: 4 classes
     rng = np.random.default_rng(0)
@@ -3257,6 +3307,25 @@ def test_plot_labels_tell_close_loss_ticks_apart_and_write_thousands_as_k(tmp_pa
     assert len(loss_labels) == len(ticks) >= 2 and len(set(loss_labels)) == len(loss_labels), loss_labels
     assert all(abs(float(s) - v) <= 0.5 * step for s, v in zip(loss_labels, ticks))
     assert {"1k", "1.5k", "2k"} <= {s for _, s in drawn} and not any("e+" in s for _, s in drawn)
+
+
+def test_plot_cli_skips_the_nan_loss_of_a_log_window_of_skipped_steps(tmp_path, monkeypatch):
+    # train.py logs "loss": NaN for a window whose steps were all skipped as non-finite (--skip-nonfinite); the plot
+    # stopped with "cannot convert float NaN to integer"
+    real = gd.Diffusion.training_losses
+    calls = []
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        calls.append(1)
+        return {**out, "loss": out["loss"] * float("inf")} if len(calls) == 1 else out
+
+    monkeypatch.setattr(gd.Diffusion, "training_losses", poisoned)
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "3", "--skip-nonfinite", "1", "--method",
+                    "curriculum", "--curriculum-clusters", "2", "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "1")
+    assert math.isnan([r["loss"] for r in metrics(out) if "loss" in r][0])  # step 1's record
+    curriculum_main(["--plot", str(out / "metrics.jsonl"), "--out", str(tmp_path / "stages.png")])
+    assert (tmp_path / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_cli_errors_without_curriculum_records(tmp_path):
@@ -4159,6 +4228,30 @@ def test_a_statistics_cache_cut_short_is_recomputed_and_a_failed_write_leaves_no
     with pytest.raises(OSError, match="No space"):
         fid.save_statistics(cache, first)
     assert cache.read_bytes() == whole  # the previous statistics are intact
+
+
+def test_cli_checks_the_reference_kind_before_featurising_the_samples(tmp_path, monkeypatch, capsys):
+    # a reference that exists but holds no images was refused only after every sample's features
+    net = TinyNet()
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": net)
+    samples = write_folder(tmp_path / "samples", make_images(4))
+    (tmp_path / "ref.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    np.savez(tmp_path / "mu.npz", mu=np.zeros(6))
+    for ref, says in (("ref.txt", "neither a folder nor a .zip"), ("empty", "no images"), ("mu.npz", "has no arr_0")):
+        with pytest.raises(SystemExit):
+            fid.main([str(samples), str(tmp_path / ref)])
+        assert says in capsys.readouterr().err and net.calls == 0, ref
+
+
+def test_cli_refuses_negative_workers_and_empty_paths_by_their_flags(tmp_path, capsys):
+    # --num-workers -1 ended in the DataLoader's "use num_workers=0"; '' (the working folder) in "no images found in ."
+    images = write_folder(tmp_path / "imgs", make_images(4))
+    for argv, says in (([str(images), str(images), "--num-workers", "-1"], "--num-workers -1: must be 0 or more"),
+                       (["", str(images)], "no such file or folder: ''"), ([str(images), ""], "no such file or folder: ''")):
+        with pytest.raises(SystemExit) as e:
+            fid.main(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err, argv
 
 
 def test_an_npz_that_is_no_zip_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
@@ -5351,6 +5444,22 @@ def test_sample_fid_ref_problems_stop_before_sampling(tmp_path, capsys, monkeypa
     assert "could not download" in str(e.value.code) and not calls
 
 
+def test_sample_refuses_a_reference_of_the_wrong_kind_before_sampling(tmp_path, monkeypatch):
+    # a text file, an empty folder or an .npz without arr_0 as --fid-ref was refused after the sampling (hours for 50K)
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
+    (tmp_path / "ref.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    np.savez(tmp_path / "mu.npz", mu=np.zeros(6))  # statistics without sigma
+    calls = []
+    monkeypatch.setattr(sample, "sample_indices", lambda *a, **k: calls.append(1))
+    for ref, says in (("ref.txt", "neither a folder nor a .zip"), ("empty", "no images"), ("mu.npz", "has no arr_0")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(checkpoints(out)[-1]), "--num-samples", "4", "--steps", "ddim2",
+                         "--out", str(tmp_path / "s"), "--fid-ref", str(tmp_path / ref)])
+        assert str(e.value.code).startswith("error: --fid-ref: ") and says in str(e.value.code), ref
+    assert not calls and not (tmp_path / "s").exists()
+
+
 def test_sample_cycles_class_labels_and_use_model_takes_the_raw_weights(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--ema-decay", "0.5", "--lr", "1e-2")
     ckpt_path = str(checkpoints(out)[-1])
@@ -6160,6 +6269,19 @@ def test_latents_cli_refuses_bad_counts_devices_and_files_before_the_vae(tmp_pat
     assert not (tmp_path / "lat").exists() and not (tmp_path / "rec").exists()
 
 
+def test_latents_refuse_an_empty_out_and_an_empty_npz_before_the_vae(tmp_path, monkeypatch, capsys):
+    # encode --out '' wrote latents.npy, labels.npy and manifest.json into the working folder, past the check for
+    # other files there; decode of zero latents ended in a reshape traceback from the VAE
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "none.npz", arr_0=np.zeros((0, 4, 4, 4), np.float32))
+    for argv, says in ((["encode", "--data", "shapes", "--out", "", "--vae", "none"], "--out is empty"),
+                       (["decode", "--latents", "none.npz", "--out", "", "--vae", "none"], "--out is empty"),
+                       (["decode", "--latents", "none.npz", "--out", "rec", "--vae", "none"], "with N >= 1, got (0, 4, 4, 4)")):
+        err = _exit_message(capsys, latents.main, argv)
+        assert says in err and "Traceback" not in err, argv
+    assert sorted(os.listdir(tmp_path)) == ["none.npz"]
+
+
 def test_missing_diffusers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     monkeypatch.setitem(sys.modules, "diffusers.models", None)
@@ -6656,9 +6778,13 @@ def test_bad_counts_are_refused(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:  # a --json path that cannot be written: one line, not a traceback
         bench.main(BENCH_TINY + ["--methods", "vanilla", "--warmup", "0", "--steps", "1", "--rounds", "1",
                                  "--json", str(tmp_path / "file" / "b.json")])
-    assert e.value.code == 2 and "error: [Errno 20] Not a directory" in capsys.readouterr().err
+    assert e.value.code == 2 and "error: --json" in capsys.readouterr().err
     timed = []
     monkeypatch.setattr(bench, "bench_training", lambda *a, **k: timed.append(1))
+    for path in (tmp_path / "file" / "b.json", tmp_path, ""):  # said before the timings (once after them), '' not ignored
+        with pytest.raises(SystemExit):
+            bench.main(BENCH_TINY + ["--methods", "vanilla", "--json", str(path)])
+        assert "cannot write a file there" in capsys.readouterr().err and not timed, path
     for flags, says in ((["--sample", "--sample-steps", "ddim50", "foo"], "--sample-steps foo:"),
                         (["--sample", "--cfg-scale", "1.5", "--class-dropout-prob", "0"], "needs the null class")):
         with pytest.raises(SystemExit) as e:  # said before the training timings, not after them
@@ -6676,6 +6802,17 @@ def test_bench_refuses_the_train_flags_train_py_refuses(capsys):
         err = capsys.readouterr().err
         assert f"error: {flag} -" in err or f"error: {flag} 0:" in err, err
         assert says in err, err
+
+
+def test_bench_refuses_the_train_flags_it_sets_itself():
+    # passed through to each run's train.parse_args, they were replaced by bench's own --methods and --batch-size
+    # (abbreviated too); --sample-batch-size 0 was read as "the default"
+    for flags, says in ((["--global-batch-size", "64"], "--global-batch-size is set by bench.py for each run; use --batch-size"),
+                        (["--global-batch", "256"], "use --batch-size"), (["--method=dtr"], "--method is set by bench.py"),
+                        (["--sample-batch-size", "0"], "--sample-batch-size must be >= 1")):
+        with pytest.raises(ValueError) as e:
+            bench.parse_args(BENCH_TINY + flags)
+        assert says in str(e.value), flags
 
 
 def test_bench_times_every_method_and_writes_the_table_and_json(tmp_path, capsys):

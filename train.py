@@ -460,8 +460,16 @@ def check_flags(args, world=1):
                         ("--nash-max-norm", args.nash_max_norm)):
         if not value >= 0:
             raise ConfigError(f"{flag} {value}: must be 0 or more (0 turns it off)")
-    if not args.uw_lr >= 0:
-        raise ConfigError(f"--uw-lr {args.uw_lr}: must be 0 or more (official: 0.025)")
+    for flag, value in (("--out", args.out), ("--resume", args.resume), ("--fid-ref", args.fid_ref),
+                        ("--inception", args.inception), ("--ant-tas", args.ant_tas), ("--vae", args.vae)):
+        if value == "":  # e.g. --resume "$CKPT" with CKPT unset: a fresh run, or the default --out, --fid-ref or VAE
+            raise ConfigError(f"{flag} is empty; give a path, or leave the flag out")
+    for flag, value in (("--fid-ref", args.fid_ref), ("--fid-ref-limit", args.fid_ref_limit),
+                        ("--inception", args.inception)):
+        if value is not None and not args.fid_every:  # the run would end without a single FID
+            raise ConfigError(f"{flag} has no effect without --fid-every; add --fid-every N (steps between FID evaluations)")
+    if not 0 <= args.uw_lr < float("inf"):
+        raise ConfigError(f"--uw-lr {args.uw_lr}: must be a finite number, 0 or more (official: 0.025)")
     for flag, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--uw-weight-decay", args.uw_weight_decay)):
         if not 0 <= value < float("inf"):  # AdamW refuses NaN and negative values without naming the flag, and takes inf
             raise ConfigError(f"{flag} {value}: must be a finite number, 0 or more")
@@ -479,10 +487,10 @@ def check_flags(args, world=1):
                           f"(paper: 20; 0 = the ANT clusters)")
     if not 0 <= args.curriculum_smoothing < 1:
         raise ConfigError(f"--curriculum-smoothing {args.curriculum_smoothing}: an EMA decay, must be in [0, 1) (default 0.995)")
-    if args.weighting == "min-snr" and not args.min_snr_gamma > 0:
-        raise ConfigError(f"--min-snr-gamma {args.min_snr_gamma}: must be > 0 (Hang et al.: 5)")
-    if args.weighting == "p2" and not (args.p2_gamma >= 0 and args.p2_k >= 0):
-        raise ConfigError(f"--p2-gamma {args.p2_gamma} --p2-k {args.p2_k}: must be >= 0 (Choi et al.: 1 and 1)")
+    if args.weighting == "min-snr" and not 0 < args.min_snr_gamma < float("inf"):  # inf: the constant weighting
+        raise ConfigError(f"--min-snr-gamma {args.min_snr_gamma}: must be a finite number > 0 (Hang et al.: 5)")
+    if args.weighting == "p2" and not (0 <= args.p2_gamma < float("inf") and 0 <= args.p2_k < float("inf")):  # inf: no MSE
+        raise ConfigError(f"--p2-gamma {args.p2_gamma} --p2-k {args.p2_k}: must be finite and >= 0 (Choi et al.: 1 and 1)")
     if not 0 <= args.ema_decay < 1:
         raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1) (0.9999 in the papers)")
     if not 0 <= args.class_dropout_prob <= 1:  # 1: every label is the null class (unconditional)
@@ -713,7 +721,8 @@ def train(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     master = rank == 0
     args.method = parse_method(args.method)  # canonical order first: dtr+curriculum and curriculum+dtr share a default --out
-    args.out = args.out or os.path.join("results", f"{args.model.replace('/', '-')}-{args.method.replace('+', '_')}")
+    if args.out is None:  # an empty --out is refused by check_flags, not replaced by the default
+        args.out = os.path.join("results", f"{args.model.replace('/', '-')}-{args.method.replace('+', '_')}")
 
     def log(msg):
         if master:
