@@ -48,8 +48,8 @@ Where we depart from the official code, and why:
   (38 of 1000 random, badly scaled Gram matrices in one sweep), Newton's method on the
   equivalent convex problem 0.5 a^T A a - sum log a gives the same Nash point. A failure of both is reported
   (`info["success"] = False`) so that the caller keeps its previous alpha and logs it.
-  Each subproblem minimises only the linearised objective; the official one also adds sum(A x)
-  (the Nash point is a fixed point of both, see _nash_subproblem).
+  Each subproblem minimises only the linearised objective, for which the Nash point is a fixed
+  point; the official one also adds sum(A x), and then it is not always one (see _nash_subproblem).
   Like the official code, we solve for the normalised Gram matrix and return the alpha of the
   unnormalised G G^T (the paper's equation). The official stopping rules, however, measure the
   normalised equation's residual and the change of alpha at the unnormalised alpha; ours measure
@@ -147,8 +147,11 @@ def deviation_cost_matrix(values):
     Cost matrix of the timestep and SNR clustering costs (ANT, interval clustering objectives).
 
     cost[l, r] = sum_{t=l..r} |v_t - v_c| with centre c = (l + r + 1) // 2, for a monotone
-    sequence v (timestep index, SNR or log-SNR, all monotone in t). Monotonicity fixes the sign
-    of every term, so each entry takes O(1) from prefix sums. Entries with l > r are +inf.
+    sequence v (timestep index, SNR or log-SNR, all monotone in t). c is a median index; the
+    official SNR code's round((l + r + 1) / 2) (half to even) picks the element above the median
+    for an odd length with an odd midpoint, e.g. c = 2 for [0, 2], which costs more. Monotonicity
+    fixes the sign of every term, so each entry takes O(1) from prefix sums. Entries with l > r
+    are +inf.
     Returns a (T, T) float64 array.
     """
     v = np.asarray(values, dtype=np.float64)
@@ -526,8 +529,8 @@ def _nash_feasible_start(A, prev_alpha):
         # Phase I: maximise s subject to A x >= s, x >= s, sum x = 1; strictly feasible iff s > 0.
         c = np.zeros(K + 1)
         c[-1] = -1.0
-        A_ub = np.vstack([np.hstack([-A, np.ones((K, 1))]), np.hstack([-np.eye(K), np.ones((K, 1))])])
-        A_eq = np.hstack([np.ones((1, K)), np.zeros((1, 1))])
+        A_ub = np.vstack([np.hstack([-A, np.ones((K, 1))]), np.hstack([-np.eye(K), np.ones((K, 1))])])  # (2K, K+1)
+        A_eq = np.hstack([np.ones((1, K)), np.zeros((1, 1))])  # (1, K+1)
         lp = linprog(c, A_ub=A_ub, b_ub=np.zeros(2 * K), A_eq=A_eq, b_eq=[1.0],
                      bounds=[(None, None)] * (K + 1))
         if lp.status != 0 or lp.x[-1] <= 1e-12:
@@ -543,8 +546,11 @@ def _nash_subproblem(A, alpha):
     trust-constr in variables z = x / alpha, from the strictly feasible start z = 1.05.
     The official cvxpy problem minimises sum(A x) plus this linearisation divided by |G G^T|_F (its
     alpha is on the unnormalised scale); we leave sum(A x) out.
-    The Nash solution alpha_k (A alpha)_k = 1 is a fixed point of either step, and the tests check
-    the final alpha against an independent solver. Returns the new alpha (K,) or None."""
+    The Nash solution alpha_k (A alpha)_k = 1 is a fixed point of this step (KKT with every
+    multiplier 1). With sum(A x) it is not always one: from the exact Nash point the official
+    subproblem has a feasible point of lower objective in 15 of 344 random Gram matrices (K = 2..8,
+    rows up to 55-fold apart, a conflicting pair in half), so its iterates can leave it. The tests
+    check the final alpha against an independent solver. Returns the new alpha (K,) or None."""
     K = A.shape[0]
     grad_phi = 1.0 / alpha + A @ (1.0 / (A @ alpha))  # (K,) gradient of phi at alpha
     B = A * alpha[None, :]  # (K, K) A diag(alpha), so A x = B z
@@ -784,7 +790,7 @@ def _count_sketch(flat, dim, seed, chunk=1 << 22):
     for start in range(0, flat.numel(), chunk):
         x = flat[start:start + chunk].double()  # (n,)
         bucket = torch.randint(dim, x.shape, generator=gen, device=flat.device)  # (n,)
-        sign = torch.randint(2, x.shape, generator=gen, device=flat.device, dtype=torch.float64)
+        sign = torch.randint(2, x.shape, generator=gen, device=flat.device, dtype=torch.float64)  # (n,) 0/1
         out.index_add_(0, bucket, x * (2.0 * sign - 1.0))
     return out
 
@@ -886,7 +892,7 @@ def _plot_clusters(path, intervals, title, values=None, value_label="", tas=None
 
     if tas is not None:
         A = np.clip(np.asarray(tas, dtype=np.float64), -1.0, 1.0)  # (T, T)
-        pos, neg = np.clip(A, 0, 1)[..., None], np.clip(-A, 0, 1)[..., None]
+        pos, neg = np.clip(A, 0, 1)[..., None], np.clip(-A, 0, 1)[..., None]  # (T, T, 1) each
         rgb = 255 - pos * np.array([0, 180, 180]) - neg * np.array([180, 180, 0])  # red +, blue -
         tile = Image.fromarray(rgb.astype(np.uint8)).resize((heat, heat), Image.NEAREST)
         x0, y0 = left, 56

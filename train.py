@@ -484,7 +484,7 @@ def check_flags(args, world=1):
         raise ConfigError(f"--ant-clusters {args.ant_clusters}: must be in 1..{args.num_timesteps} (paper: 5)")
     if args.curriculum_clusters < 0 or ("curriculum" in args.method and args.curriculum_clusters > args.num_timesteps):
         raise ConfigError(f"--curriculum-clusters {args.curriculum_clusters}: must be in 0..{args.num_timesteps} "
-                          f"(paper: 20; 0 = the ANT clusters)")
+                          f"(paper: about 20; 0 = the ANT clusters)")
     if not 0 <= args.curriculum_smoothing < 1:
         raise ConfigError(f"--curriculum-smoothing {args.curriculum_smoothing}: an EMA decay, must be in [0, 1) (default 0.995)")
     if args.weighting == "min-snr" and not 0 < args.min_snr_gamma < float("inf"):  # inf: the constant weighting
@@ -653,7 +653,7 @@ def parse_args(argv=None):
     a("--uw-weight-decay", type=float, default=0.0, help="ANT-UW: weight decay of the log variances")
     a("--nash-every", type=int, default=25, help="ANT-Nash: solve for the weights every N steps (official: 25)")
     a("--nash-max-norm", type=float, default=1.0, help="ANT-Nash: gradient-norm clip (official: 1)")
-    a("--curriculum-clusters", type=int, default=20, help="curriculum: N equal clusters (paper: 20); 0 = the ANT clusters")
+    a("--curriculum-clusters", type=int, default=20, help="curriculum: N equal clusters (paper: about 20); 0 = the ANT clusters")
     a("--curriculum-patience", type=int, default=500, help="curriculum: steps without improvement before the next stage (ours)")
     a("--curriculum-smoothing", type=float, default=0.995,
       help="curriculum: EMA decay of the loss the patience rule judges (ours; a stage lasts at least 1/(1-s) + patience steps)")
