@@ -452,15 +452,16 @@ def plot_stages(metrics_path, out_path, width=960):
 
 
 def main(argv=None):
-    """CLI: python curriculum.py --plot RUN/metrics.jsonl --out stages.png"""
+    """CLI: python curriculum.py --plot RUN[/metrics.jsonl] --out stages.png"""
     parser = argparse.ArgumentParser(description="Plot the curriculum stages of a training run.")
-    parser.add_argument("--plot", required=True, type=Path, help="metrics.jsonl of a run")
+    parser.add_argument("--plot", required=True, type=Path, help="a run folder or its metrics.jsonl")
     parser.add_argument("--out", default="stages.png", type=Path, help="PNG to write")
     args = parser.parse_args(argv)
     if args.out.suffix.lower() != ".png":
         parser.error(f"--out {args.out}: the stages are drawn as a PNG; pass a path ending in .png")
+    metrics = args.plot / "metrics.jsonl" if args.plot.is_dir() else args.plot  # as fid.py curves takes runs
     try:
-        plot_stages(args.plot, args.out)
+        plot_stages(metrics, args.out)
     except (ValueError, OSError) as e:
         raise SystemExit(f"curriculum.py: error: {e}") from None
     print(f"wrote {args.out}")

@@ -3293,6 +3293,9 @@ def test_plot_cli_writes_png(tmp_path, with_events, with_logs):
     _write_metrics(metrics, with_events, with_logs)
     curriculum_main(["--plot", str(metrics), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out.unlink()
+    curriculum_main(["--plot", str(tmp_path), "--out", str(out)])  # the run folder, as fid.py curves takes it
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_tick_labels_tell_close_ticks_apart():
