@@ -329,6 +329,8 @@ def encode(args):
         raise LatentError(f"--seed {args.seed}: use a seed >= 0")
     if not args.out:  # '' wrote the arrays and manifest into the working folder, past the check for other files there
         raise LatentError("--out is empty; give the latent folder to write (or resume)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise LatentError(f"--out {args.out} is a file; give the latent folder to write (or resume)")
     for flag, value, least in (("--image-size", args.image_size, 1), ("--batch-size", args.batch_size, 1),
                                ("--num-workers", args.num_workers, 0)):
         if value < least:  # checked before the VAE loads and the folder is made, not by the DataLoader after
@@ -392,6 +394,8 @@ def decode(args):
         raise LatentError(f"--batch-size {args.batch_size}: must be a positive number")
     if not args.out:
         raise LatentError("--out is empty; give the folder for images.npz and grid.png")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise LatentError(f"--out {args.out} is a file; give the folder for images.npz and grid.png")
     if os.path.exists(os.path.join(args.out, "images.npz")):  # as sample.py's samples.npz: never overwritten
         raise LatentError(f"{os.path.join(args.out, 'images.npz')} exists; decoded images are not overwritten: "
                           f"pass another --out or delete the file")

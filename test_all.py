@@ -6301,6 +6301,10 @@ def test_latents_refuse_an_empty_out_and_an_empty_npz_before_the_vae(tmp_path, m
         err = _exit_message(capsys, latents.main, argv)
         assert says in err and "Traceback" not in err, argv
     assert sorted(os.listdir(tmp_path)) == ["none.npz"]
+    (tmp_path / "a_file").write_text("x")  # a bare "[Errno 20] Not a directory" or "[Errno 17] File exists" before
+    for argv in (["encode", "--data", "shapes", "--out", "a_file", "--vae", "none"],
+                 ["decode", "--latents", "none.npz", "--out", "a_file", "--vae", "none"]):
+        assert "--out a_file is a file" in _exit_message(capsys, latents.main, argv), argv
 
 
 def test_missing_diffusers_says_how_to_install(monkeypatch):
