@@ -6039,6 +6039,24 @@ def test_skip_nonfinite_tolerates_n_bad_steps_without_nan_weights(tmp_path, monk
     assert first["step"] == 2 and first["loss"] == pytest.approx(calls[1].mean().item(), rel=1e-5)  # once halved by zeros
 
 
+def test_skip_nonfinite_counts_the_steps_skipped_before_a_resume(tmp_path, monkeypatch, capsys):
+    # the count restarted at 0 on resume: a run that stopped and resumed tolerated N more bad steps
+    real = gd.Diffusion.training_losses
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        return {**out, "loss": out["loss"] * float("inf")} if calls["n"] in (2, 3) else out  # steps 2, then 3
+
+    monkeypatch.setattr(gd.Diffusion, "training_losses", poisoned)
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--skip-nonfinite", "1")
+    assert last_checkpoint(out)["nonfinite"] == 1
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "4", "--skip-nonfinite", "1", "--resume", "auto")
+    assert "non-finite loss at step 3; stopping" in capsys.readouterr().err
+
+
 def test_truncated_jpeg_is_named_and_skipped_on_request(tmp_path, capsys):
     from PIL import Image
     _write_images(tmp_path / "imgs", 4)

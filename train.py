@@ -842,7 +842,7 @@ def train(args):
             diffusion.respace(steps)
         except ValueError as e:
             raise ConfigError(f"{flag} {steps}: {e}") from None
-    step = 0
+    step = nonfinite = 0  # nonfinite: steps skipped as non-finite so far, against --skip-nonfinite
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -851,6 +851,7 @@ def train(args):
             group["lr"], group["weight_decay"] = lr, wd  # load_state_dict restored the saved ones: the flags win (logged above)
         method.load_state_dict(ckpt["method"])
         step = ckpt["step"]
+        nonfinite = ckpt.get("nonfinite", 0)  # a resume does not grant --skip-nonfinite afresh (0: older checkpoints)
         rng = ckpt["rng"]
         fresh_seed = (args.global_seed * 1_000_003 + step) * world + rank  # a stream that does not replay step 0's
         if len(rng) == world:
@@ -919,7 +920,7 @@ def train(args):
         error = [None]
         if master:
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "args": vars(args), "method": method.state_dict(), "rng": rngs}
+                     "args": vars(args), "method": method.state_dict(), "rng": rngs, "nonfinite": nonfinite}
             path = os.path.join(ckpt_dir, f"{step:07d}.pt")
             try:
                 atomic_save(state, path)
@@ -1045,7 +1046,6 @@ def train(args):
     bucket_cnt = torch.zeros(nb, device=device)
     kept_steps = torch.zeros(1, device=device)  # steps not skipped as non-finite, on this rank
     extra_sum, n_logged = {}, 0
-    nonfinite = 0
     pending = None  # (step, flags tensor) of the previous step, read one step late
     t0 = time.time()
     from tqdm.auto import tqdm
