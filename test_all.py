@@ -4362,6 +4362,33 @@ def test_fid_during_training_survives_a_failed_distance_and_keys_its_cache(tmp_p
     assert fid.read_statistics(out / "fid_ref_stats.npz")["source"].endswith("shapes|16px|seed 0")  # the cache names its data
 
 
+def test_a_run_killed_after_its_checkpoint_makes_that_steps_grid_and_fid_on_resume(tmp_path, monkeypatch):
+    # killed between the step-2 checkpoint and its grid (a time limit's SIGKILL), the resumed run started at step 2
+    # and never made that grid or FID: a gap in the FID curve
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*a, **k):
+        raise Killed
+
+    flags = ["--global-batch-size", "4", "--max-steps", "4", "--fid-every", "2", "--fid-samples", "4", "--fid-steps",
+             "ddim2", "--fid-batch-size", "4", "--fid-ref-limit", "8", "--sample-every", "2", "--sample-steps", "ddim2", "--ckpt-every", "2"]
+    with monkeypatch.context() as m:
+        m.setattr(train, "generate", killed)
+        with pytest.raises(Killed):
+            run_train(tmp_path, *flags)
+    out = tmp_path / "run"
+    assert last_checkpoint(out)["step"] == 2 and not (out / "samples_0000002.png").exists()
+    run_train(tmp_path, *flags, "--resume", "auto")
+    assert [r["step"] for r in metrics(out) if "fid" in r] == [2, 4]
+    assert (out / "samples_0000002.png").exists() and (out / "samples_0000004.png").exists()
+    assert "resume: making step 2's grid and FID, which the run stopped before" in (out / "log.txt").read_text()
+    run_train(tmp_path, *flags, "--resume", "auto")  # finished: nothing is missing, nothing made again
+    assert [r["step"] for r in metrics(out) if "fid" in r] == [2, 4]
+
+
 def test_fid_reference_cache_of_the_shapes_follows_the_seed_of_a_resumed_run(tmp_path, monkeypatch):
     # the built-in shapes are drawn from --global-seed: resumed with another seed, the cache of the old images was reused
     monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())

@@ -702,6 +702,21 @@ def parse_args(argv=None):
     return args
 
 
+def fid_steps(metrics_path):
+    """The steps that metrics.jsonl holds an FID record for (a failed evaluation's too); a torn line is skipped."""
+    steps = set()
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and "fid" in record and "step" in record:
+                    steps.add(record["step"])
+    return steps
+
+
 def train(args):
     """Train with the flags of parse_args (one process, or one rank under torchrun); returns the last step."""
     # ---------------------------------------------------------------- processes and devices
@@ -1038,6 +1053,23 @@ def train(args):
         stop_requested[0] = True
 
     previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    # A job killed between a checkpoint and that step's grid or FID (a hard kill after a time limit's SIGTERM) resumes at
+    # that step: make them now, from the checkpoint's EMA, so that the FID curve and the grids have no gap.
+    if step > 0:
+        missing = [args.sample_every and step % args.sample_every == 0
+                   and not os.path.exists(os.path.join(args.out, f"samples_{step:07d}.png")),
+                   args.fid_every and (step % args.fid_every == 0 or step == args.max_steps)
+                   and step not in fid_steps(metrics_path)]
+        if distributed:  # rank 0's reading: FID is a collective
+            dist.broadcast_object_list(missing, src=0)
+        if any(missing):
+            log(f"resume: making step {step}'s {' and '.join(n for n, m in zip(('grid', 'FID'), missing) if m)}, "
+                f"which the run stopped before")
+        if missing[0]:
+            save_samples()
+        if missing[1]:
+            evaluate_fid()
 
     # ---------------------------------------------------------------- the loop
     model.train()
