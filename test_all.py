@@ -70,6 +70,22 @@ def last_checkpoint(out):
     return torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], map_location="cpu", weights_only=False)
 
 
+def poison_losses(monkeypatch, bad_calls, factor=float("inf")):
+    """Make the calls of Diffusion.training_losses numbered in bad_calls (from 1: one per step of a one-process run
+    without FID) return loss * factor; returns the list of every call's per-sample loss, as it came out."""
+    real, losses = gd.Diffusion.training_losses, []
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        if len(losses) + 1 in bad_calls:
+            out = {**out, "loss": out["loss"] * factor}
+        losses.append(out["loss"].detach().clone())
+        return out
+
+    monkeypatch.setattr(gd.Diffusion, "training_losses", poisoned)
+    return losses
+
+
 def traced_peak(fn):
     """(fn(), the peak bytes Python and numpy allocated while it ran): numpy reports its allocations to tracemalloc."""
     tracemalloc.start()
@@ -1928,17 +1944,7 @@ def test_cli_refuses_no_metrics_and_an_unwritable_save_stats_before_any_features
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    real = gd.Diffusion.training_losses
-    calls = {"n": 0}
-
-    def poisoned(self, *a, **k):
-        out = real(self, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == 4:  # step 4
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(gd.Diffusion, "training_losses", poisoned)
+    poison_losses(monkeypatch, {4}, float("nan"))  # step 4
     with pytest.raises(SystemExit):
         run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "8", "--ckpt-every", "2")
     err = capsys.readouterr().err
@@ -3333,15 +3339,7 @@ def test_plot_labels_tell_close_loss_ticks_apart_and_write_thousands_as_k(tmp_pa
 def test_plot_cli_skips_the_nan_loss_of_a_log_window_of_skipped_steps(tmp_path, monkeypatch):
     # train.py logs "loss": NaN for a window whose steps were all skipped as non-finite (--skip-nonfinite); the plot
     # stopped with "cannot convert float NaN to integer"
-    real = gd.Diffusion.training_losses
-    calls = []
-
-    def poisoned(self, *a, **k):
-        out = real(self, *a, **k)
-        calls.append(1)
-        return {**out, "loss": out["loss"] * float("inf")} if len(calls) == 1 else out
-
-    monkeypatch.setattr(gd.Diffusion, "training_losses", poisoned)
+    poison_losses(monkeypatch, {1})
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "3", "--skip-nonfinite", "1", "--method",
                     "curriculum", "--curriculum-clusters", "2", "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "1")
     assert math.isnan([r["loss"] for r in metrics(out) if "loss" in r][0])  # step 1's record
@@ -6047,36 +6045,17 @@ def test_claim_checkpoint_folder_counts_the_start_step_and_keeps_every_renamed_c
 
 
 def test_skip_nonfinite_tolerates_n_bad_steps_without_nan_weights(tmp_path, monkeypatch):
-    real = gd.Diffusion.training_losses
-    calls = {"n": 0}
-
-    def poisoned(self, *a, **k):
-        out = real(self, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            out["loss"] = out["loss"] * float("inf")
-        calls[calls["n"]] = out["loss"].detach().clone()
-        return out
-
-    monkeypatch.setattr(gd.Diffusion, "training_losses", poisoned)
+    losses = poison_losses(monkeypatch, {2})
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "4", "--skip-nonfinite", "1", "--log-every", "2")
     ckpt = last_checkpoint(out)
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for k in ("model", "ema") for v in ckpt[k].values())
     first = [r for r in metrics(out) if "loss" in r][0]  # steps 1 and 2: only step 1's losses are finite
-    assert first["step"] == 2 and first["loss"] == pytest.approx(calls[1].mean().item(), rel=1e-5)  # once halved by zeros
+    assert first["step"] == 2 and first["loss"] == pytest.approx(losses[0].mean().item(), rel=1e-5)  # once halved by zeros
 
 
 def test_skip_nonfinite_counts_the_steps_skipped_before_a_resume(tmp_path, monkeypatch, capsys):
     # the count restarted at 0 on resume: a run that stopped and resumed tolerated N more bad steps
-    real = gd.Diffusion.training_losses
-    calls = {"n": 0}
-
-    def poisoned(self, *a, **k):
-        out = real(self, *a, **k)
-        calls["n"] += 1
-        return {**out, "loss": out["loss"] * float("inf")} if calls["n"] in (2, 3) else out  # steps 2, then 3
-
-    monkeypatch.setattr(gd.Diffusion, "training_losses", poisoned)
+    poison_losses(monkeypatch, {2, 3})  # step 2, then step 3 after the resume
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--skip-nonfinite", "1")
     assert last_checkpoint(out)["nonfinite"] == 1
     with pytest.raises(SystemExit):
