@@ -1,4 +1,4 @@
-"""
+r"""
 Speed of the training methods, the samplers and the FID feature extractor, in one process and one run.
 
     python bench.py --model DiT-S/2 --image-size 32 --batch-size 32 --device cpu \

@@ -1,4 +1,4 @@
-"""
+r"""
 Latent diffusion: encode a dataset once into VAE latents, and decode sampled latents to images.
 
 Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", CVPR 2022, and DiT

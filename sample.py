@@ -1,4 +1,4 @@
-"""
+r"""
 Sample from a trained checkpoint (EMA weights by default), on one process or many.
 
     torchrun --nproc_per_node=N sample.py --ckpt results/RUN/checkpoints/0010000.pt \
