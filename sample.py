@@ -303,6 +303,8 @@ def main(argv=None):
                  f"seed * {SEED_STRIDE} + i, which must stay below 2^32")
     if args.compile_mode != "default" and not args.compile:
         sys.exit(f"error: --compile-mode {args.compile_mode} has no effect without --compile; add --compile")
+    if args.inception is not None and args.fid_ref is None:  # as train.py's --inception without --fid-every
+        sys.exit("error: --inception has no effect without --fid-ref; add --fid-ref (images or statistics) to score the samples")
     if args.fid_ref is not None and args.num_samples < 2:
         sys.exit(f"error: --fid-ref needs at least 2 samples for a covariance, got --num-samples {args.num_samples}")
     if os.path.exists(os.path.join(args.out, "samples.npz")):  # hours of sampling for a 50K FID: never overwritten

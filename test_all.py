@@ -5504,6 +5504,9 @@ def test_sample_refuses_a_reference_of_the_wrong_kind_before_sampling(tmp_path, 
                          "--out", str(tmp_path / "s"), "--fid-ref", str(tmp_path / ref)])
         assert str(e.value.code).startswith("error: --fid-ref: ") and says in str(e.value.code), ref
     assert not calls and not (tmp_path / "s").exists()
+    with pytest.raises(SystemExit, match="--inception has no effect without --fid-ref"):  # the weights were never read
+        sample.main(["--ckpt", str(checkpoints(out)[-1]), "--num-samples", "4", "--out", str(tmp_path / "s"),
+                     "--inception", str(tmp_path / "w.pth")])
 
 
 def test_sample_cycles_class_labels_and_use_model_takes_the_raw_weights(tmp_path):
