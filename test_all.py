@@ -2000,6 +2000,9 @@ def test_dtr_rounding_is_half_to_even_like_the_official_code():
     # T = 3, alpha = 1, C - C_b = 1: the middle start is exactly 0.5 and rounds to 0, not 1.
     m = routing_masks(3, 10, alpha=1.0, beta=0.9)
     assert m.argmax(1).tolist() == [0, 0, 1]
+    # t / (T - 1) is the official np.linspace: at T = 11, t = 3 it is 0.30000000000000004, so the start
+    # 0.3**2 * 50 lands a hair above the tie and rounds to 5 (3 / 10 lands on 4.5 exactly and gives 4)
+    assert routing_masks(11, 100, alpha=2.0, beta=0.5).argmax(1).tolist() == [0, 1, 2, 5, 8, 12, 18, 25, 32, 40, 50]
 
 
 def test_dtr_default_shares_2cb_minus_c_channels_and_favours_high_t():
@@ -2205,6 +2208,8 @@ def test_mask_stats_rejects_non_masks():
         mask_stats(torch.full((4, 3), 0.5))
     with pytest.raises(ValueError):
         mask_stats(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="T >= 2"):  # one task has no halves to compare (was a torch RuntimeError)
+        mask_stats(torch.ones(1, 3))
 
 
 def test_mask_stats_hand_table_with_odd_t_splits_at_t_floor_half():
@@ -2229,6 +2234,20 @@ def test_cli_writes_png_and_prints_counts(tmp_path, capsys, kind):
     with Image.open(out) as im:
         assert im.format == "PNG" and 200 <= im.height <= 700 and 500 <= im.width <= 1400
         assert np.asarray(im.convert("RGB")).std() > 0
+
+
+def test_cli_defaults_are_the_papers_and_draw_shared_channels_grey(tmp_path, capsys):
+    # no knobs given: T = 1000, alpha = 4, beta = 0.8 (paper). For C = 384: C_b = 307, 2 C_b - C = 230 shared,
+    # and alpha > 1 gives the noisy half more channels of its own (72) than the clean half (5)
+    out = tmp_path / "masks.png"
+    dtr_main(["--channels", "384", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "num_timesteps=1000, alpha=4.0, beta=0.8" in text
+    assert "used only by t <  T/2    : 5" in text and "used only by t >= T/2    : 72" in text
+    # the top row is t = 0, channels [0, 307): the 230 shared ones grey, the other 77 blue, 2 pixels per channel
+    row = np.asarray(Image.open(out).convert("RGB"))[30, 60:60 + 2 * 384]  # (W, 3) inside the frame
+    grey, blue = (row == (150, 150, 150)).all(1), (row == (31, 60, 140)).all(1)
+    assert (grey.sum(), blue.sum()) == (2 * 230, 2 * 77) and blue[:2 * 77].all() and grey[2 * 77:2 * 307].all()
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -2578,6 +2597,16 @@ def test_weighted_sum_is_the_exact_row_combination():
         nt.weighted_sum(G, w[:3])
 
 
+def test_gram_matrix_adds_up_every_chunk_of_columns(monkeypatch):
+    # A DiT-XL/2 has P = 675M columns, hundreds of float64 chunks; chunks of 7 give a DiT's case at P = 50:
+    # several full chunks and a short last one. Products of float32 entries are exact in float64.
+    G = torch.randn(3, 50, generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(nt, "_GRAM_CHUNK", 7)
+    gram = nt.gram_matrix(G)
+    assert gram.dtype == torch.float64
+    torch.testing.assert_close(gram, G.double() @ G.double().T, rtol=1e-14, atol=0)
+
+
 def test_pcgrad_skips_zero_gradients():
     G = torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, 0.5]])
     out = nt.pcgrad(G, order=[[1, 2], [0, 2], [1, 0]])
@@ -2664,6 +2693,42 @@ def test_nash_falls_back_to_newton_when_a_subproblem_fails(monkeypatch):
     assert np.allclose(alpha, nash_reference(M), rtol=1e-4)
 
 
+def test_nash_weights_solve_the_equation_on_ill_conditioned_gram_matrices(monkeypatch):
+    # Gradient norms spread over e^6 (0.7 to 114 here) with two clusters in conflict: condition numbers ~1e5. The
+    # official stopping rule |A alpha - 1/alpha| < 1e-3 is absolute, so a large alpha passed it 0.69 off the equation
+    # (seed 33), and 20 iterations ended 2.8 off (seed 66), both reported as success; Newton's method finishes them.
+    for seed in (66, 33):  # 33 last: its M is reused below
+        rng = np.random.default_rng(seed)
+        G = rng.standard_normal((4, 50)) * np.exp(rng.uniform(-3.0, 3.0, size=(4, 1)))
+        G[1] = -0.8 * G[0] + 0.2 * G[1]
+        M = G @ G.T
+        alpha, info = nt.nash_mtl_weights(M)
+        assert info["success"] and info["converged"], info
+        assert np.max(np.abs(alpha * (M @ alpha) - 1.0)) < 1e-3, (seed, info)  # the paper's equation
+        assert np.allclose(alpha, nash_reference(M), rtol=1e-3)
+    # the stopped-short alpha as a warm start (NashMTL passes its last alpha) passes the same absolute residual
+    # at iteration 0; without the check it came back as it was
+    with monkeypatch.context() as patch:
+        patch.setattr(nt, "_nash_polish", lambda A, alpha, tol, info: alpha)
+        short, _ = nt.nash_mtl_weights(M)
+    assert np.max(np.abs(short * (M @ short) - 1.0)) > 0.5
+    alpha, info = nt.nash_mtl_weights(M, prev_alpha=short)
+    assert info["iterations"] == 0 and np.max(np.abs(alpha * (M @ alpha) - 1.0)) < 1e-3, info
+
+
+def test_nash_concave_convex_procedure_alone_solves_the_bargaining_equation(monkeypatch):
+    # Newton's method backs up the concave-convex procedure; without it the procedure itself must solve
+    # well-conditioned cases (a wrong linearisation would otherwise hide behind the fallback)
+    monkeypatch.setattr(nt, "_nash_newton", lambda A, alpha, max_iter=100: None)
+    rng = np.random.default_rng(4)
+    for K in (3, 5, 8):
+        G = rng.standard_normal((K, 400)) * rng.uniform(0.1, 3.0, size=(K, 1))
+        M = G @ G.T
+        alpha, info = nt.nash_mtl_weights(M)
+        assert info["success"] and info["converged"] and not info["newton"], info
+        assert np.max(np.abs(alpha * (M @ alpha) - 1.0)) < 1e-3
+
+
 def test_nash_warm_start_and_tensor_input():
     G = torch.randn(5, 300, generator=torch.Generator().manual_seed(5))
     alpha, info = nt.nash_mtl_weights(nt.gram_matrix(G))
@@ -2687,6 +2752,8 @@ def test_nash_reports_failure_instead_of_sticking_at_one():
 
 def test_nash_mtl_state_round_trip_and_loss():
     nash = nt.NashMTL(3)
+    assert (nt.NASH_EVERY, nt.NASH_MAX_ITER, nt.NASH_MAX_NORM) == (25, 20, 1.0)  # official recipe (papers.md)
+    assert (nash.every, nash.max_iter, nash.max_norm) == (25, 20, 1.0)
     assert nash.should_update(0) and not nash.should_update(24) and nash.should_update(25)
     updates_at = []
     for step in range(51):
@@ -2844,6 +2911,9 @@ def test_gradient_affinity_sketch_approximates_exact():
     grad_fn = lambda t: vectors[int(t[0]) * groups // T].float()
     exact = nt.gradient_affinity(grad_fn, T, groups=groups, batch_size=2, sketch_dim=P)
     sketch = nt.gradient_affinity(grad_fn, T, groups=groups, batch_size=2, sketch_dim=2048)
+    unit = vectors.float().double() / vectors.float().double().norm(dim=1, keepdim=True)  # P <= sketch_dim: exact
+    group_of = np.arange(T) * groups // T
+    np.testing.assert_allclose(exact, (unit @ unit.T).numpy()[np.ix_(group_of, group_of)], atol=1e-12)
     assert exact.min() < 0.2 and exact.max() == pytest.approx(1.0)  # a real spread of similarities
     assert np.max(np.abs(sketch - exact)) < 0.1
 
@@ -3093,6 +3163,30 @@ def test_default_adaptive_stage_lasts_warmup_200_plus_patience_500_on_constant_l
     assert (cur.warmup, cur.patience, cur.num_stages) == (200, 500, 20)
     flags = [cur.update(0.07) for _ in range(700)]
     assert flags.index(True) == 699 and sum(flags) == 1 and cur.active_range == (900, 1000)
+
+
+def test_default_pacing_follows_the_documented_rules():
+    # fixed pacing: a stage every 1000 updates; adaptive: on a noiseless loss the defaults (patience 500,
+    # rel_tol 1e-3) hold the stage while the loss falls more than 0.2% per 1000 updates and advance below that
+    cur = Curriculum(pacing="fixed")
+    assert [cur.update(1.0) for _ in range(1000)].index(True) == 999
+    for per_1000, advance_at in ((0.004, None), (0.001, 699)):
+        cur, rate = Curriculum(), -math.log(1.0 - per_1000) / 1000
+        flags = [cur.update(0.1 * math.exp(-rate * k)) for k in range(4000)]
+        assert (flags.index(True) if any(flags) else None) == advance_at, per_1000
+
+
+def test_stage_numbers_outside_one_to_n_are_refused():
+    # stages are n = 1..N; unchecked, a stage 0 would read clusters[-0] = clusters[0] and give the whole [0, T)
+    clusters = timestep_clusters(1000, 20)
+    for stage in (0, 21):
+        for order in ("easy-to-hard", "hard-to-easy"):
+            with pytest.raises(ValueError, match=r"stage must be in \[1, 20\]"):
+                stage_interval(clusters, stage, order)
+        state = Curriculum(1000, 20).state_dict()
+        state["stage"] = stage
+        with pytest.raises(ValueError, match="outside"):
+            Curriculum(1000, 20).load_state_dict(state)
 
 
 def test_warmup_rounds_one_over_one_minus_smoothing():
