@@ -1164,7 +1164,7 @@ def main(argv=None):
             check_is_possible(metrics, net)
         kwargs = dict(batch_size=args.batch_size, num_workers=num_workers, limit=args.limit)
         if args.reference is None:
-            samples = load_or_compute_stats(args.samples, net, keep=raw_features(metrics), **kwargs)  # a reference or samples to score later
+            samples = load_or_compute_stats(args.samples, net, keep=raw_features(metrics), **kwargs)  # logits too: an IS scored later
             save_statistics(args.save_stats, samples)
             result = {"saved": str(args.save_stats), "n_samples": samples.get("n")}
         else:
