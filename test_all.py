@@ -1639,7 +1639,9 @@ def test_bad_files_seeds_devices_and_fid_settings_give_one_line_errors(tmp_path,
                         (["--ant-tas", str(tmp_path / "tas.npz")], "--ant-tas is read only by an ANT method"),
                         (fid_on + ["--fid-batch-size", "0"], "--fid-batch-size 0: must be a positive number"),
                         (fid_on + ["--fid-samples", str(2**33)], f"--fid-samples {2**33}: at most"),
-                        (fid_on + ["--fid-ref", str(tmp_path / "ref10.npz")], "its statistics have mu (10,) and sigma (10, 10)")):
+                        (fid_on + ["--fid-ref", str(tmp_path / "ref10.npz")], "its statistics have mu (10,) and sigma (10, 10)"),
+                        (fid_on + ["--fid-ref", str(tmp_path / "ref10.npz"), "--fid-ref-limit", "5"],  # was ignored
+                         "--fid-ref-limit takes part of a reference's images, but these statistics are used whole")):
         assert says in _train_error(tmp_path, capsys, *flags), flags
     assert not list((tmp_path / "bad" / "checkpoints").glob("*.pt"))  # refused before the first step
 

@@ -969,6 +969,9 @@ def train(args):
         error = [None]
         if master:
             try:
+                if args.fid_ref and args.fid_ref_limit is not None and fid.is_statistics_file(args.fid_ref):
+                    raise ValueError("--fid-ref-limit takes part of a reference's images, but these statistics are used "
+                                     "whole; leave --fid-ref-limit out, or give images")
                 key = None if args.fid_ref else f"{os.path.abspath(args.data)}|{args.image_size}px"  # the training set
                 if key is not None and isinstance(dataset, datasets.ShapesDataset):  # its images follow the seed
                     key += f"|seed {dataset.seed}"
