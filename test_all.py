@@ -1171,6 +1171,19 @@ def test_center_crop_arr_follows_adm_step_by_step():
         np.testing.assert_array_equal(datasets.center_crop_arr(img, 16), resized[top:top + 16, left:left + 16])
 
 
+def test_center_crop_arr_halves_odd_sides_by_floor_and_crops_images_one_side_already_fits(tmp_path):
+    """ADM halves with size // 2 (odd sides round down), and an array image whose height already equals the target
+    but whose width does not is still centre-cropped to a square."""
+    rng = np.random.default_rng(14)
+    img = Image.fromarray(rng.integers(0, 256, (67, 99, 3), dtype=np.uint8))  # (W, H) 99x67 -> 49x33 -> 24x16
+    halved = img.resize((49, 33), Image.BOX).resize((24, 16), Image.BOX)
+    np.testing.assert_array_equal(datasets.center_crop_arr(img, 16), np.asarray(halved)[:, 4:20])
+    wide = rng.integers(0, 256, (2, 16, 24, 3), dtype=np.uint8)  # H = 16 = the target, W = 24
+    np.savez(tmp_path / "wide.npz", arr_0=wide)
+    ds = datasets.load_dataset(str(tmp_path / "wide.npz"), 16)
+    assert torch.equal(ds[1][0], torch.from_numpy(wide[1, :, 4:20]).permute(2, 0, 1))
+
+
 def test_to_model_input_mirrors_left_right_with_probability_one_half():
     x = torch.arange(3 * 2 * 3, dtype=torch.uint8).view(1, 3, 2, 3).repeat(2000, 1, 1, 1)  # H != W, no symmetry
     plain = x[0].float() / 127.5 - 1
@@ -1179,6 +1192,14 @@ def test_to_model_input_mirrors_left_right_with_probability_one_half():
     is_mirrored = (out == plain.flip(-1)).flatten(1).all(1)  # the width axis
     assert bool((is_plain ^ is_mirrored).all())  # each image as it is or mirrored left-right, nothing else
     assert 0.45 < is_mirrored.double().mean().item() < 0.55  # 2000 fair coins: 0.5 +- 4.5 sigma
+
+
+def test_to_model_input_flips_are_drawn_from_the_given_generator_only():
+    x = torch.arange(3 * 2 * 3, dtype=torch.uint8).view(1, 3, 2, 3).repeat(64, 1, 1, 1)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a, b = (datasets.to_model_input(x, generator=torch.Generator().manual_seed(5)) for _ in range(2))
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), before)  # same seed, same flips; global RNG untouched
 
 
 def test_labels_from_paths_hand_values():
@@ -3967,6 +3988,16 @@ def test_precision_recall_counts_points_on_the_ball_boundary_hand_values():
     assert fid.precision_recall(real, fake, k=1, batch_size=2) == (0.5, 0.4)
 
 
+def test_precision_recall_distances_are_float64_for_features_far_from_the_origin():
+    """The squared distances are |a|^2 - 2 a.b + |b|^2: in float32 that cancels away for features with a large common
+    offset (here 1e4: |a|^2 ~ 5e8, float32's rounding ~ 30, the distances ~ 10), in float64 it does not."""
+    rng = np.random.default_rng(6)
+    real = rng.normal(size=(60, 5))
+    fake = rng.normal(loc=0.7, scale=1.4, size=(45, 5))
+    expected = brute_force_precision_recall(real, fake, 3)
+    assert fid.precision_recall(real + 1e4, fake + 1e4, k=3) == pytest.approx(expected)
+
+
 # ----------------------------------------------------------------------------------------------
 # Inputs, statistics files, CLI (with a tiny stand-in network: the readers and the plumbing are
 # under test here, not the Inception network)
@@ -4000,6 +4031,18 @@ def write_folder(folder, images):
         sub.mkdir(exist_ok=True)
         Image.fromarray(img).save(sub / f"{i:03d}.png")
     return folder
+
+
+def test_uint8_images_reach_the_network_as_rgb_rows_by_columns_over_255():
+    """ADM's evaluator reads (N, H, W, 3) uint8 RGB in [0, 255]: the network must see image[n, h, w, c] / 255 at
+    [n, c, h, w] for both uint8 layouts. Non-square images, so a transposition (rows read as columns) shows, and
+    the spatial features, which keep where each pixel is."""
+    images = make_images(3)[:, :, :10]  # (3, 16, 10, 3) non-square
+    want = TinyNet()(torch.from_numpy(images).double().permute(0, 3, 1, 2).float() / 255)
+    for layout in (images, torch.from_numpy(images).permute(0, 3, 1, 2)):  # (N, H, W, 3) and (N, 3, H, W)
+        got = fid.extract_features(layout, TinyNet(), keys=("pool", "spatial"), progress=False)
+        for key in ("pool", "spatial"):
+            np.testing.assert_allclose(got[key], want[key].numpy(), rtol=1e-6, atol=1e-7, err_msg=key)
 
 
 def test_fid_skips_hidden_entries_and_reads_upper_case_npz(tmp_path):
@@ -4201,6 +4244,34 @@ def test_evaluate_precision_is_of_the_samples_and_recall_of_the_reference():
     assert expected == pytest.approx((0.4, 0.92))  # unequal, so a swap shows
     result = fid.evaluate(samples, reference, net, metrics=("pr",), progress=False)
     assert (result["precision"], result["recall"]) == pytest.approx(expected)
+
+
+def test_evaluate_fid_and_sfid_are_the_frechet_distances_of_the_pool_and_spatial_features():
+    """FID compares the samples' pool features with the reference's, sFID their spatial features: each the Frechet
+    distance of the two sets' (mean, covariance), nonzero for different sets."""
+    net = TinyNet()
+    samples, reference = make_images(20, seed=1), make_images(25, seed=2)
+    samples[:10] //= 2
+    s, r = (fid.extract_features(x, net, progress=False) for x in (samples, reference))
+    result = fid.evaluate(samples, reference, net, metrics=("fid", "sfid"), progress=False)
+    for metric, key in (("fid", "pool"), ("sfid", "spatial")):
+        expected = fid.frechet_distance(*fid.feature_statistics(s[key]), *fid.feature_statistics(r[key]))
+        assert expected > 1e-3 and result[metric] == pytest.approx(expected, rel=1e-9), metric
+
+
+def test_a_mixed_size_batch_gives_each_image_the_features_it_gets_alone(tmp_path):
+    """Images of different sizes share a batch by being resized to 299x299 first; the network would resize each
+    the same way, so every image's features are those of the image on its own (to the clamp's 1e-7)."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(13)
+    for i, (h, w) in enumerate(((20, 31), (64, 48), (299, 299))):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    net = randomize_(fid.FIDInceptionV3())
+    together = fid.extract_features(folder, net, keys=("pool", "spatial"), batch_size=3, progress=False)
+    alone = fid.extract_features(folder, net, keys=("pool", "spatial"), batch_size=1, progress=False)
+    for key in ("pool", "spatial"):
+        np.testing.assert_allclose(together[key], alone[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
