@@ -376,6 +376,37 @@ def test_final_layer_is_layernorm_modulated_by_shift_then_scale_then_linear():
     torch.testing.assert_close(layer(x.float(), c.float()).double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_official_init_is_adaln_zero_with_the_official_scales():
+    # official initialize_weights: every block's and the final layer's adaLN Linear is zero (each block is the
+    # identity at init, not only the network output zero); label table and both timestep-MLP weights N(0, 0.02);
+    # the patch conv xavier-uniform as a (D, C p p) Linear; pos_embed a fixed (untrained) sin-cos table
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/2"](input_size=16, depth=2)
+    x, c = torch.randn(2, 64, 384), torch.randn(2, 384)
+    for block in model.blocks:
+        assert torch.equal(block(x, c), x)
+    assert torch.count_nonzero(model.final_layer.adaLN_modulation(c)) == 0
+    for w in (model.y_embedder.embedding_table.weight, model.t_embedder.mlp[0].weight, model.t_embedder.mlp[2].weight):
+        assert abs(w.std().item() - 0.02) < 0.002
+    bound = math.sqrt(6 / (4 * 2 * 2 + 384))  # xavier: sqrt(6 / (fan_in + fan_out)); torch's conv default is 1/sqrt(16)
+    assert 0.95 * bound < model.x_embedder.proj.weight.abs().max().item() <= bound
+    assert not model.pos_embed.requires_grad
+    assert all(m.eps == 1e-6 and not m.elementwise_affine for m in model.modules() if isinstance(m, nn.LayerNorm))
+
+
+def test_forward_with_cfg_runs_the_first_half_twice_whatever_the_second_half_holds():
+    # official DiT forward_with_cfg: half = x[:N/2], the network sees cat([half, half]); the second half is a placeholder
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/4"](input_size=8, in_channels=3, num_classes=4, depth=1, hidden_size=32, num_heads=2).eval()
+    for p in model.final_layer.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    h, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 700, 10, 700]), torch.tensor([1, 3, 4, 4])
+    with torch.no_grad():
+        ref = model.forward_with_cfg(torch.cat([h, h]), t, y, 3.0)
+        other = model.forward_with_cfg(torch.cat([h, torch.randn_like(h)]), t, y, 3.0)
+    torch.testing.assert_close(other, ref, rtol=0, atol=0)
+
+
 # ==============================================================================================
 #                                   diffusion.py
 # ==============================================================================================
@@ -790,6 +821,76 @@ def test_guided_model_fn_returns_the_conditional_half_with_guided_eps():
     assert (cond - uncond)[:, 3:].abs().max() > 1e-3  # the two halves' variance channels differ
     torch.testing.assert_close(out[:, :3], uncond[:, :3] + 2.5 * (cond[:, :3] - uncond[:, :3]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[:, 3:], cond[:, 3:], rtol=1e-5, atol=1e-5)
+
+
+def test_respacing_ddim_with_every_step_and_a_respaced_chain_keeps_original_timesteps():
+    # official space_timesteps tries strides from 1, so "ddimT" keeps all T steps; respacing an already respaced
+    # diffusion (d.respace(..).sample(steps=..)) maps its steps back through both maps to the original timesteps
+    assert gd.space_timesteps(40, "ddim40") == list(range(40))
+    d = gd.Diffusion(1000, learn_sigma=False)
+    twice = d.respace("ddim10").respace("ddim5")
+    assert twice.timestep_map.tolist() == [0, 200, 400, 600, 800]
+    np.testing.assert_allclose(twice.alphas_cumprod, d.alphas_cumprod[twice.timestep_map], rtol=1e-12)
+
+
+def test_hybrid_loss_is_the_weighted_mse_plus_the_unweighted_vb():
+    # DiT's objective: loss = w(t) mse + vb; Min-SNR / P2 reweight the epsilon MSE only (the VLB term trains the
+    # variance and keeps its own scale), and vb is part of the loss, not only reported
+    d = gd.Diffusion(learn_sigma=True, weighting="min-snr", min_snr_gamma=1.0)
+    t = torch.tensor([0, 3, 50, 900])
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, torch.randn(4, 3, 4, 4, generator=g)
+    out = d.training_losses(lambda x, tt, y=None: torch.cat([0.5 * noise, torch.full_like(x, 0.3)], 1), x0, t,
+                            dict(y=None), noise=noise)
+    w = np.minimum(d.snr[t.numpy()], 1.0) / d.snr[t.numpy()]
+    assert w.min() < 0.01 and out["vb"].min() > 1e-3  # the check has teeth: weights far from 1, vb far from 0
+    np.testing.assert_allclose(out["loss"].double().numpy(), w * out["mse"].double().numpy() + out["vb"].double().numpy(),
+                               rtol=1e-6)
+
+
+def test_ddim_step_rederives_eps_from_the_clipped_x0():
+    # official guided-diffusion ddim_sample: with clip_denoised, x_0 is clamped to [-1, 1] and eps is re-derived from
+    # the clamped x_0 and x_t (eps' = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)) before DDIM eq. 12
+    betas = np.array([0.1, 0.5])
+    abar = np.cumprod(1 - betas)
+    d = gd.Diffusion(learn_sigma=False, betas=betas)
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 3
+    seen = []
+
+    def model(x, t):
+        seen.append(x.clone())
+        return -x  # x_0 = (1 + sqrt(1 - abar)) x / sqrt(abar): far outside [-1, 1] for most pixels
+
+    d.ddim_sample(model, x_T, clip_denoised=True, eta=0.0)
+    x0 = ((x_T + math.sqrt(1 - abar[1]) * x_T) / math.sqrt(abar[1])).clamp(-1, 1)
+    eps = (x_T - math.sqrt(abar[1]) * x0) / math.sqrt(1 - abar[1])
+    assert (x0.abs() == 1).float().mean() > 0.5 and (x0.abs() < 1).any()
+    torch.testing.assert_close(seen[1], math.sqrt(abar[0]) * x0 + math.sqrt(1 - abar[0]) * eps, rtol=0, atol=1e-6)  # fp32 model output
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_ddpm_step_adds_the_standard_deviation_times_the_step_noise(learn_sigma):
+    # DDPM alg. 2: x_{t-1} = mu + sigma_t z with sigma_t = exp(0.5 log var): beta_t (fixed large) or, learned,
+    # exp of frac log beta_t + (1 - frac) log beta~_t with frac = (v + 1) / 2 (improved DDPM eq. 15); z = 1 here
+    betas = np.array([0.1, 0.5])
+    abar = np.cumprod(1 - betas)
+    d = gd.Diffusion(learn_sigma=learn_sigma, betas=betas)
+    g = torch.Generator().manual_seed(7)
+    x_T, eps = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    seen = []
+
+    def model(x, t):
+        seen.append(x.clone())
+        return torch.cat([eps, torch.full_like(x, 0.2)], 1) if learn_sigma else eps
+
+    d.ddpm_sample(model, x_T, clip_denoised=False, noise_fn=torch.ones_like)
+    x0 = (x_T - math.sqrt(1 - abar[1]) * eps) / math.sqrt(abar[1])
+    post_var = betas[1] * (1 - abar[0]) / (1 - abar[1])
+    mean = post_var * (math.sqrt(abar[0]) * x0 / (1 - abar[0]) + math.sqrt(1 - betas[1]) * x_T / betas[1])
+    frac = 0.6 if learn_sigma else 1.0
+    std = math.exp(0.5 * (frac * math.log(betas[1]) + (1 - frac) * math.log(post_var)))
+    assert std - std ** 2 > 0.2  # std, not the variance: the check has teeth
+    torch.testing.assert_close(seen[1], mean + std, rtol=0, atol=1e-6)  # fp32 model output
 
 
 # ==============================================================================================
