@@ -279,6 +279,14 @@ def encode_share(vae, dataset, mine, args, device, rank, world):
         bar.close()
 
 
+def check_out(out, wanted):
+    """Refuse an --out that cannot be a folder: empty (the working folder) or a file. `wanted` says what to give."""
+    if not out:
+        raise LatentError(f"--out is empty; give {wanted}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise LatentError(f"--out {out} is a file; give {wanted}")
+
+
 def encode(args):
     """`latents.py encode`: rank 0 prepares (or checks) the folder, every rank encodes its share of
     the images not yet done, and rank 0 marks the folder complete."""
@@ -327,10 +335,7 @@ def encode(args):
 
     if args.seed < 0:
         raise LatentError(f"--seed {args.seed}: use a seed >= 0")
-    if not args.out:  # '' wrote the arrays and manifest into the working folder, past the check for other files there
-        raise LatentError("--out is empty; give the latent folder to write (or resume)")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise LatentError(f"--out {args.out} is a file; give the latent folder to write (or resume)")
+    check_out(args.out, "the latent folder to write (or resume)")  # '' wrote into the working folder, past its check
     for flag, value, least in (("--image-size", args.image_size, 1), ("--batch-size", args.batch_size, 1),
                                ("--num-workers", args.num_workers, 0)):
         if value < least:  # checked before the VAE loads and the folder is made, not by the DataLoader after
@@ -392,10 +397,7 @@ def decode(args):
         raise LatentError(f"--num {args.num}: give a positive count, or leave it out to decode all")
     if args.batch_size < 1:
         raise LatentError(f"--batch-size {args.batch_size}: must be a positive number")
-    if not args.out:
-        raise LatentError("--out is empty; give the folder for images.npz and grid.png")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise LatentError(f"--out {args.out} is a file; give the folder for images.npz and grid.png")
+    check_out(args.out, "the folder for images.npz and grid.png")
     if os.path.exists(os.path.join(args.out, "images.npz")):  # as sample.py's samples.npz: never overwritten
         raise LatentError(f"{os.path.join(args.out, 'images.npz')} exists; decoded images are not overwritten: "
                           f"pass another --out or delete the file")

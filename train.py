@@ -1057,13 +1057,18 @@ def train(args):
 
     previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    # The steps that make a grid and score an FID: the loop's rule, which a resume also checks against what is on disk
+    def grid_due(s):
+        return bool(args.sample_every) and s % args.sample_every == 0
+
+    def fid_due(s):
+        return bool(args.fid_every) and (s % args.fid_every == 0 or s == args.max_steps)
+
     # A job killed between a checkpoint and that step's grid or FID (a hard kill after a time limit's SIGTERM) resumes at
     # that step: make them now, from the checkpoint's EMA, so that the FID curve and the grids have no gap.
     if step > 0:
-        missing = [args.sample_every and step % args.sample_every == 0
-                   and not os.path.exists(os.path.join(args.out, f"samples_{step:07d}.png")),
-                   args.fid_every and (step % args.fid_every == 0 or step == args.max_steps)
-                   and step not in fid_steps(metrics_path)]
+        missing = [grid_due(step) and not os.path.exists(os.path.join(args.out, f"samples_{step:07d}.png")),
+                   fid_due(step) and step not in fid_steps(metrics_path)]
         if distributed:  # rank 0's reading: FID is a collective
             dist.broadcast_object_list(missing, src=0)
         if any(missing):
@@ -1185,9 +1190,9 @@ def train(args):
         t_pause = time.time()  # checkpoints, grids and FID do not count against the training throughput
         if due_ckpt or not keep_going:
             save_checkpoint()
-        if args.sample_every and step % args.sample_every == 0:
+        if grid_due(step):
             save_samples()
-        if args.fid_every and (step % args.fid_every == 0 or step == args.max_steps):
+        if fid_due(step):
             evaluate_fid()
         t0 += time.time() - t_pause
 
@@ -1196,7 +1201,7 @@ def train(args):
         signal.signal(s, handler)
     if not keep_going:
         log(f"stopped by a signal at step {step}; resume with the same flags plus --resume auto")
-    elif args.sample_every == 0 or step % args.sample_every:
+    elif not grid_due(step):
         save_samples()
     if distributed:
         dist.barrier()  # nobody tears down the process group while a peer still uses it
