@@ -1029,7 +1029,7 @@ def _affinity_command(args):
     device = resolve_device(args.device)  # a ValueError that says what to do for a typo or a GPU not there
     # Every checkpoint loads, and all share one T, before any gradient: a typo or another T later in the list
     # stopped the command only after the gradients of the checkpoints before it (a broadcast error for another T).
-    T = {ckpt: len(load_model(ckpt)[1].alphas_cumprod) for ckpt in args.ckpt}
+    T = {ckpt: len(load_model(ckpt, use_ema=False)[1].alphas_cumprod) for ckpt in args.ckpt}  # the weights used below
     if len(set(T.values())) > 1:
         listed = ", ".join(f"{ckpt}: T={t}" for ckpt, t in T.items())
         raise SystemExit(f"the checkpoints differ in their number of timesteps ({listed}); TAS averages over "
