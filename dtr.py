@@ -293,16 +293,22 @@ def main(argv=None):
     """Render the routing masks of one configuration and print the channel counts."""
     p = argparse.ArgumentParser(description="Draw DTR / R-TR routing masks (rows = timesteps, cols = channels).")
     p.add_argument("--channels", type=int, required=True, help="block width C (DiT-S 384, B 768, L 1024, XL 1152)")
-    p.add_argument("--alpha", type=float, default=4.0, help="window speed exponent; paper default 4")
+    p.add_argument("--alpha", type=float, help="DTR: window speed exponent; paper default 4")
     p.add_argument("--beta", type=float, default=0.8, help="fraction of active channels per task; paper default 0.8")
     p.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T")
     p.add_argument("--kind", choices=["dtr", "random"], default="dtr", help="dtr = DTR, random = R-TR baseline")
-    p.add_argument("--seed", type=int, default=0, help="seed of the R-TR masks")
+    p.add_argument("--seed", type=int, help="R-TR (--kind random): seed of the masks; default 0")
     p.add_argument("--out", required=True, help="output PNG path")
     args = p.parse_args(argv)
 
     if not args.out.lower().endswith(".png"):
         p.error(f"--out {args.out}: the masks are drawn as a PNG; pass a path ending in .png")
+    if args.kind == "random" and args.alpha is not None:  # R-TR masks have no window, hence no alpha
+        p.error("--alpha moves the DTR window and has no effect with --kind random; drop it")
+    if args.kind == "dtr" and args.seed is not None:  # DTR masks are deterministic
+        p.error("--seed draws the R-TR masks and has no effect with --kind dtr; drop it or add --kind random")
+    args.alpha = 4.0 if args.alpha is None else args.alpha
+    args.seed = 0 if args.seed is None else args.seed
     try:  # bad values and unwritable paths end in one line with the usage, not a traceback
         router = TaskRouter(args.channels, args.timesteps, args.alpha, args.beta, args.kind, args.seed)
         s = router.stats

@@ -1184,8 +1184,15 @@ def main(argv=None):
         for key, value in result.items():
             if key in LABELS:
                 print(f"{LABELS[key]}: {value:.4f}")
+        if "n_reference" in result:  # FID depends on N (FID-10K > FID-50K): the counts go with the numbers
+            print(f"images: {result['n_samples']} samples, {result['n_reference'] or '?'} reference")
         if "saved" in result:
             print(f"saved statistics of {result['n_samples']} images to {result['saved']}")
+    if args.limit is not None:  # a --limit above an input's count uses all of it: say so, not silently
+        for name, n in (("SAMPLES", result.get("n_samples")), ("REFERENCE", result.get("n_reference"))):
+            if n is not None and n < args.limit:
+                print(f"fid.py: note: --limit {args.limit}: {name} has {n} images; all of them were used",
+                      file=sys.stderr)
     return result
 
 

@@ -92,6 +92,10 @@ def load_model(ckpt_path, device="cpu", use_ema=True):
         raise ValueError(f"{ckpt_path} predates the {e.args[0]} setting, which this version of the code needs to rebuild "
                          f"the model; sample it with the code that trained it") from None
     model.load_state_dict(ckpt[weights], strict=True)
+    bad = [k for k, v in ckpt[weights].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # NaN weights sample NaN images, which to_uint8 would save as black ones and FID would score
+        raise ValueError(f"{ckpt_path}: {len(bad)} of the {weights!r} tensors hold NaN or inf (first: {bad[0]}); the run "
+                         f"diverged before this checkpoint: pass an earlier one")
     return model.to(device).eval(), diffusion, args
 
 

@@ -2380,6 +2380,8 @@ def test_cli_defaults_are_the_papers_and_draw_shared_channels_grey(tmp_path, cap
     (["--channels", "8", "--out", "masks.jpg"], "pass a path ending in .png"),
     (["--channels", "8", "--out", "no/such/folder/masks.png"], "No such file or directory"),
     (["--channels", str(10**15)], "Unable to allocate"),  # a MemoryError (7 PiB), once a traceback
+    (["--channels", "8", "--kind", "random", "--alpha", "2"], "no effect with --kind random"),
+    (["--channels", "8", "--seed", "3"], "no effect with --kind dtr"),
 ])
 def test_cli_bad_input_is_one_usage_error(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -4489,7 +4491,11 @@ def test_cli_save_stats_round_trip(tmp_path, monkeypatch, capsys):
     for key in ("fid", "sfid", "precision", "recall"):
         assert from_stats[key] == pytest.approx(from_images[key], rel=1e-6)
     fid.main([str(samples), str(tmp_path / "ref.npz")])
-    assert capsys.readouterr().out.strip() == f"FID: {from_stats['fid']:.4f}"
+    assert capsys.readouterr().out.strip().splitlines() == [f"FID: {from_stats['fid']:.4f}", "images: 10 samples, 12 reference"]
+    fid.main([str(samples), str(reference), "--limit", "11"])  # above the samples' count: all 10 are used, and it says so
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[1:] == ["images: 10 samples, 11 reference"]
+    assert err.strip().splitlines()[-1] == "fid.py: note: --limit 11: SAMPLES has 10 images; all of them were used"
 
 
 def test_a_statistics_cache_cut_short_is_recomputed_and_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
@@ -5706,6 +5712,14 @@ def test_sample_py_refuses_bad_labels_guided_channels_and_seeds_before_sampling(
             sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "ddim2", *flags])
         assert says in str(e.value.code), e.value.code
     assert not (tmp_path / "s").exists()
+    ckpt_data = torch.load(ckpt, weights_only=False)  # a diverged run's weights: refused, not sampled as black images
+    ckpt_data["ema"]["blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
+    torch.save(ckpt_data, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "ddim2"])
+    assert "1 of the 'ema' tensors hold NaN or inf (first: blocks.0.mlp.fc1.weight)" in str(e.value.code), e.value.code
+    assert not (tmp_path / "s").exists()
+    sample.load_model(str(tmp_path / "nan.pt"), use_ema=False)  # the raw weights are finite
 
 
 def test_per_sample_generator_seeds_stay_below_two_to_the_32():
@@ -6763,6 +6777,12 @@ def test_decode_cli_writes_adm_npz_from_a_folder_or_an_npz(latent_setup, tmp_pat
     np.savez(tmp_path / "z.npz", arr_0=z)
     latents.main(["decode", "--latents", str(tmp_path / "z.npz"), "--vae", str(vae), "--out", str(tmp_path / "rec2")])
     np.testing.assert_array_equal(np.load(tmp_path / "rec2" / "images.npz")["arr_0"], rec["arr_0"][:3])
+    z[1, 0, 0, 0] = np.inf  # would decode to a NaN image, saved black
+    np.savez(tmp_path / "zinf.npz", arr_0=z)
+    with pytest.raises(latents.LatentError, match="1 of the 3 latents hold NaN or inf"):
+        latents.decode(latents.parse_args(["decode", "--latents", str(tmp_path / "zinf.npz"), "--vae", str(vae),
+                                           "--out", str(tmp_path / "rec3")]))
+    assert not (tmp_path / "rec3").exists()
 
 
 
