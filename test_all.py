@@ -5877,14 +5877,17 @@ def fresh_dynamo():
     torch._dynamo.reset(), counters.clear()
 
 
-def record_graphs(monkeypatch):
+def record_graphs(monkeypatch, code=None):
     """Make torch.compile trace with Dynamo as usual but run each graph eagerly (fast: no Inductor). Returns a list
-    that gets, per graph compiled, ("sampling" or "training" by the grad mode, batch size of the (N, 3, 16, 16) input)."""
+    that gets, per graph compiled, ("sampling" or "training" by the grad mode, batch size of the (N, 3, 16, 16) input);
+    the list `code`, if given, gets each graph's Python source."""
     graphs = []
 
     def backend(gm, example_inputs):
         n = [x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and tuple(x.shape[1:]) == (3, 16, 16)]
         graphs.append(("training" if torch.is_grad_enabled() else "sampling", *n))
+        if code is not None:
+            code.append(gm.code)
         return gm.forward
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
     return graphs
@@ -5950,6 +5953,34 @@ def test_train_compile_samples_from_the_ema_compiled_once_per_batch_size(tmp_pat
     assert sorted(p.name for p in out.glob("samples_*.png")) == ["samples_0000002.png", "samples_0000003.png"]
     compiled = [r["fid"] for r in metrics(out) if "fid" in r]
     assert len(compiled) == 3 and compiled == pytest.approx(eager, rel=1e-5)  # the compiled EMA follows the updates
+
+
+@pytest.mark.parametrize("method", ["vanilla", "dtr", "ant-pcgrad", "rtr+ant-nash", "dtr+ant-uw", "dtr+curriculum",
+                                    "curriculum+ant-uw"])
+def test_train_compile_traces_each_method_as_one_graph_without_breaks_or_recompiles(tmp_path, monkeypatch, fresh_dynamo,
+                                                                                     method):
+    # Issue 7: --compile compiles the DiT (with its router) once, on the first step. What changes from step to step,
+    # the curriculum's stage and t range, ANT's cluster labels, UW's weights, Nash-MTL's update and kept-alpha steps,
+    # PCGrad's K retained backwards, lives outside the compiled model or reaches it as tensors: no graph break and no
+    # guard (a Python number that changes per step) that would recompile. 4 steps: stages 2 and 3 start after steps 1
+    # and 2 (the last stage hands curriculum+ant-uw back to stratified sampling); Nash-MTL solves at steps 0 and 2.
+    from torch._dynamo.utils import counters
+    code = []
+    graphs = record_graphs(monkeypatch, code)
+    out = run_train(tmp_path, "--compile", "--method", method, "--global-batch-size", "4", "--max-steps", "4",
+                    "--ant-clusters", "2", "--nash-every", "2", "--curriculum-pacing", "fixed",
+                    "--curriculum-stage-steps", "1", "--curriculum-clusters", "3")
+    assert graphs == [("training", 4)]
+    assert not counters["graph_break"] and not counters["recompiles"]
+    assert counters["stats"]["unique_graphs"] == 1
+    # the router is inside the graph: one lookup of its mask table per forward, shared by the blocks
+    routed = "dtr" in method or "rtr" in method
+    assert code[0].count("router_buffers_masks_[") == routed
+    if "curriculum" in method:
+        assert [r["stage"] for r in metrics(out) if r.get("event") == "curriculum_stage"] == [1, 2, 3]
+    if "nash" in method:
+        nash = last_checkpoint(out)["method"]["nash"]
+        assert nash["steps"] == 4 and nash["updates"] + nash["failures"] == 2
 
 
 def test_sample_py_compile_samples_as_eager(tmp_path, fresh_dynamo, capsys):
