@@ -7,6 +7,8 @@ loads with `strict=True` and gives the same outputs. Differences from the offici
 - attention runs through `F.scaled_dot_product_attention` (flash / memory-efficient kernels);
 - `forward_with_cfg` guides every epsilon channel by default; `guided_channels=3` reproduces the
   official behaviour, which guides only the first three channels (a leftover from pixel-space GLIDE);
+- with class_dropout_prob >= 1 (every training label dropped) evaluation also uses the null row, since
+  the class rows never trained; the official embedder would look up those untrained rows;
 - an optional `router` (see "The routing seam" below) lets a paper module change how each block is
   applied, given the timestep. DTR (dtr.py) uses it; with `router=None` the forward is the official one.
 

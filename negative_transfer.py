@@ -35,7 +35,10 @@ Where we depart from the official code, and why:
   return half-open intervals.
 - Ties in the clustering (e.g. for the timestep cost, lengths 199,199,200,201,201 cost the
   same as five 200s) are broken towards the most even partition (least sum of squared
-  lengths), then towards the earliest start; so the timestep objective gives equal intervals.
+  lengths), then towards the earliest start; so the timestep objective gives equal intervals,
+  the official uniform split [int(k T / K), int((k + 1) T / K)) when K divides T. Otherwise both
+  have sizes floor(T / K) or ceil(T / K), possibly in another order (T = 1000, K = 6: 166, 166,
+  167, 167, 167, 167 where the official split gives 166, 167, 167, 166, 167, 167).
 - Stratified sampling spreads B % K leftover samples over the first clusters. The official
   `sample_t_batch` draws int(B/K) per cluster and returns fewer than B timesteps when K does
   not divide B.
