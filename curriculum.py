@@ -139,7 +139,7 @@ def check_clusters(clusters, num_timesteps):
         out.append((start, stop))
     if out[0][0] != 0 or out[-1][1] != num_timesteps:
         raise ValueError(f"clusters must cover [0, {num_timesteps}) exactly, they cover "
-                         f"[{out[0][0]}, {out[-1][1]})")
+                         f"[{out[0][0]}, {out[-1][1]}); set num_timesteps to the T of your noise schedule")
     return out
 
 
@@ -246,10 +246,14 @@ class Curriculum:
         Adaptive: advance after `patience` updates without relative improvement of the smoothed
         loss (after a warm-up of one EMA time constant); fixed: advance every `stage_steps`
         updates (paper: pacing function; details in the module docstring). `loss` is one number, the
-        step's mean diffusion loss (a float or a 1-element tensor; a tensor is read on the host)."""
-        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
-            raise ValueError(f"loss must be one number, the step's mean loss, got a tensor of shape "
-                             f"{tuple(loss.shape)}; pass loss.mean()")
+        step's mean diffusion loss (a float or a 1-element tensor; a tensor is read on the host).
+        Under DDP pass the mean over all ranks (all_reduce it), so that every rank changes stage at
+        the same step; each rank's own loss differs, and so would its stage."""
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be one number, the step's mean loss, got a tensor of shape "
+                                 f"{tuple(loss.shape)}; pass loss.mean()")
+            loss = loss.detach()
         loss = float(loss)
         if not math.isfinite(loss):
             raise ValueError(f"loss must be finite, got {loss}; the run has diverged")

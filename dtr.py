@@ -228,11 +228,17 @@ class TaskRouter(nn.Module):
         With an all-ones mask (beta = 1) this is block(x, c) exactly.
 
         x: (N, L, C) tokens, c: (N, C) conditioning, m: (N, C) from forward(t).
+
+        Outside DiT, `block` is any callable block(r, c) -> (N, L, C) that includes its own residual
+        connection (returns r + its branches, as a pre-norm transformer block does); a block that
+        returns its branches alone would lose the masked-in channels of x. c is handed to block as
+        it is (None is fine), so wrap another signature: route(lambda r, c: blk(r, mask), x, None, m).
         """
         if x.ndim != 3 or m.shape != (x.shape[0], x.shape[2]):
             raise ValueError(
-                f"expected x (N, L, C) and m (N, C) with matching N and C, "
-                f"got x {tuple(x.shape)} and m {tuple(m.shape)}"
+                f"expected x (N, L, C) and m (N, C) with matching N and C, got x {tuple(x.shape)} and "
+                f"m {tuple(m.shape)}; give the router channels = the block width, and tokens channels-last "
+                f"(a (N, C, H, W) map as x.flatten(2).transpose(1, 2))"
             )
         m = m.to(x.dtype)[:, None, :]  # (N, 1, C)
         return block(m * x, c) + (1 - m) * x  # (N, L, C)

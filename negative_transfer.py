@@ -215,10 +215,11 @@ def cluster_timesteps(num_clusters, objective="timestep", alphas_cumprod=None, t
     "gradient" (-TAS(c, t), needs `tas`).
 
     SNR(t) = abar_t / (1 - abar_t) is computed in float64 from `alphas_cumprod` (T,), which the
-    caller takes from its noise schedule: a numpy array, a list or a CPU tensor, every value in
-    (0, 1) (for DiT's linear schedule a float32 copy gives the float64 clusters). `num_timesteps`
-    is needed only for "timestep" when neither alphas_cumprod nor tas is given; when given it must
-    agree with them.
+    caller takes from its noise schedule: a numpy array, a list or a tensor on any device, every
+    value in (0, 1) and none above the one before (t = 0 the least noisy; from betas (T,) it is
+    cumprod(1 - betas)). For DiT's linear schedule a float32 copy gives the float64 clusters.
+    `num_timesteps` is needed only for "timestep" when neither alphas_cumprod nor tas is given;
+    when given it must agree with them.
     Returns (intervals, total_cost) as interval_clustering does.
     """
     if objective not in OBJECTIVES:
@@ -240,6 +241,8 @@ def cluster_timesteps(num_clusters, objective="timestep", alphas_cumprod=None, t
     else:
         if alphas_cumprod is None:
             raise ValueError(f"objective {objective!r} needs alphas_cumprod from the noise schedule")
+        if isinstance(alphas_cumprod, torch.Tensor):  # e.g. a buffer on the GPU
+            alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float64)  # bfloat16 has no numpy type
         abar = np.asarray(alphas_cumprod, dtype=np.float64)
         if abar.ndim != 1 or abar.size == 0:
             raise ValueError(f"alphas_cumprod must be a 1-D (T,) array, got shape {abar.shape}")
@@ -253,6 +256,12 @@ def cluster_timesteps(num_clusters, objective="timestep", alphas_cumprod=None, t
             else:
                 fix = "pass alpha-bar, the cumulative product of 1 - beta"
             raise ValueError(f"alphas_cumprod must lie in (0, 1), but alphas_cumprod[{i}] = {float(abar[i])}: {fix}")
+        rise = np.flatnonzero(np.diff(abar) > 0)
+        if rise.size:  # betas lie in (0, 1) too, and would cluster silently by the wrong values
+            i = int(rise[0])
+            raise ValueError(f"alphas_cumprod must not increase with t, but alphas_cumprod[{i + 1}] > "
+                             f"alphas_cumprod[{i}]: pass alpha-bar, cumprod(1 - betas), not the betas, with "
+                             f"t = 0 (the least noise) first")
         if objective == "snr":
             values = abar / (1.0 - abar)  # (T,)
         else:

@@ -2303,6 +2303,8 @@ def test_route_rejects_mismatched_shapes():
     block, _, _ = make_block(8)
     with pytest.raises(ValueError):
         router.route(block, torch.randn(2, 3, 8), torch.randn(2, 8), router(torch.tensor([0, 1, 2])))
+    with pytest.raises(ValueError, match=r"give the router channels = the block width, and tokens channels-last"):
+        router.route(block, torch.randn(2, 8, 4, 4), torch.randn(2, 8), router(torch.tensor([0, 1])))  # (N, C, H, W)
 
 
 def test_router_traces_without_graph_breaks():
@@ -2573,6 +2575,10 @@ def test_cluster_timesteps_says_why_a_foreign_schedule_is_refused():
         nt.cluster_timesteps(5, "snr", alphas_cumprod=zero_terminal)
     float32 = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)  # a foreign float32 schedule clusters like float64
     assert nt.cluster_timesteps(5, "snr", alphas_cumprod=float32)[0] == [(0, 1), (1, 2), (2, 5), (5, 18), (18, 1000)]
+    # a tensor that carries grad (or lives on a GPU) is read as it is; the betas, also in (0, 1), are no longer clustered
+    assert nt.cluster_timesteps(5, "snr", alphas_cumprod=float32.requires_grad_())[0][-1] == (18, 1000)
+    with pytest.raises(ValueError, match=r"alphas_cumprod\[1\] > alphas_cumprod\[0\]: pass alpha-bar, cumprod\(1 - betas\)"):
+        nt.cluster_timesteps(5, "log-snr", alphas_cumprod=torch.linspace(1e-4, 0.02, 1000))
 
 
 def test_cluster_timesteps_refuses_a_schedule_that_is_not_one_dimensional():
@@ -7789,3 +7795,70 @@ def test_readme_results_tables_are_the_records():
         assert len(curves) == len([p for p in folder.iterdir() if p.is_dir()]), f"{folder}: a run outside {order}"
         table = fid.fid_table(curves).split("\n\n")[0]  # (the sample-count line is said in prose instead)
         assert table in readme, f"README Results lacks the table of {folder.name}:\n{table}"
+
+
+def test_readme_snippets_run_on_a_foreign_model(tmp_path):
+    """README's "Using a module in your own code": each snippet runs in a fresh process on a toy MLP and transformer
+    that are not our DiT, with only its own module file on the path (no other file of this repo), and warns nothing."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Using a module in your own code\n")[1].split("\n## ")[0]
+    snippets = [block.split("\n```")[0] for block in section.split("```python\n")[1:]]
+    modules = ["dtr", "negative_transfer", "curriculum"]  # the order of the snippets
+    assert [next(m for m in modules if m in s.split("\n")[0]) for s in snippets] == modules
+    for m in modules:
+        (tmp_path / m).mkdir()
+        (tmp_path / m / f"{m}.py").write_text((REPO / f"{m}.py").read_text())
+    script = textwrap.dedent("""
+        import importlib.util, sys, torch, torch.nn as nn
+        assert importlib.util.find_spec("dit") is None  # the repo is not on the path
+        folders, snippets = sys.argv[1:4], sys.argv[4:]
+        torch.manual_seed(0)
+        T, B, steps, width = 100, 10, 3, 16
+        abar = torch.cumprod(1 - torch.linspace(1e-4, 0.2, T, dtype=torch.float64), 0)
+        data = torch.randn(B, 3, 8, 8)
+
+        def setup():  # a user's toy MLP denoiser, its optimiser and per-sample epsilon loss
+            model = nn.Sequential(nn.Linear(3 * 64 + 1, 32), nn.SiLU(), nn.Linear(32, 3 * 64))
+            def losses(t):
+                eps = torch.randn_like(data)
+                a = abar[t].float()[:, None, None, None]
+                x = a.sqrt() * data + (1 - a).sqrt() * eps
+                pred = model(torch.cat([x.flatten(1), t[:, None].float() / T], 1)).view_as(x)
+                return ((pred - eps) ** 2).mean(dim=(1, 2, 3))  # (B,)
+            return dict(T=T, B=B, steps=steps, abar=abar, model=model, losses=losses,
+                        opt=torch.optim.AdamW(model.parameters(), lr=1e-3))
+
+        class Block(nn.Module):  # a pre-norm block of the user's transformer: block(x), not DiT's block(x, c)
+            def __init__(self):
+                super().__init__()
+                self.norm, self.mlp = nn.LayerNorm(width), nn.Linear(width, width)
+            def forward(self, x):
+                return x + self.mlp(self.norm(x))
+
+        sys.path.insert(0, folders[0])
+        h0, t = torch.randn(B, 5, width), torch.randint(0, T, (B,))
+        ns = dict(nn=nn, T=T, width=width, blocks=nn.ModuleList(Block() for _ in range(2)), h=h0, t=t)
+        exec(snippets[0], ns)
+        ref = h0  # the paper's z + Block(m_t * z), Block's branch written out
+        for block in ns["blocks"]:
+            ref = ref + block.mlp(block.norm(ns["m"][:, None] * ref))
+        torch.testing.assert_close(ns["h"], ref)
+        assert 0 < ns["m"].sum(1).min() < width
+
+        sys.path[0] = folders[1]
+        for pcgrad in (False, True):
+            ns = dict(setup(), pcgrad=pcgrad)
+            before = [p.detach().clone() for p in ns["model"].parameters()]
+            exec(snippets[1], ns)
+            assert all(not torch.equal(a, p) for a, p in zip(before, ns["model"].parameters()))
+            assert (ns["uw"].log_vars.detach() != 0).all() != pcgrad  # UW's s_k learn in the added group
+
+        sys.path[0] = folders[2]
+        ns = setup()
+        exec(snippets[2], ns)
+        assert ns["cur"].stage_updates == steps
+    """)
+    r = subprocess.run([sys.executable, "-W", "error", "-c", script, *(str(tmp_path / m) for m in modules), *snippets],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in {**os.environ, "OMP_NUM_THREADS": "1"}.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr
