@@ -1039,22 +1039,19 @@ def _affinity_command(args):
     if os.path.exists(out):  # an earlier TAS: hours of gradients, and the default --out is the same tas.npy each time
         raise SystemExit(f"--out {args.out}: {out} exists; TAS files are not overwritten: delete it or pass another path")
     device = resolve_device(args.device)  # a ValueError that says what to do for a typo or a GPU not there
-    # Every checkpoint loads, and all share one T, before any gradient: a typo or another T later in the list
-    # stopped the command only after the gradients of the checkpoints before it (a broadcast error for another T).
-    T = {ckpt: len(load_model(ckpt, use_ema=False)[1].alphas_cumprod) for ckpt in args.ckpt}  # the weights used below
-    if len(set(T.values())) > 1:
-        listed = ", ".join(f"{ckpt}: T={t}" for ckpt, t in T.items())
-        raise SystemExit(f"the checkpoints differ in their number of timesteps ({listed}); TAS averages over "
-                         f"checkpoints of one diffusion, so pass those of one run")
-    total = None
-    for ckpt in args.ckpt:
-        model, diffusion, train_args = load_model(ckpt, device=device, use_ema=False)
-        model.train()  # the training objective, label dropout included (reseeded per group)
+    # Every checkpoint loads, fits the data, and all share one T, before any gradient: a typo, another T or data of
+    # another kind later in the list stopped the command only after the gradients of the checkpoints before it.
+    by_size = {}  # image size -> dataset
+
+    def check(ckpt):  # -> (the dataset at its image size, its T)
+        _, diffusion, train_args = load_model(ckpt, use_ema=False)  # the weights used below
         train_args = train_args if isinstance(train_args, dict) else vars(train_args)
         image_size = train_args.get("image_size")
         if image_size is None:
             raise SystemExit(f"{ckpt}: its args carry no image_size")
-        dataset = load_dataset(args.data, image_size)
+        if image_size not in by_size:
+            by_size[image_size] = load_dataset(args.data, image_size)
+        dataset = by_size[image_size]
         if isinstance(dataset, LatentFolder) != bool(train_args.get("latent")):
             kinds = ("VAE latents", "images")
             raise SystemExit(f"{ckpt} was trained on {kinds[not train_args.get('latent')]}, but {args.data} holds "
@@ -1063,6 +1060,18 @@ def _affinity_command(args):
         if None not in classes and classes[0] != classes[1]:  # labels past the model's would index its null class or beyond
             raise SystemExit(f"{ckpt} was trained on {classes[0]} classes, but {args.data} has {classes[1]}; "
                              f"pass its training data ({train_args.get('data')})")
+        return dataset, len(diffusion.alphas_cumprod)
+
+    checked = {ckpt: check(ckpt) for ckpt in args.ckpt}
+    if len({T for _, T in checked.values()}) > 1:
+        listed = ", ".join(f"{ckpt}: T={T}" for ckpt, (_, T) in checked.items())
+        raise SystemExit(f"the checkpoints differ in their number of timesteps ({listed}); TAS averages over "
+                         f"checkpoints of one diffusion, so pass those of one run")
+    total = None
+    for ckpt in args.ckpt:
+        model, diffusion, _ = load_model(ckpt, device=device, use_ema=False)
+        model.train()  # the training objective, label dropout included (reseeded per group)
+        dataset = checked[ckpt][0]
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                                              drop_last=True,
                                              generator=torch.Generator().manual_seed(args.seed))

@@ -3178,6 +3178,7 @@ def test_cli_affinity_checks_every_checkpoint_and_its_out_before_any_gradient(tm
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
     ckpt = torch.load(checkpoints(out)[-1], map_location="cpu", weights_only=False)
     torch.save({**ckpt, "args": {**ckpt["args"], "num_timesteps": 500}}, tmp_path / "t500.pt")
+    torch.save({**ckpt, "args": {**ckpt["args"], "latent": {"size": 16, "channels": 3}}}, tmp_path / "latent.pt")
     (tmp_path / "done.npy").write_bytes(b"an earlier TAS")
     computed = []
     monkeypatch.setattr(nt, "gradient_affinity", lambda *a, **k: computed.append(1))
@@ -3185,6 +3186,7 @@ def test_cli_affinity_checks_every_checkpoint_and_its_out_before_any_gradient(tm
     args = ["--data", "shapes", "--groups", "2", "--batch-size", "2", "--batches", "1", "--device", "cpu"]
     for ckpts, dest, says in (([first, str(tmp_path / "typo.pt")], "tas.npy", "typo.pt does not exist"),
                               ([first, str(tmp_path / "t500.pt")], "tas.npy", "differ in their number of timesteps"),
+                              ([first, str(tmp_path / "latent.pt")], "tas.npy", "trained on VAE latents, but shapes"),
                               ([first], "done.npy", "done.npy exists; TAS files are not overwritten"),
                               ([first], "done", "done.npy exists")):
         with pytest.raises(SystemExit) as e:
