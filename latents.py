@@ -432,8 +432,8 @@ def decode(args):
         decoder = Decoder(vae, *vae_scale_shift(vae))
     bad = int((~torch.isfinite(z).flatten(1).all(1)).sum())
     if bad:  # they would decode to NaN images, saved as black ones
-        raise LatentError(f"{args.latents}: {bad} of the {n} latents hold NaN or inf; they cannot be decoded "
-                          f"(a sampling run that diverged?)")
+        raise LatentError(f"{args.latents}: {bad} of the {n} latents hold NaN or inf, which decode to blank images; "
+                          f"sample them again from a checkpoint whose weights are finite")
     decoder.batch_size = args.batch_size
     os.makedirs(args.out, exist_ok=True)  # before the decoding, not after it: an --out under a file fails now
     images = torch.cat([to_uint8(decoder(c.to(device))) for c in z.split(args.batch_size)]).numpy()  # (n, H, W, 3)

@@ -71,7 +71,8 @@ def build_diffusion(args):
 
 
 def load_model(ckpt_path, device="cpu", use_ema=True):
-    """(model in eval mode, diffusion, args) from a train.py checkpoint."""
+    """(model in eval mode, diffusion, args) from a train.py checkpoint: its EMA weights, or its raw ones with
+    use_ema=False. Weights that hold NaN or inf (a run that diverged) are a ValueError."""
     if os.path.isdir(ckpt_path):
         raise FileNotFoundError(f"{ckpt_path} is a folder; pass a checkpoint file, e.g. RUN/checkpoints/0400000.pt")
     if not os.path.isfile(ckpt_path):
