@@ -92,7 +92,12 @@ def load_model(ckpt_path, device="cpu", use_ema=True):
     except KeyError as e:  # a setting added after this checkpoint was written
         raise ValueError(f"{ckpt_path} predates the {e.args[0]} setting, which this version of the code needs to rebuild "
                          f"the model; sample it with the code that trained it") from None
-    model.load_state_dict(ckpt[weights], strict=True)
+    try:
+        model.load_state_dict(ckpt[weights], strict=True)
+    except RuntimeError as e:  # missing, extra or reshaped tensors: torch's message lists every one, a line a kind
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise ValueError(f"{ckpt_path}: its {weights!r} weights do not fit the model its arguments describe "
+                         f"({first[0].strip()[:300]}); pass a complete train.py checkpoint") from None
     bad = [k for k, v in ckpt[weights].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # NaN weights sample NaN images, which to_uint8 would save as black ones and FID would score
         raise ValueError(f"{ckpt_path}: {len(bad)} of the {weights!r} tensors hold NaN or inf (first: {bad[0]}); the run "

@@ -1,5 +1,6 @@
 """The whole test suite: `pytest -q test_all.py`. CPU only, a few minutes on 2 cores."""
 
+import contextlib
 import copy
 import functools
 import gc
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -5873,6 +5875,148 @@ def test_generate_guides_the_requested_channels_against_the_null_class():
         assert (sample.to_uint8(other).int() - images.int()).abs().max() > 1
 
 
+def _random_dit_checkpoint(tmp_path):
+    """A train.py checkpoint of TINY's DiT whose EMA holds _random_dit's weights (strongly label-dependent, unlike a
+    barely trained network, whose adaLN-zero output is near 0) and whose raw weights are a trained step's."""
+    path = checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1]
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt["ema"] = _random_dit().state_dict()
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def test_sample_py_seed_guidance_and_precision_flags_reach_every_sample(tmp_path, monkeypatch):
+    # --seed, --guided-channels, --precision and --compile-mode were checked only for being refused; sample.main with them equals
+    # sample_indices by hand (one batch of 17 against main's 8 + 8 + 1), and each changes the samples it should
+    ckpt = _random_dit_checkpoint(tmp_path)
+    precisions, real_generate = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, precision="bf16", **k: precisions.append(precision)
+                        or real_generate(*a, precision=precision, **k))
+    modes = []  # and --compile-mode reaches the compile (recorded, the network left eager)
+    monkeypatch.setattr(sample, "compile_for_sampling", lambda model, mode="default": modes.append(mode) or model)
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--num-samples", "17", "--batch-size", "8", "--steps", "ddim2",
+                 "--seed", "3", "--cfg-scale", "3", "--guided-channels", "2", "--precision", "fp32", "--compile",
+                 "--compile-mode", "max-autotune-no-cudagraphs"])
+    got = np.load(tmp_path / "s" / "samples.npz")
+    assert precisions == ["fp32"] * 3 and modes == ["max-autotune-no-cudagraphs"]  # CUDA's autocast choice is the flag's
+    assert sorted(os.listdir(tmp_path / "s")) == ["grid.png", "samples.npz"]  # the ranks' shards are removed
+    sample.save_grid(got["arr_0"], tmp_path / "all.png")  # the grid shows every sample up to 64
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s" / "grid.png")), np.asarray(Image.open(tmp_path / "all.png")))
+    model, d = _random_dit(), gd.Diffusion()
+
+    def by_hand(seed=3, guided_channels=2):
+        return sample.sample_indices(model, d, list(range(17)), CPU, seed=seed, batch_size=17, steps="ddim2", cfg_scale=3.0,
+                                     guided_channels=guided_channels)
+
+    images, labels = by_hand()
+    assert got["arr_1"].tolist() == labels.tolist()
+    assert np.abs(got["arr_0"].astype(int) - images.numpy().astype(int)).max() <= 1
+    for other in (by_hand(seed=0), by_hand(guided_channels=None)):  # the test can tell
+        assert np.abs(got["arr_0"].astype(int) - other[0].numpy().astype(int)).max() > 1
+
+
+def test_generate_autocasts_the_network_to_bf16_only_on_cuda_with_precision_bf16(monkeypatch):
+    # CPU samples ignore --precision, so the choice is read off torch.autocast: a stand-in CUDA noise and sampler
+    seen = []
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype=None, enabled=True:
+                        seen.append((device_type, dtype, enabled)) or contextlib.nullcontext())
+    d = types.SimpleNamespace(sample=lambda model_fn, noise, **kw: noise)
+    for device, precision in (("cuda", "bf16"), ("cuda", "fp32"), ("cpu", "bf16")):
+        noise = types.SimpleNamespace(device=torch.device(device))
+        assert sample.generate(_random_dit(), d, torch.tensor([0]), noise, precision=precision) is noise
+    assert seen == [("cuda", torch.bfloat16, True), ("cuda", torch.bfloat16, False), ("cuda", torch.bfloat16, False)]
+
+
+def test_load_model_gives_eval_mode_and_refuses_inf_and_weights_that_do_not_fit(tmp_path):
+    # train mode would drop labels to the null class at random while sampling (LabelEmbedder); an inf weight
+    # samples NaN images as a NaN does; a state dict that does not fit must not load partly (strict)
+    ckpt_path = checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1]
+    model, _, _ = sample.load_model(str(ckpt_path))
+    assert not model.training
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    bad = copy.deepcopy(ckpt)
+    bad["ema"]["final_layer.linear.bias"][0] = float("inf")
+    torch.save(bad, tmp_path / "inf.pt")
+    with pytest.raises(ValueError, match="1 of the 'ema' tensors hold NaN or inf"):
+        sample.load_model(str(tmp_path / "inf.pt"))
+    for edit, says in ((lambda sd: sd.pop("final_layer.linear.bias"), 'Missing key(s) in state_dict: "final_layer.linear.bias"'),
+                       (lambda sd: sd.update(extra=torch.zeros(1)), 'Unexpected key(s) in state_dict: "extra"')):
+        bad = copy.deepcopy(ckpt)
+        edit(bad["ema"])
+        torch.save(bad, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=r"'ema' weights do not fit the model its arguments describe") as e:
+            sample.load_model(str(tmp_path / "bad.pt"))
+        assert says in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(SystemExit, match="do not fit"):  # one line from sample.py, not a traceback
+            sample.main(["--ckpt", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "s"), "--num-samples", "1"])
+
+
+def test_rtr_models_are_rebuilt_with_their_saved_seed():
+    # R-TR's random masks come from --rtr-seed: a sampler that rebuilt them with seed 0 routed other channels
+    args = vars(train.parse_args(["--model", "DiT-S/2", "--depth", "1", "--method", "rtr", "--rtr-seed", "5"])) | {
+        "num_classes": 10, "in_channels": 3}
+    router = sample.build_model(args).router
+    assert router.kind == "random" and router.seed == 5
+    assert torch.equal(router.masks, TaskRouter(router.masks.shape[1], kind="random", seed=5).masks)
+    assert not torch.equal(router.masks, sample.build_model({**args, "rtr_seed": 0}).router.masks)
+
+
+def test_a_latent_model_with_no_samples_on_this_rank_gives_an_empty_shard_of_image_size():
+    # with --num-samples below the number of ranks, a rank's empty shard must have the decoded image size, or
+    # merge_shards cannot place it beside rank 0's images
+    images, labels = sample.sample_indices(_random_dit(), gd.Diffusion(), [], CPU, decode=types.SimpleNamespace(factor=8))
+    assert images.shape == (0, 128, 128, 3) and images.dtype == torch.uint8 and labels.shape == (0,)
+
+
+def test_save_grid_places_each_image_row_by_row_with_white_2_pixel_gaps(tmp_path):
+    images = np.stack([np.full((4, 3, 3), 10 * (i + 1), np.uint8) for i in range(5)])  # (5, 4, 3, 3)
+    images[:, 0, 0] = 0  # a corner marks each tile's orientation
+    sample.save_grid(images, tmp_path / "g.png")  # ceil(sqrt(5)) = 3 per row, 2 rows
+    want = np.full((2 * 6 + 2, 3 * 5 + 2, 3), 255, np.uint8)
+    for i, (r, c) in enumerate([(2, 2), (2, 7), (2, 12), (8, 2), (8, 7)]):
+        want[r: r + 4, c: c + 3] = images[i]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g.png")), want)
+    sample.save_grid(images[:4], tmp_path / "g4.png", nrow=4)  # train.py's grids: 4 per row
+    assert np.asarray(Image.open(tmp_path / "g4.png")).shape == (6 + 2, 4 * 5 + 2, 3)
+
+
+def test_sample_py_refuses_guidance_of_a_model_without_a_null_class(tmp_path):
+    # --class-dropout-prob 0 leaves no null-class row: any scale but 1, below 1 too, would index past the table
+    ckpt = str(checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1", "--class-dropout-prob", "0"))[-1])
+    for scale in ("1.5", "0.5", "0"):
+        with pytest.raises(SystemExit, match="trained without label dropout"):
+            sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "ddim2",
+                         "--cfg-scale", scale])
+    assert not (tmp_path / "s").exists()
+
+
+def test_latent_sample_py_neither_clips_the_latents_and_decodes_with_the_vae_flag(latent_setup, tmp_path, monkeypatch):
+    # latents are not bounded to [-1, 1] (the training path was checked, sample.main not); --vae replaces the
+    # checkpoint's decoder (here one with other decoder weights, the same latent space)
+    root, vae, images, folder = latent_setup
+    other = _tiny_vae(tmp_path / "vae2")
+    with torch.no_grad():
+        other.post_quant_conv.weight.mul_(-1)
+    other.save_pretrained(tmp_path / "vae2")
+    train.main(LATENT_TINY + ["--data", str(folder), "--image-size", "16", "--max-steps", "2", "--out", str(tmp_path / "run")])
+    ckpt = str(checkpoints(tmp_path / "run")[-1])
+    clips, real_generate = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, clip_denoised=True, **k: clips.append(clip_denoised)
+                        or real_generate(*a, clip_denoised=clip_denoised, **k))
+    flags = ["--ckpt", ckpt, "--num-samples", "3", "--batch-size", "3", "--steps", "ddim2"]
+    sample.main(flags + ["--out", str(tmp_path / "own")])
+    sample.main(flags + ["--out", str(tmp_path / "vae2"), "--vae", str(tmp_path / "vae2")])
+    assert clips == [False, False]
+    model, d, args = sample.load_model(ckpt)
+    for out, name in (("own", None), ("vae2", str(tmp_path / "vae2"))):
+        want, _ = sample.sample_indices(model, d, [0, 1, 2], CPU, steps="ddim2", clip_denoised=False,
+                                        decode=latents.load_decoder(args["latent"], "cpu", name))
+        got = np.load(tmp_path / out / "samples.npz")["arr_0"]
+        assert np.abs(got.astype(int) - want.numpy().astype(int)).max() <= 1, out
+    assert np.abs(np.load(tmp_path / "own" / "samples.npz")["arr_0"].astype(int)
+                  - np.load(tmp_path / "vae2" / "samples.npz")["arr_0"].astype(int)).max() > 1
+
+
 # ---------------------------------------------------------------------------------------------- compiled sampling
 
 @pytest.fixture
@@ -5946,6 +6090,16 @@ def test_compiled_sampling_pads_the_short_last_batch_and_compiles_once(monkeypat
     images, labels = sample.sample_indices(model, d, [], CPU, steps="ddim2")  # a rank with nothing to do
     assert images.shape == (0, 16, 16, 3) and labels.shape == (0,)
 
+
+
+def test_compiled_sampling_specialises_each_batch_size_rather_than_one_symbolic_graph(monkeypatch, fresh_dynamo):
+    # dynamic=False: Dynamo's default would turn the second batch size into a graph with a symbolic batch, which the
+    # third then reuses, and which Inductor cannot specialise to any batch
+    graphs = record_graphs(monkeypatch)
+    model = sample.compile_for_sampling(_random_dit())
+    for n in (4, 2, 3):
+        sample.sample_indices(model, gd.Diffusion(), list(range(n)), CPU, steps="ddim2")
+    assert graphs == [("sampling", 4), ("sampling", 2), ("sampling", 3)]
 
 def test_train_compile_samples_from_the_ema_compiled_once_per_batch_size(tmp_path, monkeypatch, fresh_dynamo):
     monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
@@ -7058,6 +7212,30 @@ def test_encode_and_decode_apply_the_configs_shift_and_scale_and_each_seed_draws
     torch.testing.assert_close(latents.load_decoder(manifest)(mean), vae.decode(q.mean).sample, atol=1e-5, rtol=1e-5)
 
 
+def test_decoders_take_the_latents_scale_and_shift_and_refuse_a_vae_of_another_latent_space(tmp_path, capsys):
+    # A latent folder's (or checkpoint's) decoder divides by the scale its latents were encoded with, even through a
+    # VAE whose config says another; an .npz decodes with the --vae config's scale and shift; a VAE of other channels
+    # or another factor is refused, and so is an --image-size the encoder's factor does not divide
+    pytest.importorskip("diffusers")
+    vae = _tiny_vae(tmp_path / "vae", scaling_factor=2.0, shift_factor=0.5)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    manifest = {"vae": str(tmp_path / "vae"), "channels": 4, "factor": 2, "scale": 1.0, "shift": 0.25}
+    with torch.no_grad():
+        torch.testing.assert_close(latents.load_decoder(manifest)(z), vae.decode(z + 0.25).sample, atol=1e-5, rtol=1e-5)
+        pixels = sample.to_uint8(vae.decode(z / 2.0 + 0.5).sample)
+    np.savez(tmp_path / "z.npz", arr_0=z.numpy())
+    latents.main(["decode", "--latents", str(tmp_path / "z.npz"), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "rec")])
+    rec = np.load(tmp_path / "rec" / "images.npz")["arr_0"]
+    assert np.abs(rec.astype(int) - pixels.numpy().astype(int)).max() <= 1
+    for key, value, says in (("channels", 3, "makes 4-channel latents at 1/2 scale, but these latents are 3-channel at 1/2"),
+                             ("factor", 4, "makes 4-channel latents at 1/2 scale, but these latents are 4-channel at 1/4")):
+        with pytest.raises(latents.LatentError, match=re.escape(says)):
+            latents.load_decoder({**manifest, key: value})
+    err = _exit_message(capsys, latents.main, ["encode", "--data", "shapes", "--out", str(tmp_path / "lat"), "--vae",
+                                               str(tmp_path / "vae"), "--image-size", "15", "--num-workers", "0"])
+    assert "--image-size 15 is not divisible by the VAE's downsampling factor 2" in err and not (tmp_path / "lat").exists()
+
+
 def test_encode_flip_none_posterior_mean_seed_and_batches_of_mixed_classes(tmp_path, capsys):
     pytest.importorskip("diffusers")
     vae = _tiny_vae(tmp_path / "vae")
@@ -7117,11 +7295,16 @@ def test_flops_match_dit_paper_gflops():
 
 
 def test_flops_match_torch_flop_counter_on_a_built_model():
-    model = DiT_models["DiT-S/4"](input_size=16, in_channels=3, num_classes=10, depth=2, hidden_size=64, num_heads=2)
-    x, t, y = torch.randn(3, 3, 16, 16), torch.randint(0, 1000, (3,)), torch.randint(0, 10, (3,))
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA: counted bmm's
-        model(x, t, y)
-    assert bench.model_flops(model)["total"] * 3 == counter.get_total_flops()
+    # pixels with the variance channels, and latents without them through patch 2 and a narrower MLP (mlp_ratio 2)
+    for kw in (dict(input_size=16, patch_size=4, in_channels=3, hidden_size=64, depth=2, num_heads=2),
+               dict(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=3, num_heads=3, learn_sigma=False,
+                    mlp_ratio=2.0)):
+        model = DiT(num_classes=10, **kw)
+        x, t, y = torch.randn(3, kw["in_channels"], kw["input_size"], kw["input_size"]), torch.randint(0, 1000, (3,)), \
+            torch.randint(0, 10, (3,))
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA: counted bmm's
+            model(x, t, y)
+        assert bench.model_flops(model)["total"] * 3 == counter.get_total_flops(), kw
 
 
 def test_peak_tflops_known_gpus_override_and_unknown():
@@ -7295,7 +7478,7 @@ def test_bench_rounds_medians_ratios_nash_amortisation_mfu_and_json_on_a_scripte
                                        "--warmup", "2", "--steps", "2", "--rounds", "3", "--peak-tflops", "0.5",
                                        "--sample", "--sample-steps", "ddim2", "--sample-batch-size", "2", "--json", str(path)],
                          log=lambda msg: None)
-    capsys.readouterr()
+    out = capsys.readouterr().out
     # round-robin, the starting method rotated each round; Nash's update step timed right after its plain block
     assert blocks == ["vanilla", "ant-pcgrad", "ant-nash", "ant-nash", "ant-pcgrad", "ant-nash", "ant-nash", "vanilla",
                       "ant-nash", "ant-nash", "vanilla", "ant-pcgrad"]
@@ -7315,14 +7498,59 @@ def test_bench_rounds_medians_ratios_nash_amortisation_mfu_and_json_on_a_scripte
         train_flops = (1 + 2 * passes) * fwd  # forward + backward passes of 2 forwards each
         assert r["train_flops_per_image"] == pytest.approx(train_flops), name
         assert r["mfu"] == pytest.approx(train_flops * 5 / (ms / 1000) / 0.5e12), name  # --peak-tflops counts on the CPU
+        # the printed row: ms/step, img/s, x vanilla (median), its range, bwd/step, FLOP x, syncs, peak MiB, MFU
+        row = next(line.split() for line in out.splitlines() if line.split()[:1] == [name])
+        assert row[1:] == [f"{ms:.1f}", f"{5 / (ms / 1000):.1f}", f"{sorted(ratios)[1]:.3f}",
+                           f"{min(ratios):.3f}-{max(ratios):.3f}", f"{passes:.2f}", f"{(1 + 2 * passes) / 3:.2f}", "0", "n/a",
+                           f"{100 * train_flops * 5 / (ms / 1000) / 0.5e12:.1f}%"], name
     assert m["ant-nash"]["ratio"] == pytest.approx(2.0)
+    assert f"{fwd / 1e9:.4g} GFLOP/image forward, {3 * fwd / 1e9:.4g} per training image" in out
     assert (m["ant-nash"]["plain_ms"], m["ant-nash"]["update_ms"]) == (pytest.approx(1500), pytest.approx(5000))
     # sampling: DDIM-2 with guidance runs the model on a doubled batch, 2 x 2 forwards per image
     for s in result["sample"]:
         assert s["gflops_per_image"] == pytest.approx(2 * 2 * fwd / 1e9) and s["images_per_s"] == pytest.approx(2.0)
+        assert s["ms_per_step"] == pytest.approx(500.0)  # per sampler step, whatever guidance doubles
         assert s["mfu"] == pytest.approx(s["gflops_per_image"] * 1e9 * 2.0 / 0.5e12)
     # the JSON holds every number, the optional sections included
     assert json.loads(path.read_text()) == json.loads(json.dumps(result, default=float))
+
+
+def test_bench_sampling_rows_without_guidance_fid_size_of_latents_and_cpu_precision(monkeypatch):
+    # Without guidance each sampler step is one forward per image (with it, two); ms/step is per sampler step; --fid
+    # times images of the decoded size (8x the latents); the JSON says fp32 for a CPU run whatever --precision says.
+    fids = []
+    monkeypatch.setattr(bench, "bench_fid", lambda batch, size, rounds, device: fids.append(size) or {
+        "batch": batch, "image_size": size, "seconds": 1.0, "images_per_s": float(batch)})
+    result = bench.bench(BENCH_TINY + ["--batch-size", "4", "--methods", "vanilla", "--in-channels", "4", "--warmup", "0",
+                                       "--steps", "1", "--rounds", "1", "--sample", "--sample-steps", "ddim2", "ddim3",
+                                       "--cfg-scale", "1", "--sample-batch-size", "2", "--fid"], log=lambda msg: None)
+    fwd = result["flops"]["forward_per_image"]
+    assert fids == [128] and result["config"]["precision"] == "fp32"
+    for s, steps in zip(result["sample"], (2, 3)):
+        assert s["steps"] == steps and s["gflops_per_image"] == pytest.approx(steps * fwd / 1e9)
+        assert s["ms_per_step"] == pytest.approx(1000 * s["seconds"] / steps)
+
+
+def test_bench_fid_time_is_the_median_round(monkeypatch):
+    seconds = iter([3.0, 1.0, 2.0])  # after an untimed warm-up call
+    calls = []
+    monkeypatch.setattr(bench, "timed", lambda fn, device: next(seconds))
+    monkeypatch.setattr(fid, "extract_features", lambda images, net, **kw: calls.append(images.shape))
+    r = bench.bench_fid(4, 16, 3, CPU)
+    assert calls == [(4, 3, 16, 16)] and r["seconds"] == 2.0 and r["images_per_s"] == 2.0
+
+
+def test_backward_passes_per_plain_and_update_step_of_each_method():
+    # (per plain step, per update step, amortised): PCGrad and Nash updating every step run K on each step
+    def passes(ant, every, K=5):
+        b = bench.MethodBench.__new__(bench.MethodBench)
+        b.run, b.K, b.every = types.SimpleNamespace(method=types.SimpleNamespace(ant=ant)), K, every
+        return b.backward_passes()
+
+    assert passes(None, None) == (1, None, 1.0) and passes("ant-uw", None) == (1, None, 1.0)
+    assert passes("ant-pcgrad", None) == (5, None, 5.0)
+    assert passes("ant-nash", 1) == (5, None, 5.0)
+    assert passes("ant-nash", 25) == (1, 5, pytest.approx(29 / 25))
 
 
 def _fake_cuda_memory(monkeypatch):
