@@ -1564,6 +1564,10 @@ def test_ddpm_sample_grid_step_noise_is_not_its_starting_noise(tmp_path, monkeyp
     (x_T, first, second), again = drawn[0], drawn[1]
     assert not torch.equal(first, x_T) and not torch.equal(second, first)
     assert all(torch.equal(a, b) for a, b in zip(drawn[0], again))  # every grid draws the same noise
+    # from one generator seeded with --global-seed: x_T, then the step noise goes on from there (a default-seeded
+    # generator for the step noise passed the checks above, and gave every --global-seed the same)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(x_T, torch.randn(x_T.shape, generator=g)) and torch.equal(first, torch.randn(x_T.shape, generator=g))
 
 
 def test_train_writes_log_metrics_checkpoint_and_grid(tmp_path):
@@ -1591,6 +1595,8 @@ def test_resume_is_bitwise_identical(tmp_path):
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    # and so are the grids: the same EMA from the same fixed noise (seeded with --global-seed, not the start step)
+    assert (straight / "samples_0000006.png").read_bytes() == (resumed / "samples_0000006.png").read_bytes()
 
 
 def test_device_flag_gets_an_index(monkeypatch):
@@ -1673,6 +1679,43 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     assert r.stdout.count("model replicas, EMA and method state identical on 2 ranks") == 2
 
 
+RECORD_TIMESTEPS = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import train
+real_step = train.train_step
+def recording_step(run, x, y, step):
+    out = real_step(run, x, y, step)
+    torch.save(out[1], os.path.join(os.environ["T_DIR"], f"{{os.environ['RANK']}}_{{step}}.pt"))  # t (B,)
+    return out
+train.train_step = recording_step
+train.main(sys.argv[1:])
+"""
+
+
+@retry_rank_abort
+def test_two_process_ranks_draw_their_own_timesteps_and_a_resume_restores_each_ranks_stream(tmp_path):
+    # Each rank seeds its generator with global_seed * world + rank, and a checkpoint holds every rank's state. Seeded
+    # alike, the ranks drew the same t (and noise) for their different images; both restored to rank 0's state,
+    # the resumed run diverged. The one-process tests pass either way.
+    script = tmp_path / "record.py"
+    script.write_text(RECORD_TIMESTEPS.format(repo=str(REPO)))
+    flags = [*TINY, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2"]
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t_branch").mkdir()
+    r = torchrun(str(script), *flags, "--out", str(tmp_path / "straight"), env={"T_DIR": str(tmp_path / "t")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    resume = ["--resume", str(tmp_path / "straight" / "checkpoints" / "0000002.pt")]  # a branch into its own --out
+    r = torchrun(str(script), *flags, *resume, "--out", str(tmp_path / "branch"), env={"T_DIR": str(tmp_path / "t_branch")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = {(d, rank, s): torch.load(tmp_path / d / f"{rank}_{s}.pt") for d in ("t", "t_branch") for rank in (0, 1)
+         for s in range(4) if d == "t" or s >= 2}
+    assert not torch.equal(t["t", 0, 0], t["t", 1, 0])
+    assert all(torch.equal(t["t", rank, s], t["t_branch", rank, s]) for rank in (0, 1) for s in (2, 3))
+    a, b = last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "branch")
+    assert a["step"] == b["step"] == 4 and deep_equal(a["model"], b["model"]) == [] and deep_equal(a["ema"], b["ema"]) == []
+
+
 @retry_rank_abort
 def test_resume_on_another_number_of_processes(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "2")
@@ -1681,6 +1724,28 @@ def test_resume_on_another_number_of_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "written by 1 processes, now 2; new random streams from step 2" in r.stdout
     assert last_checkpoint(out)["step"] == 4 and len(last_checkpoint(out)["rng"]) == 2
+
+
+def test_new_random_streams_after_a_change_of_process_count_are_seeded_with_the_step(tmp_path, monkeypatch):
+    # A checkpoint of 2 processes resumed on 1 cannot restore the streams: new ones, seeded with the step too. Seeded
+    # with global_seed * world + rank alone, every such resume drew the same timesteps (those of the model's init).
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "1")
+    for path in checkpoints(out):
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        torch.save({**ckpt, "rng": ckpt["rng"] * 2}, path)  # as if written by 2 processes
+    drawn, real_step = [], train.train_step
+
+    def spy(run, x, y, step):
+        terms, t, extra, bad = real_step(run, x, y, step)
+        drawn.append(t)
+        return terms, t, extra, bad
+
+    monkeypatch.setattr(train, "train_step", spy)
+    for s in (1, 2):
+        run_train(tmp_path, "--global-batch-size", "4", "--max-steps", str(s + 1), "--resume",
+                  str(checkpoints(out)[s - 1]), name=f"from{s}")
+    assert len(drawn) == 2 and not torch.equal(drawn[0], drawn[1])  # the one step each resume trained
+    assert "written by 2 processes, now 1; new random streams from step 2" in (tmp_path / "from2" / "log.txt").read_text()
 
 
 @retry_rank_abort
@@ -1853,6 +1918,18 @@ def test_resume_with_other_model_config_is_refused(tmp_path, capsys):
         train.main(TINY[:5] + ["96"] + TINY[6:] + ["--out", str(out), "--max-steps", "2", "--resume", "auto"])
     err = capsys.readouterr().err
     assert "hidden_size=64" in err and "96" in err
+
+
+def test_resume_with_another_method_or_number_of_timesteps_is_refused(tmp_path, capsys):
+    # Both load into the same weights without an error: only the settings check stops DTR masks on vanilla weights,
+    # or a model trained on T = 1000 from going on with T = 500
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
+    for flags, said in ((["--method", "dtr"], "method='vanilla'"), (["--num-timesteps", "500"], "num_timesteps=1000")):
+        with pytest.raises(SystemExit):
+            train.main(TINY + ["--out", str(out), "--global-batch-size", "4", "--max-steps", "2", "--resume", "auto",
+                               *flags])
+        assert said in capsys.readouterr().err
+    assert last_checkpoint(out)["step"] == 1
 
 
 def test_counts_rates_and_schedules_are_refused_before_training(tmp_path, capsys):
@@ -4644,6 +4721,52 @@ def test_fid_during_training_survives_a_failed_distance_and_keys_its_cache(tmp_p
     assert fid.read_statistics(out / "fid_ref_stats.npz")["source"].endswith("shapes|16px|seed 0")  # the cache names its data
 
 
+def test_grids_and_fid_sample_the_ema_with_their_flags_and_the_last_step_gets_both(tmp_path, monkeypatch):
+    # --max-steps 3, every 2: grid, FID, record and checkpoint at step 2 and at the last step 3. Each grid and FID
+    # draws from the EMA of that step's checkpoint (not the raw weights) with its own sampler, guidance and seed.
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
+    calls, real_generate, real_indices = [], train.generate, train.sample_indices
+
+    def weights(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def generate(model, diffusion, labels, noise, **kw):
+        assert torch.equal(labels, torch.arange(16) % NUM_CLASSES)  # every class in the grid
+        calls.append(("grid", weights(model), kw))
+        return real_generate(model, diffusion, labels, noise, **kw)
+
+    def sample_indices(model, diffusion, indices, device, **kw):
+        calls.append(("fid", weights(model), kw))
+        return real_indices(model, diffusion, indices, device, **kw)
+
+    monkeypatch.setattr(train, "generate", generate)
+    monkeypatch.setattr(train, "sample_indices", sample_indices)
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "3", "--lr", "1e-2", "--ema-decay", "0.5",
+                    "--global-seed", "3", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "2", "--sample-steps",
+                    "ddim2", "--sample-cfg", "2", "--fid-every", "2", "--fid-samples", "4", "--fid-steps", "ddim3",
+                    "--fid-cfg", "1.5", "--fid-batch-size", "4", "--fid-ref-limit", "8")
+    assert [p.name for p in checkpoints(out)] == ["0000002.pt", "0000003.pt"]
+    assert sorted(p.name for p in out.glob("samples_*.png")) == ["samples_0000002.png", "samples_0000003.png"]
+    assert [r["step"] for r in metrics(out) if "fid" in r] == [2, 3]
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [2, 3]
+    assert [kind for kind, *_ in calls] == ["grid", "fid", "fid", "grid"]  # step 2's; step 3's FID, then the end's grid
+    for (kind, used, kw), ckpt in zip(calls, [checkpoints(out)[i] for i in (0, 0, 1, 1)]):
+        ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+        assert deep_equal(used, ckpt["ema"]) == [] and deep_equal(used, ckpt["model"]) != [], kind
+        if kind == "grid":
+            assert (kw["steps"], kw["cfg_scale"]) == ("ddim2", 2.0)
+        else:  # the same samples at every evaluation: seed global_seed + 1
+            assert (kw["steps"], kw["cfg_scale"], kw["seed"]) == ("ddim3", 1.5, 4)
+
+
+def test_fid_steps_reads_on_past_a_torn_line(tmp_path):
+    # a record cut short (disk full) must not hide the FID records after it from the resume's catch-up
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "fid": 5.0, "fid_samples": 4}\n{"step": 3, "lo\n{"step": 4, "loss": 1.0}\n'
+                    '{"step": 6, "fid": null, "fid_error": "not PSD"}\n["step", "fid"]\n{"step": 8, "fid": 4.0}\n')
+    assert train.fid_steps(str(path)) == {2, 6, 8} and train.fid_steps(str(tmp_path / "none.jsonl")) == set()
+
+
 def test_a_run_killed_after_its_checkpoint_makes_that_steps_grid_and_fid_on_resume(tmp_path, monkeypatch):
     # killed between the step-2 checkpoint and its grid (a time limit's SIGKILL), the resumed run started at step 2
     # and never made that grid or FID: a gap in the FID curve
@@ -4809,6 +4932,26 @@ def test_curriculum_stages_follow_the_fixed_schedule_in_training(tmp_path):
     assert all(r["curriculum/t_min"] <= 250 for r in logged)
 
 
+def test_a_resumed_curriculum_run_records_each_stage_once(tmp_path):
+    # the stage-1 record of step 0 is the fresh start's: a resume at step 3 (stage 2) wrote a second "step 0" record
+    flags = ["--method", "curriculum", "--global-batch-size", "8", "--curriculum-pacing", "fixed",
+             "--curriculum-stage-steps", "2", "--curriculum-clusters", "4"]
+    out = run_train(tmp_path, *flags, "--max-steps", "3")
+    run_train(tmp_path, *flags, "--max-steps", "6", "--resume", "auto")
+    events = [(e["step"], e["stage"], e["t_min"]) for e in metrics(out) if e.get("event") == "curriculum_stage"]
+    assert events == [(0, 1, 750), (2, 2, 500), (4, 3, 250), (6, 4, 0)]  # as in the uninterrupted run above
+
+
+def test_a_step_skipped_as_non_finite_does_not_count_towards_a_curriculum_stage(tmp_path, monkeypatch):
+    # the pacer sees only the steps that trained: step 2 is skipped, so stage 1's two steps are 1 and 3, not 1 and 2
+    poison_losses(monkeypatch, {2})
+    out = run_train(tmp_path, "--method", "curriculum", "--global-batch-size", "8", "--max-steps", "5",
+                    "--skip-nonfinite", "1", "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "2",
+                    "--curriculum-clusters", "4")
+    events = [(r["step"], r["stage"]) for r in metrics(out) if r.get("event") == "curriculum_stage"]
+    assert events == [(0, 1), (3, 2), (5, 3)]
+
+
 def test_a_curriculum_stage_change_applies_from_the_next_step_whatever_the_log_interval(tmp_path, monkeypatch):
     # the pacing decision of step s is read at once (not one step late like the other flags), so step s + 1 draws
     # from the new stage with a record every 100 steps as with one every step (TINY): the run does not depend on it
@@ -4840,18 +4983,37 @@ def test_two_process_methods_keep_replicas_and_decisions_identical(tmp_path, met
     assert r.stdout.count("model replicas, EMA and method state identical on 2 ranks") == 2
 
 
+RECORD_FID_INDICES = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import train
+real_indices = train.sample_indices
+def recording_indices(model, diffusion, indices, *a, **k):
+    with open(os.path.join(os.environ["INDEX_DIR"], os.environ["RANK"] + ".json"), "w") as f:
+        json.dump(list(indices), f)
+    return real_indices(model, diffusion, indices, *a, **k)
+train.sample_indices = recording_indices
+train.main(sys.argv[1:])
+"""
+
+
 @pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="shared Inception weights absent")
 @retry_rank_abort
 def test_two_process_fid_during_training_with_synced_emas(tmp_path):
     # The EMA once started from each rank's own initialisation (DDP syncs only the model), so rank 1
     # sampled its share of the FID images from a different network; the checksum now covers the EMA.
     out = tmp_path / "fid2"
-    r = torchrun("train.py", *TINY, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "2", "--fid-every", "2",
+    script = tmp_path / "record.py"
+    script.write_text(RECORD_FID_INDICES.format(repo=str(REPO)))
+    r = torchrun(str(script), *TINY, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "2", "--fid-every", "2",
                  "--fid-samples", "6", "--fid-steps", "ddim2", "--fid-batch-size", "3", "--fid-ref-limit", "12",
-                 "--inception", str(SHARED_WEIGHTS), "--out", str(out))
+                 "--inception", str(SHARED_WEIGHTS), "--out", str(out), env={"INDEX_DIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("model replicas, EMA and method state identical on 2 ranks") == 1
     assert [rec["step"] for rec in metrics(out) if "fid" in rec] == [2]
+    # the ranks split the samples: each of the 6 drawn once (every rank drawing rank 0's share passed)
+    shares = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == list(range(6))
 
 
 @pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="shared Inception weights absent")
@@ -5168,6 +5330,25 @@ def test_stream_sampler_start_step_continues_the_stream(k):
         assert resumed[0] == stream[(k * W + r) * B:(k * W + r + 1) * B]
 
 
+def test_vanilla_draws_every_timestep_from_0_to_T_minus_1():
+    # DiT: t ~ U{0, ..., T-1}. A draw that left out t = 0 (the least noisy step) or t = T - 1 passed every test.
+    run = make_run("--num-timesteps", "25")
+    torch.manual_seed(0)
+    t, cluster = run.method.timesteps(5000)
+    assert cluster is None and t.shape == (5000,) and t.dtype == torch.long
+    counts = torch.bincount(t, minlength=25)
+    assert len(counts) == 25 and (counts > 150).all(), counts  # about 200 of each
+
+
+def test_curriculum_clusters_zero_paces_through_the_ant_clusters():
+    # --curriculum-clusters 0 means "the ANT clusters": here the uneven raw-SNR ones, whose last is stage 1
+    run = make_run("--method", "curriculum+ant-uw", "--ant-objective", "snr", "--ant-clusters", "5",
+                   "--curriculum-clusters", "0")
+    method = run.method
+    assert method.intervals == [(0, 1), (1, 2), (2, 5), (5, 18), (18, 1000)]
+    assert method.curriculum.clusters == method.intervals and method.curriculum.active_range == (18, 1000)
+
+
 # ---------------------------------------------------------------------------------------------- ANT inside train.Method.backward
 
 def test_ant_draws_stratified_timesteps_inside_each_cluster():
@@ -5369,36 +5550,84 @@ def test_training_drops_labels_to_the_null_class(tmp_path):
     assert not torch.equal(m[NUM_CLASSES], e[NUM_CLASSES])  # the null row trained, and the EMA lags behind it
 
 
+def test_the_model_trains_in_train_mode_and_the_ema_samples_in_eval_mode(tmp_path, monkeypatch):
+    # label dropout (which trains the null class that guidance needs) happens only in train mode: a model left in eval
+    # mode passed the test above, whose dropout probability 1 drops the labels in eval mode too; grids run between steps
+    modes, real_step = [], train.train_step
+
+    def spy(run, x, y, step):
+        modes.append((run.model.training, run.ema.training))
+        return real_step(run, x, y, step)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "3", "--sample-every", "1", "--sample-steps", "ddim2")
+    assert modes == [(True, False)] * 3
+
+
+def test_training_images_are_the_streams_batches_flipped_left_right_at_random(tmp_path, monkeypatch):
+    # DiT's one augmentation: each image mirrored with probability 1/2; dropping it passed every other test
+    seen, real_step = [], train.train_step
+
+    def spy(run, x, y, step):
+        seen.append(x.clone())
+        return real_step(run, x, y, step)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    run_train(tmp_path, "--global-batch-size", "16", "--max-steps", "2")
+    ds = datasets.load_dataset("shapes", 16, seed=0)
+    flipped = []
+    for x, idx in zip(seen, _take(train.StreamSampler(len(ds), 16, 0, 1, 0), 2)):
+        plain = datasets.to_model_input(torch.stack([ds[i][0] for i in idx]), flip=False)  # (16, 3, 16, 16)
+        for a, b in zip(x, plain):
+            assert torch.equal(a, b) or torch.equal(a, b.flip(-1))
+            flipped.append(not torch.equal(a, b))
+    assert 8 <= sum(flipped) <= 24, sum(flipped)  # about 16 of 32 (a symmetric shape counts as not flipped)
+
+
+def test_one_class_data_train_without_label_dropout_and_refuse_guidance(tmp_path, capsys):
+    # one class: nothing to guide towards, so no null class to drop labels to (one label row) and no --sample-cfg
+    _write_images(tmp_path / "u", 4, classes=("only",))
+    out = run_train(tmp_path, "--data", str(tmp_path / "u"), "--global-batch-size", "4", "--max-steps", "1")
+    ckpt = last_checkpoint(out)
+    assert ckpt["args"]["class_dropout_prob"] == 0.0 and ckpt["model"]["y_embedder.embedding_table.weight"].shape == (1, 64)
+    assert "the data have one class" in _train_error(tmp_path, capsys, "--data", str(tmp_path / "u"), "--sample-cfg", "1.5")
+
+
 def test_metrics_average_the_loss_its_timestep_buckets_and_the_ant_tensors_over_the_logged_steps(tmp_path, monkeypatch):
-    # A record at --log-every 2 holds means over both steps: the loss, the loss of each tenth of [0, T) over the
-    # samples that fell in it, and the per-cluster ANT losses and weights; computed here from what train_step returned
-    seen = []
+    # A record at --log-every 2 holds means over its two steps: the loss, the loss of each tenth of [0, T) over the
+    # samples that fell in it, and the per-cluster ANT losses and weights; computed here from what train_step returned.
+    # The second record's window starts afresh (sums, counts and the step count carried over passed one record).
+    # Throughput on a clock that advances 1 s per step, so the checkpoint pauses and the rest take no time.
+    seen, clock = [], [0.0]
     real = train.train_step
 
     def spy(run, x, y, step):
         terms, t, extra, bad = real(run, x, y, step)
         seen.append((terms["loss"].detach().double(), t.clone(), {k: v.detach().double() for k, v in extra.items()}))
+        clock[0] += 1.0
         return terms, t, extra, bad
 
     monkeypatch.setattr(train, "train_step", spy)
-    out = run_train(tmp_path, "--method", "ant-uw", "--global-batch-size", "10", "--max-steps", "2", "--log-every", "2")
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    out = run_train(tmp_path, "--method", "ant-uw", "--global-batch-size", "10", "--max-steps", "4", "--log-every", "2")
     records = [r for r in metrics(out) if "loss" in r]
-    assert len(seen) == 2 and len(records) == 1 and records[0]["step"] == 2
-    rec = records[0]
-    assert rec["loss"] == pytest.approx((seen[0][0].mean() + seen[1][0].mean()).item() / 2, rel=1e-5)
-    losses, ts = torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen])
-    buckets = ts * 10 // 1000
-    counts = torch.bincount(buckets, minlength=10)
-    assert (counts[counts > 0] != 2).any()  # a bucket mean is not a bucket sum over the two steps
-    assert {k for k in rec if k.startswith("loss_t")} == {f"loss_t{i}" for i in range(10) if counts[i] > 0}
-    for i in range(10):
-        if counts[i] > 0:
-            assert rec[f"loss_t{i}"] == pytest.approx(losses[buckets == i].mean().item(), rel=1e-5)
-    for key in ("L", "w"):
-        mean = (seen[0][2][key] + seen[1][2][key]) / 2
-        assert not torch.equal(seen[0][2][key], seen[1][2][key])
-        for k in range(5):
-            assert rec[f"ant/{key}{k}"] == pytest.approx(mean[k].item(), rel=1e-5)
+    assert len(seen) == 4 and [r["step"] for r in records] == [2, 4]
+    for rec, window in zip(records, (seen[:2], seen[2:])):
+        assert (rec["steps_per_s"], rec["images_per_s"]) == (1.0, 10.0)
+        assert rec["loss"] == pytest.approx((window[0][0].mean() + window[1][0].mean()).item() / 2, rel=1e-5)
+        losses, ts = torch.cat([s[0] for s in window]), torch.cat([s[1] for s in window])
+        buckets = ts * 10 // 1000
+        counts = torch.bincount(buckets, minlength=10)
+        assert (counts[counts > 0] != 2).any()  # a bucket mean is not a bucket sum over the two steps
+        assert {k for k in rec if k.startswith("loss_t")} == {f"loss_t{i}" for i in range(10) if counts[i] > 0}
+        for i in range(10):
+            if counts[i] > 0:
+                assert rec[f"loss_t{i}"] == pytest.approx(losses[buckets == i].mean().item(), rel=1e-5)
+        for key in ("L", "w"):
+            mean = (window[0][2][key] + window[1][2][key]) / 2
+            assert not torch.equal(window[0][2][key], window[1][2][key])
+            for k in range(5):
+                assert rec[f"ant/{key}{k}"] == pytest.approx(mean[k].item(), rel=1e-5)
 
 
 def test_ant_cluster_losses_are_averaged_over_the_steps_that_drew_the_cluster(tmp_path, monkeypatch):
@@ -5493,6 +5722,8 @@ def test_two_process_curriculum_paces_on_the_all_rank_mean_loss(tmp_path):
     assert "model replicas, EMA and method state identical on 2 ranks" in r.stdout
     losses = [rec["loss"] for rec in metrics(out) if "loss" in rec]
     assert len(losses) == 3
+    # throughput counts the images of both ranks: the global batch of 8 per step
+    assert all(rec["images_per_s"] == pytest.approx(8 * rec["steps_per_s"]) for rec in metrics(out) if "loss" in rec)
     ema = 0.0
     for value in losses:
         ema = 0.5 * ema + 0.5 * value
@@ -5689,6 +5920,18 @@ def test_resume_with_other_curriculum_smoothing_is_refused(tmp_path, capsys):
 def _hand_cosine_betas(T):
     f = lambda s: math.cos((s / T + 0.008) / 1.008 * math.pi / 2) ** 2
     return np.array([min(1 - f(i + 1) / f(i), 0.999) for i in range(T)])
+
+
+def test_flag_defaults_are_the_papers_settings():
+    # papers.md: the DiT recipe (AdamW 1e-4, no weight decay, global batch 256, EMA 0.9999, learned sigma, linear
+    # schedule over T = 1000, label dropout 0.1, 400K steps) and each method's defaults. Another EMA decay passed.
+    a = train.parse_args([])
+    assert (a.lr, a.weight_decay, a.global_batch_size, a.ema_decay, a.max_grad_norm) == (1e-4, 0.0, 256, 0.9999, 0.0)
+    assert (a.max_steps, a.learn_sigma, a.schedule, a.num_timesteps) == (400_000, True, "linear", 1000)
+    assert (a.class_dropout_prob, a.weighting) == (0.1, "constant")
+    assert (a.dtr_alpha, a.dtr_beta, a.ant_clusters, a.uw_lr, a.uw_weight_decay) == (4.0, 0.8, 5, 0.025, 0.0)
+    assert (a.nash_every, a.nash_max_norm, a.curriculum_clusters, a.curriculum_order) == (25, 1.0, 20, "easy-to-hard")
+    assert a.curriculum_smoothing == 0.995  # ours, named in its flag's error message
 
 
 def test_schedule_weighting_and_learn_sigma_flags_reach_the_checkpoint(tmp_path):
@@ -6325,6 +6568,42 @@ def test_a_job_wide_sigterm_that_reaches_the_dataloader_workers_still_stops_at_a
     assert [p.name for p in checkpoints(out)] == ["0000003.pt"]
 
 
+WORKER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import train
+train.leave_stop_signals_to_the_trainer(0, trainer=int(sys.argv[1]))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_worker_outlives_a_job_wide_sigterm_and_sigint_and_ends_on_the_trainers_sigterm(tmp_path):
+    # The test above stops within the batches the workers had already queued, so it passes with workers that died of
+    # the job's signals: here one worker's init function alone, with this process as its trainer
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(repo=str(REPO)))
+    proc = subprocess.Popen([sys.executable, str(script), str(os.getpid())], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        kill = "import os, signal, sys; [os.kill(int(sys.argv[1]), s) for s in (signal.SIGTERM, signal.SIGINT)]"
+        subprocess.run([sys.executable, "-c", kill, str(proc.pid)], check=True)  # the job's, from another process
+        time.sleep(0.5)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGTERM)  # the trainer's, as its shutdown of a stuck worker
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+def test_train_called_directly_gives_back_the_signal_handlers_when_its_loop_ends(tmp_path):
+    # a notebook's train.train(args), without main's safety net: Ctrl-C must interrupt the notebook again afterwards
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    args = train.parse_args(TINY + ["--out", str(tmp_path / "run"), "--global-batch-size", "4", "--max-steps", "1"])
+    assert train.train(args) == 1
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_a_run_that_stops_on_an_error_gives_back_the_signal_handlers(tmp_path, monkeypatch):
     # otherwise Ctrl-C in the calling process (pytest itself) only sets the stop flag of a run that has ended
     real_step = train.train_step
@@ -6438,6 +6717,9 @@ def test_resume_with_another_batch_size_warns(tmp_path, capsys):
     run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "3", "--resume", "auto")
     assert "trained with --global-batch-size 4, now 8" in capsys.readouterr().out
     assert last_checkpoint(out)["step"] == 3
+    # each start's record says where it started, and the resumed one holds its own flags
+    starts = [r for r in metrics(out) if r.get("event") == "start"]
+    assert [(r["step"], r["args"]["global_batch_size"]) for r in starts] == [(0, 4), (2, 8)]
 
 
 def test_keep_last_prunes_only_older_checkpoints(tmp_path):
@@ -6566,6 +6848,18 @@ def test_unwritable_results_folder_fails_before_training(tmp_path, capsys):
     assert "cannot write to the results folder" in err
 
 
+def test_a_full_disk_fails_before_training_and_leaves_no_probe_behind(tmp_path, capsys, monkeypatch):
+    # the folder can be made (so the test above passes without the probe), but its 1 MiB probe finds the disk full
+    # before any training; the probe, written in part, was left in the folder (on a full disk)
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    err = _train_error(tmp_path, capsys)
+    assert "cannot write to the results folder" in err and "No space left" in err
+    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["checkpoints"]  # no probe, no metrics.jsonl
+
+
 CRASH_ONCE = """
 import os, sys
 sys.path.insert(0, {repo!r})
@@ -6588,20 +6882,21 @@ real_step = train.train_step
 def drifting_step(run, x, y, step):
     out = real_step(run, x, y, step)
     if step == 0 and os.environ["RANK"] == "1":
-        with torch.no_grad():
-            next(run.ema.parameters()).add_(1e-3)  # the EMA of one replica drifts
+        with torch.no_grad():  # the EMA of one replica drifts, or its method state (DDP syncs neither)
+            next(run.ema.parameters() if run.method.uw is None else run.method.uw.parameters()).add_(1e-3)
     return out
 train.train_step = drifting_step
 train.main(sys.argv[1:])
 """
 
 
+@pytest.mark.parametrize("method", ["vanilla", "ant-uw"])
 @retry_rank_abort
-def test_replica_drift_stops_the_run_at_the_checkpoint(tmp_path):
+def test_replica_drift_stops_the_run_at_the_checkpoint(tmp_path, method):
     script = tmp_path / "drift.py"
     script.write_text(DRIFT_ON_RANK_1.format(repo=str(REPO)))
-    r = torchrun(str(script), *TINY, "--global-batch-size", "4", "--max-steps", "4", "--ckpt-every", "2",
-                 "--out", str(tmp_path / "drift"))
+    r = torchrun(str(script), *TINY, "--method", method, "--global-batch-size", "10", "--max-steps", "4",
+                 "--ckpt-every", "2", "--out", str(tmp_path / "drift"))
     assert r.returncode != 0 and "differs across ranks at step 2" in r.stdout + r.stderr
     assert not list((tmp_path / "drift" / "checkpoints").glob("*.pt"))  # nothing written from drifted replicas
 

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from types import SimpleNamespace
 
 import numpy as np
@@ -757,10 +757,15 @@ def train(args):
         try:  # fail now, not after hours of training, if the results folder cannot be written
             os.makedirs(ckpt_dir, exist_ok=True)
             probe = os.path.join(args.out, ".write-probe")
-            with open(probe, "wb") as f:
-                f.write(b"\0" * (1 << 20))
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(probe, "wb") as f:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:  # e.g. the disk is full: the probe, written in part, must not stay and take space
+                with suppress(OSError):
+                    os.remove(probe)
+                raise
             os.remove(probe)
         except OSError as e:
             raise ConfigError(f"cannot write to the results folder {args.out}: {e}") from None
