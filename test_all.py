@@ -6571,7 +6571,8 @@ def test_a_job_wide_sigterm_that_reaches_the_dataloader_workers_still_stops_at_a
 WORKER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-import train
+import os, train
+assert len(os.listdir("/proc/self/task")) == 1  # one thread, as in a forked DataLoader worker (see the docstring)
 train.leave_stop_signals_to_the_trainer(0, trainer=int(sys.argv[1]))
 print("ready", flush=True)
 time.sleep(60)
@@ -6583,7 +6584,9 @@ def test_a_worker_outlives_a_job_wide_sigterm_and_sigint_and_ends_on_the_trainer
     # the job's signals: here one worker's init function alone, with this process as its trainer
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(repo=str(REPO)))
-    proc = subprocess.Popen([sys.executable, str(script), str(os.getpid())], stdout=subprocess.PIPE, text=True)
+    # the thread pools that importing numpy and torch starts stay at one thread (their own would take the SIGTERM)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(os.getpid())], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline() == "ready\n"
         kill = "import os, signal, sys; [os.kill(int(sys.argv[1]), s) for s in (signal.SIGTERM, signal.SIGINT)]"

@@ -273,7 +273,11 @@ def leave_stop_signals_to_the_trainer(worker_id, trainer):
     the next step fail ("DataLoader worker is killed by signal") with no checkpoint written; train() finishes the step,
     writes one and shuts its workers down itself. A SIGTERM from the training process `trainer` (its shutdown of a
     stuck worker, and multiprocessing's at exit) still ends the worker, as in torch's own handler; not the worker's
-    parent, which is a forkserver under that start method (Python 3.14's default)."""
+    parent, which is a forkserver under that start method (Python 3.14's default).
+    SIGTERM is blocked in the calling thread only, which covers a worker that has no other thread: a forked one (the
+    start method on Linux before Python 3.14). A worker that imported numpy or torch itself (spawn, forkserver) may
+    already run their thread pools (OpenBLAS, OpenMP; 2 threads on our 2-core machine unless OMP_NUM_THREADS=1), and
+    a job-wide SIGTERM that the kernel hands to one of those still ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only a stop sends it: the trainer ends its workers with SIGTERM
     if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: a SIGTERM's sender cannot be told, so it still ends the worker
         return
