@@ -313,15 +313,14 @@ def main(argv=None):
         p.error("--alpha moves the DTR window and has no effect with --kind random; drop it")
     if args.kind == "dtr" and args.seed is not None:  # DTR masks are deterministic
         p.error("--seed draws the R-TR masks and has no effect with --kind dtr; drop it or add --kind random")
-    args.alpha = 4.0 if args.alpha is None else args.alpha
-    args.seed = 0 if args.seed is None else args.seed
+    knobs = {k: v for k, v in (("alpha", args.alpha), ("seed", args.seed)) if v is not None}  # else TaskRouter's defaults
     try:  # bad values and unwritable paths end in one line with the usage, not a traceback
-        router = TaskRouter(args.channels, args.timesteps, args.alpha, args.beta, args.kind, args.seed)
+        router = TaskRouter(args.channels, args.timesteps, beta=args.beta, kind=args.kind, **knobs)
         s = router.stats
         if args.kind == "dtr":
-            title = f"DTR masks  T={args.timesteps} C={args.channels} alpha={args.alpha:g} beta={args.beta:g}"
+            title = f"DTR masks  T={args.timesteps} C={args.channels} alpha={router.alpha:g} beta={args.beta:g}"
         else:
-            title = f"R-TR masks  T={args.timesteps} C={args.channels} beta={args.beta:g} seed={args.seed}"
+            title = f"R-TR masks  T={args.timesteps} C={args.channels} beta={args.beta:g} seed={router.seed}"
         size = draw_masks(router.masks, title, args.out)
     except (ValueError, OSError, MemoryError) as e:  # MemoryError: a T x C mask table too large (--timesteps 10**8)
         p.error(str(e))
