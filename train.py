@@ -32,6 +32,8 @@ import glob
 import hashlib
 import io
 import json
+import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import signal
 import sys
@@ -274,14 +276,14 @@ def leave_stop_signals_to_the_trainer(worker_id, trainer):
     writes one and shuts its workers down itself. A SIGTERM from the training process `trainer` (its shutdown of a
     stuck worker, and multiprocessing's at exit) still ends the worker, as in torch's own handler; not the worker's
     parent, which is a forkserver under that start method (Python 3.14's default).
-    SIGTERM is blocked in the calling thread only, which covers a worker that has no other thread: a forked one (the
-    start method on Linux before Python 3.14). A worker that imported numpy or torch itself (spawn, forkserver) may
-    already run their thread pools (OpenBLAS, OpenMP; 2 threads on our 2-core machine unless OMP_NUM_THREADS=1), and
-    a job-wide SIGTERM that the kernel hands to one of those still ends it."""
+    A signal blocked in one thread still reaches any other thread that leaves it unblocked, so only the waiter below
+    may leave SIGTERM unblocked. batches() starts its workers with SIGTERM already blocked (start_workers), so every
+    thread they make inherits the block under each start method: under spawn and forkserver the worker imports numpy
+    and torch, whose thread pools are running before this function is called."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only a stop sends it: the trainer ends its workers with SIGTERM
     if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: a SIGTERM's sender cannot be told, so it still ends the worker
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # one thread so far: only the waiter below takes SIGTERM
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # already so in a worker that start_workers started
 
     def wait():
         while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
@@ -289,6 +291,31 @@ def leave_stop_signals_to_the_trainer(worker_id, trainer):
         os._exit(0)
 
     threading.Thread(target=wait, daemon=True).start()
+
+
+def worker_context():
+    """The start method of the training DataLoader's workers: the default one (fork on Linux before Python 3.14), but
+    spawn in place of forkserver (the default since). The forkserver is one process for every DataLoader, started by
+    the first: the FID reference's may have started it without the mask of start_workers, and its workers inherit it."""
+    method = multiprocessing.get_start_method()
+    return multiprocessing.get_context("spawn" if method == "forkserver" else method)
+
+
+def start_workers(loader):
+    """iter(loader), with SIGTERM and SIGINT blocked in this thread while the workers start. A worker keeps the signal
+    mask of the thread that started it, through fork and through spawn's exec, and so do the threads it makes: the
+    job-wide stop of leave_stop_signals_to_the_trainer cannot end a worker through any of its threads. The mask is
+    restored before returning; a stop signal that came meanwhile is then handled here as usual."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: no waiter in the workers would ever take a blocked SIGTERM
+        return iter(loader)
+    if loader.num_workers > 0 and loader.multiprocessing_context.get_start_method() != "fork":
+        # spawn's first process starts multiprocessing's resource tracker, whose launch unblocks both signals here
+        multiprocessing.resource_tracker.ensure_running()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def batches(dataset, sampler, args, device):
@@ -302,8 +329,9 @@ def batches(dataset, sampler, args, device):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
                                          worker_init_fn=functools.partial(leave_stop_signals_to_the_trainer, trainer=os.getpid()),
+                                         multiprocessing_context=worker_context() if args.num_workers > 0 else None,
                                          generator=torch.Generator())  # its own seed draw must not shift the global RNG
-    for x, y in loader:
+    for x, y in start_workers(loader):
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
