@@ -7,16 +7,22 @@ Sample from a trained checkpoint (EMA weights by default), on one process or man
 Samples are split exactly across ranks (rank r makes samples r, r + W, r + 2W, ... of a global
 numbering, so N samples total and no duplicates whatever W is). Writes `OUT/samples.npz` with
 arr_0 (N, H, W, 3) uint8 and arr_1 (N,) labels in the ADM evaluator's format, a PNG grid of the
-first 64, and the individual PNGs in OUT/png with --save-png. The network (and its router, for DTR) and the
-diffusion are rebuilt from the arguments saved in the checkpoint. A DiT trained on VAE latents
-(train.py on a latents.py folder) samples latents without clipping and decodes them through the
-VAE saved in the checkpoint (or --vae), so the .npz holds images either way.
+first 64, and the individual PNGs in OUT/png with --save-png. Each batch is saved in OUT/parts as
+it is made, so a stopped run resumes when the same command is run again, on any number of ranks.
+The network (and its router, for DTR) and the diffusion are rebuilt from the arguments saved in
+the checkpoint. A DiT trained on VAE latents (train.py on a latents.py folder) samples latents
+without clipping and decodes them through the VAE saved in the checkpoint (or --vae), so the .npz
+holds images either way.
 """
 
 import argparse
+import glob
+import json
 import math
 import os
+import shutil
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -193,10 +199,11 @@ def max_seed(num_samples):
     return (2**32 - num_samples) // SEED_STRIDE
 
 
-def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, steps="250", cfg_scale=1.0,
+def sample_batches(model, diffusion, indices, device, seed=0, batch_size=64, steps="250", cfg_scale=1.0,
                    clip_denoised=True, guided_channels=None, class_labels=None, progress=False, decode=None,
                    precision="bf16"):
-    """Samples number `indices` of a global numbering: (uint8 (n, H, W, 3), labels (n,)) on the CPU.
+    """Samples number `indices` of a global numbering, batch by batch: yields (idx, uint8 (n, H, W, 3), labels (n,))
+    on the CPU, idx the batch's list of indices.
 
     Sample i draws its starting noise, its (uniform random, or class_labels[i % len]) label and
     then the DDPM steps' noise from a generator seeded with (seed, i), so the result does not
@@ -206,13 +213,9 @@ def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, ste
     end. The DiT treats rows independently (no batch statistics), so the padding changes no real
     sample. For a latent model, `decode` (a latents.Decoder) turns the samples into images;
     `precision` as in generate. See check_seed for the seeds allowed."""
-    if len(indices) == 0:  # a rank with no samples to make
-        side = model.input_size * (1 if decode is None else decode.factor)
-        return torch.zeros(0, side, side, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    if len(indices) == 0:
+        return
     check_seed(seed, max(indices) + 1)
-    # Filled batch by batch: a list of batches and then their concatenation would hold every image twice
-    # (19.7 GB of host RAM for 50K samples of 256 px in one process).
-    images, labels = None, torch.empty(len(indices), dtype=torch.long)  # images: (n, H, W, 3) uint8, made at the first batch
     batch_size = min(batch_size, len(indices))
     shape = (model.in_channels, model.input_size, model.input_size)
     for start in range(0, len(indices), batch_size):
@@ -232,11 +235,24 @@ def sample_indices(model, diffusion, indices, device, seed=0, batch_size=64, ste
         x = generate(model, diffusion, torch.cat([y, y.new_zeros(pad)]).to(device), noise.to(device), steps, cfg_scale,
                      clip_denoised=clip_denoised, guided_channels=guided_channels, progress=progress,
                      noise_fn=step_noise, precision=precision)[: len(idx)]  # (n, C, H, W)
-        x = to_uint8(x if decode is None else decode(x))  # (n, H, W, 3)
+        yield idx, to_uint8(x if decode is None else decode(x)), y  # (n, H, W, 3), (n,)
+
+
+def sample_indices(model, diffusion, indices, device, decode=None, **kwargs):
+    """sample_batches' samples in one pair (uint8 (n, H, W, 3), labels (n,)) on the CPU, in the order of `indices`;
+    kwargs as sample_batches. With no indices (a rank with nothing to make), empty arrays of the image size."""
+    if len(indices) == 0:
+        side = model.input_size * (1 if decode is None else decode.factor)
+        return torch.zeros(0, side, side, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    # Filled batch by batch: a list of batches and then their concatenation would hold every image twice
+    # (19.7 GB of host RAM for 50K samples of 256 px in one process).
+    images, labels, start = None, torch.empty(len(indices), dtype=torch.long), 0  # images: (n, H, W, 3), made at the first batch
+    for idx, x, y in sample_batches(model, diffusion, indices, device, decode=decode, **kwargs):
         if images is None:
             images = torch.empty((len(indices), *x.shape[1:]), dtype=torch.uint8)
         images[start: start + len(idx)] = x
         labels[start: start + len(idx)] = y
+        start += len(idx)
     return images, labels
 
 
@@ -259,21 +275,57 @@ def save_grid(images, path, nrow=None):
     Image.fromarray(grid).save(path)
 
 
-def merge_shards(out, world, num_samples):
-    """(images (N, H, W, 3) uint8, labels (N,)) in global sample order from the shards OUT/shard{r}.npz that main's
-    ranks write (idx, images, labels). Each shard is read and placed in turn, so host memory holds the result and
-    one shard (for 50K 256 px samples, 9.8 GB + 9.8 GB / W), not every shard, their concatenation and its sorted
-    copy (three times 9.8 GB)."""
+def sampling_settings(args, class_labels):
+    """What sample i depends on, besides i: the checkpoint (its size and modification time, so a file written
+    again under the same name counts as another) and the sampling flags, with --class-labels parsed. Not
+    --num-samples, --batch-size or the number of ranks, which only choose which samples are made, and where."""
+    st = os.stat(args.ckpt)
+    return {"ckpt_bytes": st.st_size, "ckpt_mtime_ns": st.st_mtime_ns, "use_model": args.use_model, "steps": args.steps,
+            "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels, "class_labels": class_labels,
+            "seed": args.seed, "precision": args.precision, "vae": args.vae}
+
+
+def check_parts(parts, settings):
+    """The indices already sampled into the folder `parts` (OUT/parts: one PART.npz of idx, images, labels per
+    batch, and settings.json), as a set; ValueError when they were sampled with other settings."""
+    saved_path = os.path.join(parts, "settings.json")
+    if not os.path.isfile(saved_path):
+        return set()
+    with open(saved_path) as f:
+        saved = json.load(f)
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(f"{parts} holds the samples of an unfinished run with other settings ({'; '.join(changed)}); "
+                         f"rerun with its flags and checkpoint to finish it, or pass another --out, or delete {parts}")
+    done = set()
+    for path in glob.glob(os.path.join(parts, "*.npz")):
+        try:
+            with np.load(path) as part:  # reads the idx member only
+                done.update(part["idx"].tolist())
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it, and the rerun samples its "
+                             f"batch again") from None
+    return done
+
+
+def merge_parts(parts, num_samples):
+    """(images (N, H, W, 3) uint8, labels (N,)) in global sample order from the batches in `parts` (check_parts),
+    placed one part at a time: host memory holds the result and one batch. Parts of samples N and above (an
+    unfinished run that asked for more) are left out."""
     images = labels = None
-    for r in range(world):
-        with np.load(os.path.join(out, f"shard{r}.npz")) as shard:
-            idx, part = shard["idx"], shard["images"]  # (n,), (n, H, W, 3)
-            if images is None:
-                images = np.empty((num_samples, *part.shape[1:]), dtype=part.dtype)
-                labels = np.empty(num_samples, dtype=shard["labels"].dtype)
-            images[idx] = part
-            labels[idx] = shard["labels"]
-            del part  # before the next shard is read
+    seen = np.zeros(num_samples, dtype=bool)
+    for path in sorted(glob.glob(os.path.join(parts, "*.npz"))):
+        with np.load(path) as part:
+            idx, batch, batch_labels = part["idx"], part["images"], part["labels"]  # (n,), (n, H, W, 3), (n,)
+        if images is None:
+            images = np.empty((num_samples, *batch.shape[1:]), dtype=np.uint8)
+            labels = np.empty(num_samples, dtype=batch_labels.dtype)
+        keep = idx < num_samples
+        images[idx[keep]], labels[idx[keep]], seen[idx[keep]] = batch[keep], batch_labels[keep], True
+    if not seen.all():  # a part deleted while the run went on
+        missing = np.flatnonzero(~seen)
+        raise ValueError(f"{parts} lacks {len(missing)} samples (the first: {missing[:5].tolist()}); rerun the same "
+                         f"command to make them")
     return images, labels
 
 
@@ -392,24 +444,39 @@ def main(argv=None):
         sys.exit(f"error: cannot create the output folder --out {args.out}: {e}")
     if args.compile:
         compile_for_sampling(model, args.compile_mode)
-    mine = list(range(rank, args.num_samples, world))  # global sample i is made by rank i % W
-    images, labels = sample_indices(model, diffusion, mine, device, args.seed, args.batch_size, args.steps, args.cfg_scale,
-                                    clip_denoised=targs.get("latent") is None, guided_channels=args.guided_channels,
-                                    class_labels=choices, progress=rank == 0, decode=decode, precision=args.precision)
-
-    # Each rank writes its shard (no gathering of 50K images through the process group); rank 0 merges.
-    np.savez(os.path.join(args.out, f"shard{rank}.npz"), idx=np.array(mine, dtype=np.int64), images=images.numpy(),
-             labels=labels.numpy())
-    images = labels = None  # on disk now; rank 0 needs the room for the merged array
+    # Each batch is saved as it is made (OUT/parts), so a run stopped by a job's time limit or a crash resumes where it
+    # was: sample i depends only on i and the settings, so the same command, on any number of ranks, makes the rest.
+    parts = os.path.join(args.out, "parts")
+    settings = sampling_settings(args, choices)
+    try:
+        done = check_parts(parts, settings)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    if rank == 0:
+        os.makedirs(parts, exist_ok=True)
+        latents.atomic_write(os.path.join(parts, "settings.json"), lambda f: json.dump(settings, f, indent=1), mode="w")
+        if done:
+            print(f"resuming: {len(done & set(range(args.num_samples)))} of {args.num_samples} samples are in {parts}")
+    if distributed:
+        dist.barrier()  # settings.json is written before any part
+    mine = [i for i in range(rank, args.num_samples, world) if i not in done]  # global sample i is made by rank i % W
+    batches = sample_batches(model, diffusion, mine, device, args.seed, args.batch_size, args.steps, args.cfg_scale,
+                             clip_denoised=targs.get("latent") is None, guided_channels=args.guided_channels,
+                             class_labels=choices, progress=rank == 0, decode=decode, precision=args.precision)
+    for idx, images, labels in batches:  # a part is named by its first sample, which no other part of any run holds
+        part = dict(idx=np.array(idx, dtype=np.int64), images=images.numpy(), labels=labels.numpy())
+        latents.atomic_write(os.path.join(parts, f"{idx[0]:010d}.npz"), lambda f: np.savez(f, **part))
     if distributed:
         dist.barrier()
     if rank == 0:
-        all_images, all_labels = merge_shards(args.out, world, args.num_samples)
-        for r in range(world):
-            os.remove(os.path.join(args.out, f"shard{r}.npz"))
+        try:
+            all_images, all_labels = merge_parts(parts, args.num_samples)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         # Atomically: a write cut short (disk full, a job's time limit) leaves no half samples.npz for the check
-        # above to take for an earlier run's samples, refusing the rerun.
+        # above to take for an earlier run's samples, refusing the rerun; the parts go once it is there.
         latents.atomic_write(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=all_images, arr_1=all_labels))
+        shutil.rmtree(parts)
         save_grid(all_images[:64], os.path.join(args.out, "grid.png"))
         if args.save_png:  # in their own folder, so that scoring it (fid.py OUT/png REF) does not count grid.png
             from PIL import Image

@@ -1749,13 +1749,19 @@ def test_new_random_streams_after_a_change_of_process_count_are_seeded_with_the_
 
 
 @retry_rank_abort
-def test_two_process_sampling_splits_exactly(tmp_path):
+def test_two_process_sampling_splits_exactly_and_finishes_a_stopped_one_process_run(tmp_path, monkeypatch):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
     ckpt = sorted((out / "checkpoints").glob("*.pt"))[-1]
+    with monkeypatch.context() as m:  # samples 0 and 1 are made, then the run stops
+        _stop_after_batches(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "s2"), "--num-samples", "5", "--steps", "3",
+                         "--batch-size", "2"])
     # DDPM, so the steps' noise must come from each sample's own generator too (it once came from the global RNG)
     r = torchrun("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path / "s2"), "--num-samples", "5", "--steps", "3",
                  "--batch-size", "2")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming: 2 of 5 samples" in r.stdout
     sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "s1"), "--num-samples", "5", "--steps", "3", "--batch-size", "3"])
     two, one = np.load(tmp_path / "s2" / "samples.npz"), np.load(tmp_path / "s1" / "samples.npz")
     assert two["arr_0"].shape[0] == 5
@@ -2064,17 +2070,86 @@ def test_sample_py_write_cut_short_leaves_no_samples_npz_that_refuses_the_rerun(
     savez = np.savez
 
     def disk_full(file, **arrays):
-        if "samples.npz" in str(getattr(file, "name", file)):  # the merged file, not a rank's shard
+        if "samples.npz" in str(getattr(file, "name", file)):  # the merged file, not a batch's part
             (file if hasattr(file, "write") else open(file, "wb")).write(b"PK\x03\x04 half a zip")
             raise OSError(28, "No space left on device")
         return savez(file, **arrays)
     monkeypatch.setattr(np, "savez", disk_full)
     with pytest.raises(OSError, match="No space"):
         sample.main(flags)
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == []  # no shard, no temporary file, no samples.npz
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["parts"]  # no temporary file, no samples.npz
+    assert sorted(p.name for p in (tmp_path / "s" / "parts").iterdir()) == ["0000000000.npz", "settings.json"]
     monkeypatch.setattr(np, "savez", savez)
-    sample.main(flags)  # the rerun samples again: a half samples.npz once refused it as "an earlier run's samples"
+    monkeypatch.setattr(sample, "generate", None)  # every sample is in its part: the rerun only merges them
+    sample.main(flags)  # a half samples.npz once refused it as "an earlier run's samples"
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["grid.png", "samples.npz"]
+
+
+def _stop_after_batches(monkeypatch, n):
+    """sample.generate that raises (as a job's time limit would stop the process) after n batches."""
+    calls, real = [], sample.generate
+
+    def generate(*a, **k):
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(sample, "generate", generate)
+    return calls
+
+
+def test_sample_py_resumes_a_stopped_run_from_its_saved_batches(tmp_path, monkeypatch, capsys):
+    # 50K samples take hours: a run stopped by a job's time limit once lost every sample it had made
+    ckpt = str(checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1])
+    flags = ["--ckpt", ckpt, "--num-samples", "7", "--batch-size", "2", "--steps", "3", "--cfg-scale", "1.5"]  # DDPM noise
+    sample.main(flags + ["--out", str(tmp_path / "whole")])
+    want = np.load(tmp_path / "whole" / "samples.npz")
+    with monkeypatch.context() as m:
+        _stop_after_batches(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            sample.main(flags + ["--out", str(tmp_path / "s")])
+    parts = tmp_path / "s" / "parts"
+    assert sorted(p.name for p in parts.glob("*.npz")) == ["0000000000.npz", "0000000002.npz"]
+    for changed in (["--seed", "1"], ["--cfg-scale", "2"], ["--steps", "ddim3"], ["--use-model"], ["--class-labels", "1"]):
+        with pytest.raises(SystemExit, match=r"unfinished run with other settings \(\w+ .* -> "):
+            sample.main(flags + ["--out", str(tmp_path / "s"), *changed])
+    assert not (tmp_path / "s" / "samples.npz").exists()
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        calls = _stop_after_batches(m, 99)
+        sample.main(flags + ["--out", str(tmp_path / "s")])
+    assert "resuming: 4 of 7 samples are in" in capsys.readouterr().out
+    assert len(calls) == 2  # samples 4, 5 and 6 only
+    got = np.load(tmp_path / "s" / "samples.npz")
+    np.testing.assert_array_equal(got["arr_0"], want["arr_0"])  # the same batches as the whole run: the same bytes
+    np.testing.assert_array_equal(got["arr_1"], want["arr_1"])
+    assert not parts.exists()
+
+
+def test_sample_py_resume_takes_other_counts_and_batch_sizes_but_not_a_rewritten_checkpoint(tmp_path, monkeypatch):
+    ckpt = checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1]
+    flags = ["--ckpt", str(ckpt), "--steps", "ddim2", "--out", str(tmp_path / "s")]
+    sample.main(flags + ["--num-samples", "3", "--out", str(tmp_path / "whole")])
+    with monkeypatch.context() as m:
+        _stop_after_batches(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            sample.main(flags + ["--num-samples", "9", "--batch-size", "4"])
+    (tmp_path / "s" / "parts" / "0000000099.npz").write_bytes(b"PK\x03\x04 half a zip")  # say, a damaged disk
+    with pytest.raises(SystemExit, match="0000000099.npz cannot be read .*; delete it, and the rerun samples its batch"):
+        sample.main(flags + ["--num-samples", "3"])
+    (tmp_path / "s" / "parts" / "0000000099.npz").unlink()
+    os.utime(ckpt)  # written again under the same name (another run's step 1): its samples are another model's
+    with pytest.raises(SystemExit, match="ckpt_mtime_ns"):
+        sample.main(flags + ["--num-samples", "3"])
+    st = os.stat(tmp_path / "s" / "parts" / "settings.json")
+    os.utime(ckpt, ns=(st.st_atime_ns, json.loads((tmp_path / "s" / "parts" / "settings.json").read_text())["ckpt_mtime_ns"]))
+    with monkeypatch.context() as m:
+        m.setattr(sample, "generate", None)  # samples 0..3 are saved: 3 of them need no sampling, whatever the batch size
+        sample.main(flags + ["--num-samples", "3", "--batch-size", "1"])
+    got, want = np.load(tmp_path / "s" / "samples.npz"), np.load(tmp_path / "whole" / "samples.npz")
+    np.testing.assert_array_equal(got["arr_1"], want["arr_1"])
+    assert np.abs(got["arr_0"].astype(int) - want["arr_0"].astype(int)).max() <= 1  # batches of 4 against 3
 
 
 def test_sample_py_save_png_accepts_an_empty_png_folder(tmp_path):
@@ -6142,7 +6217,7 @@ def test_sample_py_seed_guidance_and_precision_flags_reach_every_sample(tmp_path
                  "--compile-mode", "max-autotune-no-cudagraphs"])
     got = np.load(tmp_path / "s" / "samples.npz")
     assert precisions == ["fp32"] * 3 and modes == ["max-autotune-no-cudagraphs"]  # CUDA's autocast choice is the flag's
-    assert sorted(os.listdir(tmp_path / "s")) == ["grid.png", "samples.npz"]  # the ranks' shards are removed
+    assert sorted(os.listdir(tmp_path / "s")) == ["grid.png", "samples.npz"]  # the batches' parts are removed
     sample.save_grid(got["arr_0"], tmp_path / "all.png")  # the grid shows every sample up to 64
     assert np.array_equal(np.asarray(Image.open(tmp_path / "s" / "grid.png")), np.asarray(Image.open(tmp_path / "all.png")))
     model, d = _random_dit(), gd.Diffusion()
@@ -6204,9 +6279,8 @@ def test_rtr_models_are_rebuilt_with_their_saved_seed():
     assert not torch.equal(router.masks, sample.build_model({**args, "rtr_seed": 0}).router.masks)
 
 
-def test_a_latent_model_with_no_samples_on_this_rank_gives_an_empty_shard_of_image_size():
-    # with --num-samples below the number of ranks, a rank's empty shard must have the decoded image size, or
-    # merge_shards cannot place it beside rank 0's images
+def test_a_latent_model_with_no_samples_on_this_rank_gives_empty_images_of_image_size():
+    # with fewer FID samples than ranks, a rank's empty share has the decoded image size, as the other ranks' images
     images, labels = sample.sample_indices(_random_dit(), gd.Diffusion(), [], CPU, decode=types.SimpleNamespace(factor=8))
     assert images.shape == (0, 128, 128, 3) and images.dtype == torch.uint8 and labels.shape == (0,)
 
@@ -8320,18 +8394,22 @@ def test_sample_indices_fill_one_array_instead_of_concatenating_batches():
     assert torch.equal(again, images.flip(0)[:16]) and torch.equal(again_labels, labels.flip(0)[:16])
 
 
-def test_merge_shards_puts_each_shard_in_place_in_one_array(tmp_path):
-    # Rank 0 of sample.py used to hold every shard, their concatenation and its sorted copy at once (3 x 9.8 GB for
-    # 50K samples of 256 px); now the result and one shard. numpy reports its allocations to tracemalloc.
+def test_merge_parts_puts_each_batch_in_place_in_one_array(tmp_path):
+    # Rank 0 of sample.py used to hold every rank's samples, their concatenation and its sorted copy at once (3 x 9.8 GB
+    # for 50K samples of 256 px); now the result and one part. numpy reports its allocations to tracemalloc.
     rng = np.random.default_rng(0)
-    world, n = 4, 403  # shards of 101, 101, 101 and 100 samples
-    images, labels = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8), rng.integers(0, 1000, n)  # 5 MB
+    world, n, batch = 4, 403, 40
+    images, labels = rng.integers(0, 256, (n + 5, 64, 64, 3), dtype=np.uint8), rng.integers(0, 1000, n + 5)  # 5 MB
     for r in range(world):
-        idx = np.arange(r, n, world)  # sample.main's split: rank r makes r, r + W, ...
-        np.savez(tmp_path / f"shard{r}.npz", idx=idx, images=images[idx], labels=labels[idx])
-    (got, got_labels), peak = traced_peak(lambda: sample.merge_shards(str(tmp_path), world, n))
-    assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
-    assert peak < 1.6 * images.nbytes  # the result, one shard and numpy's read buffers (1.35); 2.1 before
+        mine = np.arange(r, n + 5, world)  # sample.main's split: rank r makes r, r + W, ...; the last 5 of a longer run
+        for idx in np.split(mine, range(batch, len(mine), batch)):
+            np.savez(tmp_path / f"{idx[0]:010d}.npz", idx=idx, images=images[idx], labels=labels[idx])
+    (got, got_labels), peak = traced_peak(lambda: sample.merge_parts(str(tmp_path), n))
+    assert np.array_equal(got, images[:n]) and np.array_equal(got_labels, labels[:n])
+    assert peak < images[:n].nbytes + 4 * images[:batch].nbytes  # the result and a few parts (1.3); 2.1 with shards of 1/W
+    (tmp_path / "0000000161.npz").unlink()  # a part lost: its samples are named, not left as uninitialised memory
+    with pytest.raises(ValueError, match=r"lacks 40 samples \(the first: \[161, 165, 169, 173, 177\]\)"):
+        sample.merge_parts(str(tmp_path), n)
 
 
 def test_readme_results_tables_are_the_records():
