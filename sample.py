@@ -20,6 +20,8 @@ import glob
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import sys
 import zipfile
@@ -76,6 +78,19 @@ def build_diffusion(args):
                         min_snr_gamma=args["min_snr_gamma"], p2_gamma=args["p2_gamma"], p2_k=args["p2_k"])
 
 
+def load_checkpoint(path):
+    """torch.load of a train.py checkpoint onto the CPU with weights_only=True: tensors and plain Python values only,
+    which is all train.py writes, so that a checkpoint from elsewhere cannot run code as it loads. A file that holds
+    other objects is a pickle.UnpicklingError that names the first (torch's own message is a page long)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
+        what = f"{found.group(1)}, an object" if found else "objects"
+        raise pickle.UnpicklingError(f"it holds {what} other than the tensors and plain values that train.py writes, "
+                                     f"and loading it could run code") from None
+
+
 def load_model(ckpt_path, device="cpu", use_ema=True):
     """(model in eval mode, diffusion, args) from a train.py checkpoint: its EMA weights, or its raw ones with
     use_ema=False. Weights that hold NaN or inf (a run that diverged) are a ValueError."""
@@ -84,7 +99,7 @@ def load_model(ckpt_path, device="cpu", use_ema=True):
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file
         raise ValueError(f"{ckpt_path} cannot be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
                          f"pass a complete train.py checkpoint") from None

@@ -2152,6 +2152,31 @@ def test_sample_py_resume_takes_other_counts_and_batch_sizes_but_not_a_rewritten
     assert np.abs(got["arr_0"].astype(int) - want["arr_0"].astype(int)).max() <= 1  # batches of 4 against 3
 
 
+class _RunsCode:
+    """Unpickled, it creates the folder `marker`: what a checkpoint from elsewhere could do instead."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_checkpoints_load_without_running_code_from_them(tmp_path, capsys):
+    # torch.load(weights_only=False) unpickles anything; a checkpoint from a forum or a model hub could run code
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
+    ckpt = torch.load(checkpoints(out)[-1], weights_only=True)  # every train.py checkpoint loads as weights only
+    marker = tmp_path / "code-ran"
+    torch.save({**ckpt, "extra": _RunsCode(marker), "step": 2}, out / "checkpoints" / "0000002.pt")
+    with pytest.raises(SystemExit, match=r"0000002.pt cannot be loaded \(UnpicklingError: it holds posix.mkdir, an object "
+                                         r"other than .* could run code\)"):
+        sample.main(["--ckpt", str(out / "checkpoints" / "0000002.pt"), "--out", str(tmp_path / "s")])
+    err = _train_error(tmp_path, capsys, "--resume", str(out / "checkpoints" / "0000002.pt"))
+    assert "UnpicklingError: it holds posix.mkdir" in err
+    run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--resume", "auto")  # resumes from step 1
+    assert "resume: skipping" in capsys.readouterr().out and (out / "checkpoints" / "0000002.pt.unreadable").exists()
+    assert not marker.exists()
+
+
 def test_sample_py_save_png_accepts_an_empty_png_folder(tmp_path):
     # Only PNGs of an earlier run are refused (they would sit among fewer new ones): an empty OUT/png, emptied by
     # hand or left by a run stopped before its first PNG, takes the new ones

@@ -53,8 +53,8 @@ import latents
 from diffusion import WEIGHTINGS
 from dit import DiT_models
 from sample import (COMPILE_MODES, CUDA_GRAPH_MODES, SEED_STRIDE, build_diffusion, build_model, check_seed,
-                    compile_for_sampling, generate, max_seed, method_parts, resolve_device, sample_indices, save_grid,
-                    to_device, to_uint8)
+                    compile_for_sampling, generate, load_checkpoint, max_seed, method_parts, resolve_device,
+                    sample_indices, save_grid, to_device, to_uint8)
 
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
 ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
@@ -404,7 +404,7 @@ def find_resume(resume, run_dir, log):
         return resume, None
     for path in checkpoint_paths(run_dir):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = load_checkpoint(path)
             if not missing_keys(ckpt):
                 return path, ckpt
             log(f"resume: skipping {path}: incomplete (missing {missing_keys(ckpt)})")
@@ -857,7 +857,7 @@ def train(args):
         log(f"resume: no checkpoint in {ckpt_dir} yet; starting from step 0")
     try:
         if resume_path is not None and ckpt is None:
-            ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
+            ckpt = load_checkpoint(resume_path)
     except Exception as e:  # noqa: BLE001 - truncated or not a checkpoint: say which file and what to do
         raise ConfigError(f"--resume {resume_path} cannot be loaded ({type(e).__name__}: {e}); pass another "
                           f"checkpoint, or --resume auto to take the newest one in {ckpt_dir} that loads") from None
