@@ -2139,11 +2139,11 @@ def test_sample_py_resume_takes_other_counts_and_batch_sizes_but_not_a_rewritten
     with pytest.raises(SystemExit, match="0000000099.npz cannot be read .*; delete it, and the rerun samples its batch"):
         sample.main(flags + ["--num-samples", "3"])
     (tmp_path / "s" / "parts" / "0000000099.npz").unlink()
+    mtime = os.stat(ckpt).st_mtime_ns
     os.utime(ckpt)  # written again under the same name (another run's step 1): its samples are another model's
     with pytest.raises(SystemExit, match="ckpt_mtime_ns"):
         sample.main(flags + ["--num-samples", "3"])
-    st = os.stat(tmp_path / "s" / "parts" / "settings.json")
-    os.utime(ckpt, ns=(st.st_atime_ns, json.loads((tmp_path / "s" / "parts" / "settings.json").read_text())["ckpt_mtime_ns"]))
+    os.utime(ckpt, ns=(mtime, mtime))
     with monkeypatch.context() as m:
         m.setattr(sample, "generate", None)  # samples 0..3 are saved: 3 of them need no sampling, whatever the batch size
         sample.main(flags + ["--num-samples", "3", "--batch-size", "1"])
