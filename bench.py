@@ -60,7 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import data as datasets
 import diffusion as gd
 import train
-from sample import CUDA_GRAPH_MODES, generate, resolve_device
+from sample import CUDA_GRAPH_MODES, bf16_warning, generate, resolve_device
 
 # Kernel families of --profile, first match on the lower-cased kernel (CUDA) or op (CPU) name wins. A
 # heuristic over the usual names: cuBLAS (gemm, xmma, nvjet), cuDNN, flash / memory-efficient / cuDNN
@@ -647,6 +647,9 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         benches += [MethodBench(m, train_argv, args.num_classes, args.in_channels, args.batch_size, device, out_dir)
                     for m in methods[1:]]
     model = benches[0].run.model
+    warning = bf16_warning(device, benches[0].run.args.precision)
+    if warning:
+        log(warning)
     if args.sample and args.cfg_scale != 1.0 and model.y_embedder.dropout_prob == 0:  # before the training timings
         raise ValueError(f"--cfg-scale {args.cfg_scale} needs the null class of label dropout, which "
                          f"--class-dropout-prob 0 removes; use --cfg-scale 1")

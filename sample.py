@@ -149,6 +149,19 @@ def resolve_device(name=None):
     return device
 
 
+def bf16_warning(device, precision):
+    """A warning for --precision bf16 on a GPU older than Ampere (compute capability below 8.0, e.g. V100 and T4),
+    else None: those GPUs have no bf16 arithmetic, so bf16 autocast runs there by emulation and can be slower than
+    fp32, which is what the flag is for."""
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return None
+    return (f"warning: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 arithmetic "
+            f"(Ampere, 8.0, brought it): bf16 autocast is emulated there and can run slower than fp32; pass --precision fp32")
+
+
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's modes
 CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # the modes that add CUDA graphs
 
@@ -412,6 +425,9 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    warning = bf16_warning(device, args.precision)
+    if warning and rank == 0:
+        print(warning, file=sys.stderr, flush=True)
     try:
         model, diffusion, targs = load_model(args.ckpt, device, use_ema=not args.use_model)
     except (FileNotFoundError, ValueError) as e:

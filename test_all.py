@@ -7773,6 +7773,37 @@ def test_bad_counts_are_refused(tmp_path, capsys, monkeypatch):
         assert e.value.code == 2 and says in capsys.readouterr().err and not timed, flags
 
 
+def test_bf16_warning_names_gpus_before_ampere_and_each_entry_point_gives_it(tmp_path, monkeypatch, capsys):
+    # V100 (7.0) and T4 (7.5) have no bf16 arithmetic: the default --precision bf16 ran emulated there, silently slow
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
+    cuda = torch.device("cuda", 0)
+    for capability, precision, device, want in (((7, 5), "bf16", cuda, True), ((7, 0), "bf16", cuda, True),
+                                                ((8, 0), "bf16", cuda, False), ((7, 5), "fp32", cuda, False),
+                                                ((7, 5), "bf16", CPU, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        got = sample.bf16_warning(device, precision)
+        assert (got is not None) == want, (capability, precision, device)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+    assert sample.bf16_warning(cuda, "bf16") == ("warning: Tesla T4 (compute capability 7.5) has no bf16 arithmetic "
+                                                 "(Ampere, 8.0, brought it): bf16 autocast is emulated there and can run "
+                                                 "slower than fp32; pass --precision fp32")
+    calls = []  # each entry point asks with its device and --precision, and shows the answer
+
+    def fake(device, precision):
+        calls.append((device.type, precision))
+        return "warning: fake bf16 warning"
+    for module in (train, sample, bench):
+        monkeypatch.setattr(module, "bf16_warning", fake)
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1", "--precision", "fp32")
+    assert "warning: fake bf16 warning" in (out / "log.txt").read_text()
+    sample.main(["--ckpt", str(checkpoints(out)[-1]), "--out", str(tmp_path / "s"), "--num-samples", "1", "--steps", "ddim2"])
+    assert "warning: fake bf16 warning" in capsys.readouterr().err
+    logged = []
+    bench.bench(BENCH_TINY + ["--methods", "vanilla", "--warmup", "0", "--steps", "1", "--rounds", "1"], log=logged.append)
+    assert "warning: fake bf16 warning" in logged
+    assert calls == [("cpu", "fp32"), ("cpu", "bf16"), ("cpu", "bf16")]
+
+
 def test_bench_refuses_the_train_flags_train_py_refuses(capsys):
     # bench builds its runs with train.build_run, not train(): --depth 0 used to bench the config's depth 12 and a
     # negative --max-grad-norm to time steps without clipping

@@ -52,9 +52,9 @@ import data as datasets
 import latents
 from diffusion import WEIGHTINGS
 from dit import DiT_models
-from sample import (COMPILE_MODES, CUDA_GRAPH_MODES, SEED_STRIDE, build_diffusion, build_model, check_seed,
-                    compile_for_sampling, generate, load_checkpoint, max_seed, method_parts, resolve_device,
-                    sample_indices, save_grid, to_device, to_uint8)
+from sample import (COMPILE_MODES, CUDA_GRAPH_MODES, SEED_STRIDE, bf16_warning, build_diffusion, build_model,
+                    check_seed, compile_for_sampling, generate, load_checkpoint, max_seed, method_parts,
+                    resolve_device, sample_indices, save_grid, to_device, to_uint8)
 
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
 ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
@@ -922,6 +922,9 @@ def train(args):
     # Loaded: holding the checkpoint would keep 16 bytes per parameter of host RAM on every rank for the whole run
     # (model, EMA and AdamW's two moments: 10.8 GB per rank for DiT-XL/2, 86 GB on an 8-GPU node).
     ckpt = None
+    warning = bf16_warning(device, args.precision)
+    if warning:
+        log(warning)
     log(f"model: {args.model}, {sum(p.numel() for p in run.params):,} parameters; method: {args.method}; "
         f"{world} process(es) on {device.type}, batch {batch} per process")
     model_params = list(model.parameters())
