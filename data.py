@@ -388,15 +388,18 @@ def load_dataset(path, image_size, skip_bad=False, shapes_size=10000, seed=0):
     raise DataError(f"cannot use {path} as data: expected a folder, a .zip, an .npz or an .npy")
 
 
-def dataset_to_tensor(dataset, num_workers=0, device="cpu"):
+def dataset_to_tensor(dataset, num_workers=0, device="cpu", start_workers=iter, **loader_args):
     """Decode a whole dataset once: (uint8 (N, 3, H, W) or float16 latents, int64 (N,)) on `device`.
     For sets held on the GPU. Each batch is copied into tensors allocated up front, so host memory
-    holds one batch, not the whole set twice (a list of batches, then their concatenation)."""
+    holds one batch, not the whole set twice (a list of batches, then their concatenation).
+    `start_workers` makes the loader's iterator and `loader_args` go to the DataLoader: train.py's
+    --data-on-device passes those of its training loader (train.start_workers), so that a job-wide stop
+    during the decode ends none of its workers."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers,
-                                         generator=torch.Generator())  # leaves the global RNG (and resume) alone
+                                         generator=torch.Generator(), **loader_args)  # leaves the global RNG (and resume) alone
     images = labels = None
     start = 0
-    for x, y in loader:  # x: (B, 3, H, W) uint8 or (B, C, h, w) float16
+    for x, y in start_workers(loader):  # x: (B, 3, H, W) uint8 or (B, C, h, w) float16
         if images is None:
             images = torch.empty((len(dataset), *x.shape[1:]), dtype=x.dtype, device=device)  # (N, 3, H, W) or (N, C, h, w)
             labels = torch.empty(len(dataset), dtype=torch.int64, device=device)  # (N,)

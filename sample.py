@@ -17,6 +17,7 @@ holds images either way.
 
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -303,14 +304,22 @@ def save_grid(images, path, nrow=None):
     Image.fromarray(grid).save(path)
 
 
-def sampling_settings(args, class_labels):
-    """What sample i depends on, besides i: the checkpoint (its size and modification time, so a file written
-    again under the same name counts as another) and the sampling flags, with --class-labels parsed. Not
+def weights_digest(model):
+    """The first 16 hex digits of a SHA-256 over a network's state dict (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def sampling_settings(args, class_labels, weights):
+    """What sample i depends on, besides i: the sampled network's weights (weights_digest: a copy of the checkpoint
+    elsewhere is the same, another step's is not) and the sampling flags, with --class-labels parsed. Not
     --num-samples, --batch-size or the number of ranks, which only choose which samples are made, and where."""
-    st = os.stat(args.ckpt)
-    return {"ckpt_bytes": st.st_size, "ckpt_mtime_ns": st.st_mtime_ns, "use_model": args.use_model, "steps": args.steps,
-            "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels, "class_labels": class_labels,
-            "seed": args.seed, "precision": args.precision, "vae": args.vae}
+    return {"weights": weights, "use_model": args.use_model, "steps": args.steps, "cfg_scale": args.cfg_scale,
+            "guided_channels": args.guided_channels, "class_labels": class_labels, "seed": args.seed,
+            "precision": args.precision, "vae": args.vae}
 
 
 def check_parts(parts, settings):
@@ -343,8 +352,12 @@ def merge_parts(parts, num_samples):
     images = labels = None
     seen = np.zeros(num_samples, dtype=bool)
     for path in sorted(glob.glob(os.path.join(parts, "*.npz"))):
-        with np.load(path) as part:
-            idx, batch, batch_labels = part["idx"], part["images"], part["labels"]  # (n,), (n, H, W, 3), (n,)
+        try:  # check_parts read only idx: damaged images or labels show only here, after the sampling
+            with np.load(path) as part:
+                idx, batch, batch_labels = part["idx"], part["images"], part["labels"]  # (n,), (n, H, W, 3), (n,)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it, and the rerun samples its "
+                             f"batch again") from None
         if images is None:
             images = np.empty((num_samples, *batch.shape[1:]), dtype=np.uint8)
             labels = np.empty(num_samples, dtype=batch_labels.dtype)
@@ -398,8 +411,10 @@ def main(argv=None):
     if args.fid_ref is not None and args.num_samples < 2:
         sys.exit(f"error: --fid-ref needs at least 2 samples for a covariance, got --num-samples {args.num_samples}")
     if os.path.exists(os.path.join(args.out, "samples.npz")):  # hours of sampling for a 50K FID: never overwritten
+        left = f" ({os.path.join(args.out, 'parts')}, left by a run stopped before it removed them, can go too)" \
+            if os.path.isdir(os.path.join(args.out, "parts")) else ""
         sys.exit(f"error: {os.path.join(args.out, 'samples.npz')} holds an earlier run's samples; pass another --out, "
-                 f"or delete it to sample again")
+                 f"or delete it to sample again{left}")
     png_dir = os.path.join(args.out, "png")
     if args.save_png and os.path.isdir(png_dir) and os.listdir(png_dir):
         sys.exit(f"error: {png_dir} already holds PNGs of an earlier run, which a run with fewer samples would leave "
@@ -478,14 +493,17 @@ def main(argv=None):
     # Each batch is saved as it is made (OUT/parts), so a run stopped by a job's time limit or a crash resumes where it
     # was: sample i depends only on i and the settings, so the same command, on any number of ranks, makes the rest.
     parts = os.path.join(args.out, "parts")
-    settings = sampling_settings(args, choices)
+    settings = sampling_settings(args, choices, weights_digest(model))
     try:
         done = check_parts(parts, settings)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     if rank == 0:
-        os.makedirs(parts, exist_ok=True)
-        latents.atomic_write(os.path.join(parts, "settings.json"), lambda f: json.dump(settings, f, indent=1), mode="w")
+        try:
+            os.makedirs(parts, exist_ok=True)
+            latents.atomic_write(os.path.join(parts, "settings.json"), lambda f: json.dump(settings, f, indent=1), mode="w")
+        except OSError as e:
+            sys.exit(f"error: cannot write the sampling settings into {parts} ({e}); free space there or pass another --out")
         if done:
             print(f"resuming: {len(done & set(range(args.num_samples)))} of {args.num_samples} samples are in {parts}")
     if distributed:
@@ -507,7 +525,11 @@ def main(argv=None):
         # Atomically: a write cut short (disk full, a job's time limit) leaves no half samples.npz for the check
         # above to take for an earlier run's samples, refusing the rerun; the parts go once it is there.
         latents.atomic_write(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=all_images, arr_1=all_labels))
-        shutil.rmtree(parts)
+        try:
+            shutil.rmtree(parts)
+        except OSError as e:  # e.g. a file held open on NFS: the samples are complete, so go on
+            print(f"warning: cannot remove {parts} ({e}); its batches are all in samples.npz, so delete it by hand",
+                  file=sys.stderr, flush=True)
         save_grid(all_images[:64], os.path.join(args.out, "grid.png"))
         if args.save_png:  # in their own folder, so that scoring it (fid.py OUT/png REF) does not count grid.png
             from PIL import Image

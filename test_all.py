@@ -69,7 +69,7 @@ def run_train(tmp_path, *extra, name="run"):
 
 
 def last_checkpoint(out):
-    return torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], map_location="cpu", weights_only=False)
+    return torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], map_location="cpu", weights_only=True)
 
 
 def poison_losses(monkeypatch, bad_calls, factor=float("inf")):
@@ -1731,7 +1731,7 @@ def test_new_random_streams_after_a_change_of_process_count_are_seeded_with_the_
     # with global_seed * world + rank alone, every such resume drew the same timesteps (those of the model's init).
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "1")
     for path in checkpoints(out):
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         torch.save({**ckpt, "rng": ckpt["rng"] * 2}, path)  # as if written by 2 processes
     drawn, real_step = [], train.train_step
 
@@ -2127,29 +2127,42 @@ def test_sample_py_resumes_a_stopped_run_from_its_saved_batches(tmp_path, monkey
     assert not parts.exists()
 
 
-def test_sample_py_resume_takes_other_counts_and_batch_sizes_but_not_a_rewritten_checkpoint(tmp_path, monkeypatch):
-    ckpt = checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1]
-    flags = ["--ckpt", str(ckpt), "--steps", "ddim2", "--out", str(tmp_path / "s")]
-    sample.main(flags + ["--num-samples", "3", "--out", str(tmp_path / "whole")])
+def test_sample_py_resume_takes_other_counts_batch_sizes_and_a_copied_checkpoint_but_not_other_weights(tmp_path, monkeypatch,
+                                                                                                     capsys):
+    first, second = checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--ckpt-every", "1"))
+    flags = ["--steps", "ddim2", "--out", str(tmp_path / "s")]
+    sample.main(["--ckpt", str(first), *flags, "--num-samples", "3", "--out", str(tmp_path / "whole")])
+    with monkeypatch.context() as m:  # a full disk refuses the run before it samples
+        def disk_full(path, write, mode="wb"):
+            raise OSError(28, "No space left on device")
+        m.setattr(latents, "atomic_write", disk_full)
+        with pytest.raises(SystemExit, match="cannot write the sampling settings into .*parts .*No space"):
+            sample.main(["--ckpt", str(first), *flags, "--num-samples", "3"])
     with monkeypatch.context() as m:
         _stop_after_batches(m, 1)
         with pytest.raises(KeyboardInterrupt):
-            sample.main(flags + ["--num-samples", "9", "--batch-size", "4"])
+            sample.main(["--ckpt", str(first), *flags, "--num-samples", "9", "--batch-size", "4"])
     (tmp_path / "s" / "parts" / "0000000099.npz").write_bytes(b"PK\x03\x04 half a zip")  # say, a damaged disk
     with pytest.raises(SystemExit, match="0000000099.npz cannot be read .*; delete it, and the rerun samples its batch"):
-        sample.main(flags + ["--num-samples", "3"])
+        sample.main(["--ckpt", str(first), *flags, "--num-samples", "3"])
     (tmp_path / "s" / "parts" / "0000000099.npz").unlink()
-    mtime = os.stat(ckpt).st_mtime_ns
-    os.utime(ckpt)  # written again under the same name (another run's step 1): its samples are another model's
-    with pytest.raises(SystemExit, match="ckpt_mtime_ns"):
-        sample.main(flags + ["--num-samples", "3"])
-    os.utime(ckpt, ns=(mtime, mtime))
+    with pytest.raises(SystemExit, match=r"other settings \(weights '[0-9a-f]{16}' -> '[0-9a-f]{16}'\)"):
+        sample.main(["--ckpt", str(second), *flags, "--num-samples", "3"])  # the next step's EMA: another model
+    copy = tmp_path / "scratch" / "copy.pt"  # as a job that copies the checkpoint to local disk: new path and mtime
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
     with monkeypatch.context() as m:
         m.setattr(sample, "generate", None)  # samples 0..3 are saved: 3 of them need no sampling, whatever the batch size
-        sample.main(flags + ["--num-samples", "3", "--batch-size", "1"])
+        def busy(path):  # say, a file another process holds open on NFS
+            raise OSError(16, "Device or resource busy")
+        m.setattr(sample.shutil, "rmtree", busy)
+        sample.main(["--ckpt", str(copy), *flags, "--num-samples", "3", "--batch-size", "1"])
+    assert "warning: cannot remove" in capsys.readouterr().err and (tmp_path / "s" / "grid.png").exists()
     got, want = np.load(tmp_path / "s" / "samples.npz"), np.load(tmp_path / "whole" / "samples.npz")
     np.testing.assert_array_equal(got["arr_1"], want["arr_1"])
     assert np.abs(got["arr_0"].astype(int) - want["arr_0"].astype(int)).max() <= 1  # batches of 4 against 3
+    with pytest.raises(SystemExit, match="holds an earlier run's samples.*parts, left by a run stopped before it removed them"):
+        sample.main(["--ckpt", str(first), *flags, "--num-samples", "3"])
 
 
 class _RunsCode:
@@ -2190,7 +2203,7 @@ def test_sample_py_checks_counts_steps_checkpoint_and_fid_inputs_before_sampling
     ckpt = str(checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1])
     (tmp_path / "cut.pt").write_bytes(Path(ckpt).read_bytes()[:1000])
     np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 16, 16, 3), np.uint8))
-    full = torch.load(ckpt, map_location="cpu", weights_only=False)
+    full = torch.load(ckpt, map_location="cpu", weights_only=True)
     torch.save({k: v for k, v in full.items() if k != "ema"}, tmp_path / "no_ema.pt")
     torch.save({**full, "args": {k: v for k, v in full["args"].items() if k != "schedule"}}, tmp_path / "old.pt")
     (tmp_path / "file").write_text("x")
@@ -3355,7 +3368,7 @@ def test_cli_affinity_checks_every_checkpoint_and_its_out_before_any_gradient(tm
     # a missing or unloadable last --ckpt, or one of another T (then a numpy broadcast error), stopped the command only
     # after the gradients of the checkpoints before it; an existing --out (by default tas.npy) was overwritten
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
-    ckpt = torch.load(checkpoints(out)[-1], map_location="cpu", weights_only=False)
+    ckpt = torch.load(checkpoints(out)[-1], map_location="cpu", weights_only=True)
     torch.save({**ckpt, "args": {**ckpt["args"], "num_timesteps": 500}}, tmp_path / "t500.pt")
     torch.save({**ckpt, "args": {**ckpt["args"], "latent": {"size": 16, "channels": 3}}}, tmp_path / "latent.pt")
     (tmp_path / "done.npy").write_bytes(b"an earlier TAS")
@@ -3390,7 +3403,7 @@ def test_cli_affinity_refuses_data_that_do_not_fit_the_checkpoint(tmp_path):
 
 def test_cli_affinity_refuses_a_checkpoint_trained_on_latents_given_images(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")
-    ckpt = torch.load(checkpoints(out)[-1], map_location="cpu", weights_only=False)
+    ckpt = torch.load(checkpoints(out)[-1], map_location="cpu", weights_only=True)
     ckpt["args"]["latent"] = {"size": 16, "channels": 3}  # as a latent run of the same shapes would record
     torch.save(ckpt, tmp_path / "latent.pt")
     with pytest.raises(SystemExit) as e:  # the images would run through a model that denoises VAE latents
@@ -4851,7 +4864,7 @@ def test_grids_and_fid_sample_the_ema_with_their_flags_and_the_last_step_gets_bo
     assert [r["step"] for r in metrics(out) if "loss" in r] == [2, 3]
     assert [kind for kind, *_ in calls] == ["grid", "fid", "fid", "grid"]  # step 2's; step 3's FID, then the end's grid
     for (kind, used, kw), ckpt in zip(calls, [checkpoints(out)[i] for i in (0, 0, 1, 1)]):
-        ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
         assert deep_equal(used, ckpt["ema"]) == [] and deep_equal(used, ckpt["model"]) != [], kind
         if kind == "grid":
             assert (kw["steps"], kw["cfg_scale"]) == ("ddim2", 2.0)
@@ -6065,7 +6078,7 @@ def test_sample_py_refuses_bad_labels_guided_channels_and_seeds_before_sampling(
             sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "ddim2", *flags])
         assert says in str(e.value.code), e.value.code
     assert not (tmp_path / "s").exists()
-    ckpt_data = torch.load(ckpt, weights_only=False)  # a diverged run's weights: refused, not sampled as black images
+    ckpt_data = torch.load(ckpt, weights_only=True)  # a diverged run's weights: refused, not sampled as black images
     ckpt_data["ema"]["blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
     torch.save(ckpt_data, tmp_path / "nan.pt")
     with pytest.raises(SystemExit) as e:
@@ -6153,7 +6166,7 @@ def test_sample_cycles_class_labels_and_use_model_takes_the_raw_weights(tmp_path
     sample.main(common + ["--out", str(tmp_path / "raw"), "--use-model"])
     ema, raw = np.load(tmp_path / "ema" / "samples.npz"), np.load(tmp_path / "raw" / "samples.npz")
     assert ema["arr_1"].tolist() == [1, 3, 1, 3, 1] and raw["arr_1"].tolist() == [1, 3, 1, 3, 1]
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
     assert not np.array_equal(ema["arr_0"], raw["arr_0"])
 
@@ -6222,7 +6235,7 @@ def _random_dit_checkpoint(tmp_path):
     """A train.py checkpoint of TINY's DiT whose EMA holds _random_dit's weights (strongly label-dependent, unlike a
     barely trained network, whose adaLN-zero output is near 0) and whose raw weights are a trained step's."""
     path = checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1]
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["ema"] = _random_dit().state_dict()
     torch.save(ckpt, path)
     return str(path)
@@ -6276,7 +6289,7 @@ def test_load_model_gives_eval_mode_and_refuses_inf_and_weights_that_do_not_fit(
     ckpt_path = checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1]
     model, _, _ = sample.load_model(str(ckpt_path))
     assert not model.training
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     bad = copy.deepcopy(ckpt)
     bad["ema"]["final_layer.linear.bias"][0] = float("inf")
     torch.save(bad, tmp_path / "inf.pt")
@@ -6537,7 +6550,7 @@ def test_method_state_resumes_exactly(tmp_path, method):
     assert a["step"] == b["step"] == 6
     assert deep_equal(a["method"], b["method"]) == []
     # the state did move in those 6 steps (so equality is not trivially the initial state)
-    first = torch.load(checkpoints(straight)[0], map_location="cpu", weights_only=False)
+    first = torch.load(checkpoints(straight)[0], map_location="cpu", weights_only=True)
     assert first["step"] == 3 and deep_equal(first["method"], a["method"]) != []
     if method == "ant-pcgrad":
         fresh = torch.Generator().manual_seed(0)
@@ -6709,6 +6722,11 @@ def test_dataloader_workers_outlive_a_job_wide_sigterm_and_sigint_and_end_on_the
         assert len(workers) == 2
         for pid in workers:  # from another process, as the job's
             assert len(os.listdir(f"/proc/{pid}/task")) > 1 or method == "fork"  # threads that could take a signal
+            for task in Path(f"/proc/{pid}/task").iterdir():  # each blocks both (SIGINT is ignored only from worker_init_fn)
+                if "sigtimedwait" in (task / "wchan").read_text():  # but the waiter, which takes SIGTERM in sigwaitinfo
+                    continue
+                blocked = int(re.search(r"SigBlk:\s*(\w+)", (task / "status").read_text()).group(1), 16)
+                assert blocked >> (signal.SIGTERM - 1) & 1 and blocked >> (signal.SIGINT - 1) & 1, (task, hex(blocked))
             os.kill(int(pid), signal.SIGTERM)
             os.kill(int(pid), signal.SIGINT)
         time.sleep(0.5)
@@ -6716,6 +6734,54 @@ def test_dataloader_workers_outlive_a_job_wide_sigterm_and_sigint_and_end_on_the
         proc.stdin.flush()
         assert proc.stdout.readline() == "0 True\n"
         assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+
+
+DECODE = """
+import os, signal, sys, time, types
+import torch
+sys.path.insert(0, {repo!r})
+import train
+
+
+class Held(torch.utils.data.Dataset):  # each worker says it is decoding, then waits for the test's signals
+    def __len__(self):
+        return 512  # two of dataset_to_tensor's batches of 256: one for each worker
+
+    def __getitem__(self, i):
+        open(os.path.join({folder!r}, f"worker{{os.getpid()}}"), "w").close()
+        while not os.path.exists(os.path.join({folder!r}, "go")):
+            time.sleep(0.01)
+        return torch.full((3, 2, 2), i % 256, dtype=torch.uint8), i
+
+
+if __name__ == "__main__":
+    torch.multiprocessing.set_start_method(sys.argv[1])
+    batches = train.batches(Held(), [[3, 1]] * 10, types.SimpleNamespace(data_on_device=True, num_workers=2),
+                            torch.device("cpu"))
+    print(next(batches)[1].tolist(), signal.pthread_sigmask(signal.SIG_BLOCK, []) == set(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_data_on_device_decode_workers_outlive_a_job_wide_sigterm_and_sigint(tmp_path, method):
+    # --data-on-device decodes the set inside the loop's first step, with the stop handler installed, by workers of its
+    # own DataLoader: started without the block, they died of the job's SIGTERM and the run ended in a traceback
+    script = tmp_path / "trainer.py"
+    script.write_text(DECODE.format(repo=str(REPO), folder=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, str(script), method], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert _wait_for(lambda: len(list(tmp_path.glob("worker*"))) == 2, timeout=60)
+        for pid in (int(p.name[len("worker"):]) for p in tmp_path.glob("worker*")):  # from another process, as the job's
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        (tmp_path / "go").touch()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and out == "[3, 1] True\n", err[-2000:]
     finally:
         proc.kill()
 
@@ -7362,7 +7428,7 @@ def test_train_on_latents_vanilla_with_fid_and_dtr_then_sample_decodes(latent_se
     train.main(base + ["--out", str(tmp_path / "dtr"), "--method", "dtr"])
     assert clips and not any(clips)  # latents are never clipped to [-1, 1]
     for name in ("vanilla", "dtr"):
-        ckpt = torch.load(tmp_path / name / "checkpoints" / "0000002.pt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "0000002.pt", map_location="cpu", weights_only=True)
         a = ckpt["args"]
         assert a["in_channels"] == 4 and a["image_size"] == 16
         assert a["latent"]["size"] == 8 and a["latent"]["factor"] == 2 and a["latent"]["vae"] == str(vae)
@@ -8466,6 +8532,22 @@ def test_merge_parts_puts_each_batch_in_place_in_one_array(tmp_path):
     (tmp_path / "0000000161.npz").unlink()  # a part lost: its samples are named, not left as uninitialised memory
     with pytest.raises(ValueError, match=r"lacks 40 samples \(the first: \[161, 165, 169, 173, 177\]\)"):
         sample.merge_parts(str(tmp_path), n)
+
+
+def test_merge_parts_names_a_part_whose_images_are_damaged(tmp_path):
+    # check_parts reads only a part's idx, so a part with damaged images passed it, and every rerun's merge ended in
+    # zipfile's "Bad CRC-32 for file 'images.npy'" traceback, naming no file and sampling nothing again
+    for start in (0, 2):
+        idx = np.arange(start, start + 2)
+        np.savez(tmp_path / f"{start:010d}.npz", idx=idx, images=np.full((2, 4, 4, 3), start, np.uint8), labels=idx)
+    raw = bytearray((tmp_path / "0000000002.npz").read_bytes())
+    raw[raw.index(b"images.npy") + 200] ^= 0xFF  # inside the images member's data
+    (tmp_path / "0000000002.npz").write_bytes(bytes(raw))
+    (tmp_path / "settings.json").write_text("{}")
+    assert sample.check_parts(str(tmp_path), {}) == {0, 1, 2, 3}  # its idx reads: the rerun makes nothing again
+    with pytest.raises(ValueError, match=r"0000000002.npz cannot be read \(BadZipFile: .*\); delete it, and the rerun "
+                                         r"samples its batch again"):
+        sample.merge_parts(str(tmp_path), 4)
 
 
 def test_readme_results_tables_are_the_records():

@@ -276,10 +276,11 @@ def leave_stop_signals_to_the_trainer(worker_id, trainer):
     writes one and shuts its workers down itself. A SIGTERM from the training process `trainer` (its shutdown of a
     stuck worker, and multiprocessing's at exit) still ends the worker, as in torch's own handler; not the worker's
     parent, which is a forkserver under that start method (Python 3.14's default).
-    A signal blocked in one thread still reaches any other thread that leaves it unblocked, so only the waiter below
-    may leave SIGTERM unblocked. batches() starts its workers with SIGTERM already blocked (start_workers), so every
-    thread they make inherits the block under each start method: under spawn and forkserver the worker imports numpy
-    and torch, whose thread pools are running before this function is called."""
+    A signal blocked in one thread still reaches any other thread that leaves it unblocked, so no thread may leave
+    SIGTERM unblocked: the waiter below inherits the block and takes it with sigwaitinfo. batches() starts its workers
+    with SIGTERM already blocked (start_workers), so every thread they make inherits the block under each start method:
+    under spawn and forkserver the worker imports numpy and torch, whose thread pools are running before this function
+    is called."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only a stop sends it: the trainer ends its workers with SIGTERM
     if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: a SIGTERM's sender cannot be told, so it still ends the worker
         return
@@ -320,17 +321,17 @@ def start_workers(loader):
 
 def batches(dataset, sampler, args, device):
     """Infinite iterator of (uint8 images (B, 3, H, W) or float16 latents, labels (B,)) on the device."""
-    if args.data_on_device:
-        images, labels = datasets.dataset_to_tensor(dataset, args.num_workers, device)
+    workers = dict(worker_init_fn=functools.partial(leave_stop_signals_to_the_trainer, trainer=os.getpid()),
+                   multiprocessing_context=worker_context() if args.num_workers > 0 else None)
+    if args.data_on_device:  # decoded once, inside the loop's first step: a job-wide stop may reach these workers too
+        images, labels = datasets.dataset_to_tensor(dataset, args.num_workers, device, start_workers=start_workers, **workers)
         for idx in sampler:
             idx = to_device(torch.tensor(idx), device)  # (B,) pinned, non-blocking: no sync per step
             yield images[idx], labels[idx]
         return
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-                                         worker_init_fn=functools.partial(leave_stop_signals_to_the_trainer, trainer=os.getpid()),
-                                         multiprocessing_context=worker_context() if args.num_workers > 0 else None,
-                                         generator=torch.Generator())  # its own seed draw must not shift the global RNG
+                                         generator=torch.Generator(), **workers)  # its own seed draw must not shift the global RNG
     for x, y in start_workers(loader):
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
