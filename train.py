@@ -295,9 +295,10 @@ def leave_stop_signals_to_the_trainer(worker_id, trainer):
 
 
 def worker_context():
-    """The start method of the training DataLoader's workers: the default one (fork on Linux before Python 3.14), but
-    spawn in place of forkserver (the default since). The forkserver is one process for every DataLoader, started by
-    the first: the FID reference's may have started it without the mask of start_workers, and its workers inherit it."""
+    """The start method of the workers that batches() starts (training, and --data-on-device's decode): the default
+    one (fork on Linux before Python 3.14), but spawn in place of forkserver (the default since). The forkserver is one
+    process for every DataLoader, started by the first: the FID reference's may have started it without the mask of
+    start_workers, and its workers inherit it."""
     method = multiprocessing.get_start_method()
     return multiprocessing.get_context("spawn" if method == "forkserver" else method)
 
