@@ -336,13 +336,19 @@ def check_parts(parts, settings):
                          f"rerun with its flags and checkpoint to finish it, or pass another --out, or delete {parts}")
     done = set()
     for path in glob.glob(os.path.join(parts, "*.npz")):
-        try:
-            with np.load(path) as part:  # reads the idx member only
-                done.update(part["idx"].tolist())
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it, and the rerun samples its "
-                             f"batch again") from None
+        done.update(read_part(path, "idx")[0].tolist())  # the idx member only
     return done
+
+
+def read_part(path, *keys):
+    """The arrays `keys` of one part (idx, images, labels) as a tuple; ValueError naming the part when they cannot
+    be read (damaged: the rerun then makes its batch again once it is deleted)."""
+    try:
+        with np.load(path) as part:
+            return tuple(part[k] for k in keys)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it, and the rerun samples its "
+                         f"batch again") from None
 
 
 def merge_parts(parts, num_samples):
@@ -352,12 +358,8 @@ def merge_parts(parts, num_samples):
     images = labels = None
     seen = np.zeros(num_samples, dtype=bool)
     for path in sorted(glob.glob(os.path.join(parts, "*.npz"))):
-        try:  # check_parts read only idx: damaged images or labels show only here, after the sampling
-            with np.load(path) as part:
-                idx, batch, batch_labels = part["idx"], part["images"], part["labels"]  # (n,), (n, H, W, 3), (n,)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it, and the rerun samples its "
-                             f"batch again") from None
+        # check_parts read only idx: damaged images or labels show only here, after the sampling
+        idx, batch, batch_labels = read_part(path, "idx", "images", "labels")  # (n,), (n, H, W, 3), (n,)
         if images is None:
             images = np.empty((num_samples, *batch.shape[1:]), dtype=np.uint8)
             labels = np.empty(num_samples, dtype=batch_labels.dtype)
