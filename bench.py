@@ -117,9 +117,11 @@ def model_flops(model):
 
 def peak_tflops(device_name, override=None):
     """bf16 dense peak in TFLOP/s for a torch.cuda.get_device_name() string, `override` if given,
-    None when unknown (then no MFU is reported)."""
+    None when unknown or a MIG slice, which has a fraction of the card's SMs (then no MFU is reported)."""
     if override is not None:
         return float(override)
+    if " mig " in f" {device_name.lower()} ":  # e.g. "NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+        return None
     for key, value in PEAK_TFLOPS:
         if key.lower() in device_name.lower():
             return value
@@ -630,6 +632,18 @@ def parse_args(argv=None):
     return args, train_argv
 
 
+def donate_buffers_only_if_every_run_can(benches, log):
+    """Turn AOTAutograd's donated buffers off for every run when some runs have them off (PCGrad / Nash with
+    --compile) and others on. torch.compile reuses one compiled graph for every run of this process (same code,
+    shapes and backend; the donated-buffer setting is not part of its check), so a graph compiled first for
+    vanilla, with donated buffers, would give PCGrad's second backward through it silently wrong gradients."""
+    if len({b.donated_buffer for b in benches}) > 1:
+        for b in benches:
+            b.donated_buffer = False
+        log("bench: AOTAutograd's donated buffers are off for every method, since ant-pcgrad and ant-nash need them "
+            "off and the runs of one process share compiled graphs (train.py keeps them on for the other methods)")
+
+
 def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     """Run everything the flags ask for and return the result dict (also printed, and written to --json)."""
     args, train_argv = parse_args(argv)
@@ -646,6 +660,7 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         check_memory(num_params, methods, benches[0].run.args.ant_clusters, device)
         benches += [MethodBench(m, train_argv, args.num_classes, args.in_channels, args.batch_size, device, out_dir)
                     for m in methods[1:]]
+    donate_buffers_only_if_every_run_can(benches, log)
     model = benches[0].run.model
     warning = bf16_warning(device, benches[0].run.args.precision)
     if warning:
@@ -659,7 +674,11 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         except ValueError as e:
             raise ValueError(f"--sample-steps {steps}: {e}") from None
     fwd = model_flops(model)
-    peak = peak_tflops(info["name"], args.peak_tflops) if device.type == "cuda" else args.peak_tflops
+    if device.type == "cuda" and benches[0].run.args.precision != "bf16" and args.peak_tflops is None:
+        peak = None  # the known peaks are bf16's; fp32 runs its matrix products in TF32, at about half of it
+        log("bench: no MFU with --precision fp32; pass --peak-tflops, e.g. the GPU's TF32 dense peak")
+    else:
+        peak = peak_tflops(info["name"], args.peak_tflops) if device.type == "cuda" else args.peak_tflops
 
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch_size, model.in_channels, args.image_size, args.image_size)

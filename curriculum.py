@@ -62,9 +62,10 @@ From the paper / our choice:
   N = 20 take about 19 * 0.7k..0.85k = 13k..16k steps (longer when each stage's loss first has
   to fall), and fixed pacing (stage_steps 1000) exactly 19k. Our notes do not record the
   paper's tau.
-- Our choice, which loss to feed: the plain mean diffusion loss of the step. Pass neither a
-  loss re-weighted by learnable weights (ANT-UW's total moves as its weights learn, and can be
-  negative) nor a value accumulated over several steps.
+- Our choice, which loss to feed: the step's mean per-sample diffusion loss (as the loss
+  weighting gives it). Pass neither a loss re-weighted by learnable weights (ANT-UW's total moves
+  as its weights learn, and can be negative) nor a value accumulated over several steps. If that
+  loss changes scale mid-run (another weighting on resume), call `reset_pacing`.
 
 CLI: draw the stages of a run from its metrics.jsonl (lines with "step", "loss" and the keys of
 Curriculum.log_dict(), and {"event": "curriculum_stage", "step", "stage", "t_min", "t_max"} at
@@ -79,6 +80,7 @@ import operator
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ORDERS = ("easy-to-hard", "hard-to-easy")
@@ -246,14 +248,15 @@ class Curriculum:
         Adaptive: advance after `patience` updates without relative improvement of the smoothed
         loss (after a warm-up of one EMA time constant); fixed: advance every `stage_steps`
         updates (paper: pacing function; details in the module docstring). `loss` is one number, the
-        step's mean diffusion loss (a float or a 1-element tensor; a tensor is read on the host).
+        step's mean diffusion loss (a float, or a 1-element tensor or array; a tensor is read on the host).
         Under DDP pass the mean over all ranks (all_reduce it), so that every rank changes stage at
         the same step; each rank's own loss differs, and so would its stage."""
-        if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"loss must be one number, the step's mean loss, got a tensor of shape "
+        if isinstance(loss, (torch.Tensor, np.ndarray)):
+            if (loss.numel() if isinstance(loss, torch.Tensor) else loss.size) != 1:
+                kind = "a tensor" if isinstance(loss, torch.Tensor) else "an array"
+                raise ValueError(f"loss must be one number, the step's mean loss, got {kind} of shape "
                                  f"{tuple(loss.shape)}; pass loss.mean()")
-            loss = loss.detach()
+            loss = loss.detach() if isinstance(loss, torch.Tensor) else loss.reshape(())
         loss = float(loss)
         if not math.isfinite(loss):
             raise ValueError(f"loss must be finite, got {loss}; the run has diverged")
@@ -272,6 +275,13 @@ class Curriculum:
             return False
         self.bad_updates += 1
         return self._advance() if self.bad_updates >= self.patience else False
+
+    def reset_pacing(self):
+        """Forget the current stage's loss measurements (its smoothed loss, best value and patience count) and
+        stay in the stage. Call it when the loss fed to `update` changes scale, e.g. another loss weighting on
+        resume: the saved smoothed loss would otherwise be judged against losses of the new scale. The stage's
+        update count restarts too, so under fixed pacing the stage would last longer; call it for adaptive pacing."""
+        self._reset_tracker()
 
     def _advance(self):
         self.stage += 1

@@ -122,6 +122,12 @@ def _labels_from_paths(paths):
     while all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
         parts = [p[1:] for p in parts]
     if any(len(p) == 1 for p in parts):
+        folders = {p[0] for p in parts if len(p) > 1}
+        if len(folders) > 1:  # torchvision's ImageFolder (DiT) ignores the loose files and keeps the classes
+            loose = [p[0] for p in parts if len(p) == 1]
+            lie = "1 image lies" if len(loose) == 1 else f"{len(loose)} images lie"
+            warnings.warn(f"{lie} beside the {len(folders)} class folders (e.g. {loose[0]}), so the whole set is read "
+                          f"as unconditional; move them into a class folder, or out, to keep the labels")
         return [0] * len(paths), []
     classes = sorted({p[0] for p in parts})
     # Copies, made while `parts` is alive, so that they sit together: the originals, left among the freed parts, held

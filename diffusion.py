@@ -215,6 +215,10 @@ class Diffusion:
         """x's channel count C, after checking that model_output has 2C channels (eps, v) with learn_sigma and C
         (eps) without: slicing or broadcasting would otherwise hide a model built with the other learn_sigma."""
         C = x.shape[1]
+        if model_output.shape[0] != x.shape[0] or model_output.shape[2:] != x.shape[2:]:  # e.g. a 2N-row CFG batch
+            raise ValueError(f"the model output {tuple(model_output.shape)} must have the batch size and spatial "
+                             f"shape of its input {tuple(x.shape)}; for guidance use guided_model_fn, which returns "
+                             f"the conditional half")
         want = 2 * C if self.learn_sigma else C
         if model_output.shape[1] != want:
             raise ValueError(f"a {'learn_sigma' if self.learn_sigma else 'fixed-variance'} diffusion needs a model "
@@ -227,17 +231,19 @@ class Diffusion:
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
         """Per-sample losses for (N,) timesteps t of this diffusion.
 
-        Returns a dict of (N,) float32 tensors: "mse" (epsilon MSE, mean over pixels), "vb" (the
-        VLB term in bits per dim, zero without learn_sigma), "weight" (the loss weighting) and
-        "loss" = weight * mse + vb, the DiT hybrid objective. The VLB term sees a detached mean, so
-        it trains only the variance (improved DDPM, Sec. 3.1). The model is called with the
-        ORIGINAL timesteps.
+        Returns a dict of (N,) float32 tensors (float64 for a float64 x_start): "mse" (epsilon MSE,
+        mean over pixels), "vb" (the VLB term in bits per dim, zero without learn_sigma), "weight"
+        (the loss weighting) and "loss" = weight * mse + vb, the DiT hybrid objective. The VLB term
+        sees a detached mean, so it trains only the variance (improved DDPM, Sec. 3.1). The model is
+        called with the ORIGINAL timesteps.
         """
         if t.shape != (x_start.shape[0],):
             raise ValueError(f"t must have shape ({x_start.shape[0]},), got {tuple(t.shape)}")
+        if noise is not None and noise.shape != x_start.shape:  # would broadcast into q_sample and the MSE
+            raise ValueError(f"noise must have the shape of x_start {tuple(x_start.shape)}, got {tuple(noise.shape)}")
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)  # (N, C, H, W)
-        out = model(x_t, self.original_timesteps(t), **(model_kwargs or {})).float()  # (N, C_out, H, W)
+        out = _as_float(model(x_t, self.original_timesteps(t), **(model_kwargs or {})), x_t)  # (N, C_out, H, W)
         C = self._check_channels(out, x_start)
         eps = out[:, :C]  # (N, C, H, W)
         mse = (noise - eps).pow(2).mean(dim=(1, 2, 3))  # (N,)
@@ -272,7 +278,7 @@ class Diffusion:
         x = noise
         for i in _steps(self.num_timesteps, progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # (N,)
-            out = model_fn(x, self.original_timesteps(t)).float()  # (N, C_out, H, W)
+            out = _as_float(model_fn(x, self.original_timesteps(t)), x)  # (N, C_out, H, W)
             mean, log_var, _ = self.p_mean_variance(out, x, t, clip_denoised)  # (N, C, H, W) each
             x = mean + (i > 0) * torch.exp(0.5 * log_var) * draw(x)  # (N, C, H, W)
         return x
@@ -285,7 +291,7 @@ class Diffusion:
         x = noise
         for i in _steps(self.num_timesteps, progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # (N,)
-            out = model_fn(x, self.original_timesteps(t)).float()  # (N, C_out, H, W)
+            out = _as_float(model_fn(x, self.original_timesteps(t)), x)  # (N, C_out, H, W)
             _, _, x0 = self.p_mean_variance(out, x, t, clip_denoised)  # (N, C, H, W)
             eps = self.predict_eps(x, t, x0)  # (N, C, H, W)
             # The coefficients in float64, then cast: in float32, 1 - abar_prev near t = 0 keeps only a few digits.
@@ -308,6 +314,12 @@ class Diffusion:
         if str(steps).startswith("ddim"):
             return sampler.ddim_sample(model_fn, noise, clip_denoised, progress=progress, noise_fn=noise_fn)
         return sampler.ddpm_sample(model_fn, noise, clip_denoised, progress=progress, noise_fn=noise_fn)
+
+
+def _as_float(out, like):
+    """A model output in float32 (a bf16 one under autocast is lifted), or float64 for a float64 input `like`,
+    so that a float64 analysis stays float64 end to end (_extract)."""
+    return out.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 
 def _steps(n, progress):

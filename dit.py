@@ -335,6 +335,7 @@ def _config(depth, hidden_size, num_heads, patch_size):
         return DiT(**{"depth": depth, "hidden_size": hidden_size, "num_heads": num_heads, "patch_size": patch_size, **kwargs})
     build.__doc__ = (f"DiT with depth {depth}, width {hidden_size}, {num_heads} heads, patch {patch_size}; "
                      "keyword arguments override any of them or set the other DiT arguments.")
+    build.hidden_size = hidden_size  # the width, for what must be built before the model (a router)
     return build
 
 

@@ -359,8 +359,8 @@ class UncertaintyWeighting(nn.Module):
 
     def forward(self, losses, present=None):
         """losses (K,) -> scalar. present (K,) bool, optional: clusters with no sample in the
-        batch (e.g. hidden by a curriculum) add nothing, so their s_k get no gradient; K stays
-        the total number of clusters."""
+        batch (e.g. hidden by a curriculum) add nothing, so their s_k get no gradient (an optimiser
+        with momentum still moves an s_k that had one before); K stays the total number of clusters."""
         if losses.shape != self.log_vars.shape:
             raise ValueError(f"losses must be ({self.log_vars.numel()},), got {tuple(losses.shape)}")
         K = self.log_vars.numel()

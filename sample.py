@@ -68,9 +68,8 @@ def build_model(args):
     for key in ("depth", "hidden_size", "num_heads"):  # optional overrides of the named config (small test models)
         if args.get(key):
             kwargs[key] = args[key]
-    model = DiT_models[args["model"]](**kwargs)
-    model.router = build_router(args, model.hidden_size)
-    return model
+    width = kwargs.get("hidden_size", DiT_models[args["model"]].hidden_size)
+    return DiT_models[args["model"]](**kwargs, router=build_router(args, width))  # DiT checks the router
 
 
 def build_diffusion(args):

@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1308,8 +1309,9 @@ def test_to_model_input_flips_are_drawn_from_the_given_generator_only():
 def test_labels_from_paths_hand_values():
     # classes in case-sensitive sorted order (as torchvision's ImageFolder), under a common "train/" root
     assert datasets._labels_from_paths(["train/b/1.png", "train/a/2.png", "train/B/3.png"]) == ([2, 1, 0], ["B", "a", "b"])
-    # an image directly in the root: unconditional, even beside class folders
-    assert datasets._labels_from_paths(["a/1.png", "b/2.png", "3.png"]) == ([0, 0, 0], [])
+    # an image directly in the root: unconditional, even beside class folders, with a warning that names it
+    with pytest.warns(UserWarning, match=r"1 image lies beside the 2 class folders \(e.g. 3.png\)"):
+        assert datasets._labels_from_paths(["a/1.png", "b/2.png", "3.png"]) == ([0, 0, 0], [])
     # a folder name that is not UTF-8 (Latin-1 "café"), as os.walk gives it on Linux: a class like any other
     assert datasets._labels_from_paths(["caf\udce9/1.png", "b/2.png"]) == ([1, 0], ["b", "caf\udce9"])
 
@@ -3628,7 +3630,12 @@ def test_curriculum_update_with_a_per_sample_loss_says_to_pass_the_mean():
     cur = Curriculum(1000, 20)
     with pytest.raises(ValueError, match=r"got a tensor of shape \(8,\); pass loss.mean\(\)"):
         cur.update(torch.rand(8))
+    with pytest.raises(ValueError, match=r"got an array of shape \(8,\); pass loss.mean\(\)"):
+        cur.update(np.random.rand(8))
     assert cur.update(torch.tensor(0.5)) is False and cur.stage_updates == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's deprecated float() of a (1,) array is not what takes it
+        assert cur.update(np.array([0.5])) is False and cur.update(np.float32(0.5)) is False and cur.stage_updates == 3
 
 
 def test_load_state_dict_rejects_other_settings():
@@ -4642,6 +4649,29 @@ def test_reference_statistics_are_cached_and_reused(tmp_path):
         assert fid.load_or_compute_stats(make_images(8), net, cache_path=array_cache, limit=4, progress=False)["n"] == 4
 
 
+def test_reference_cache_is_recomputed_when_the_folder_gains_images(tmp_path):
+    net = TinyNet()
+    write_folder(tmp_path / "ref", make_images(6))
+    assert fid.load_or_compute_stats(tmp_path / "ref", net, cache_path=tmp_path / "c.npz", progress=False)["n"] == 6
+    write_folder(tmp_path / "ref2", make_images(4, seed=1))
+    for f in (tmp_path / "ref2").rglob("*.png"):  # same path, more images: the cached 6-image statistics are stale
+        f.rename(tmp_path / "ref" / f.parent.name / f"new_{f.name}")
+    with pytest.warns(UserWarning, match=r"\(6 images; .*\(10 images\).*recomputing"):
+        assert fid.load_or_compute_stats(tmp_path / "ref", net, cache_path=tmp_path / "c.npz", progress=False)["n"] == 10
+    shutil.rmtree(tmp_path / "ref")  # a reference gone from the disk (a cleaned scratch folder): its cache still serves
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fid.load_or_compute_stats(tmp_path / "ref", net, cache_path=tmp_path / "c.npz", progress=False)["n"] == 10
+
+
+def test_features_are_fp32_inside_a_callers_autocast_region():
+    images = make_images(5)
+    plain = fid.extract_features(images, TinyNet(), keys=("logits",), progress=False)["logits"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the logits matmul would run in bf16
+        inside = fid.extract_features(images, TinyNet(), keys=("logits",), progress=False)["logits"]
+    np.testing.assert_array_equal(inside, plain)
+
+
 def test_is_is_refused_when_the_classifier_weights_are_zero():
     net = TinyNet(fc_scale=0.0)  # IS would be exactly 1 for any samples: refused before any feature is computed
     with pytest.raises(ValueError, match="all zeros.*cannot give an Inception Score"):
@@ -4919,6 +4949,14 @@ def test_fid_reference_cache_of_the_shapes_follows_the_seed_of_a_resumed_run(tmp
     np.testing.assert_allclose(fid.read_statistics(out / "fid_ref_stats.npz")["mu"], expected["mu"], rtol=1e-6)
 
 
+def test_fid_curves_plot_runs_scored_only_at_step_0(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0, "fid": 300.0, "fid_samples": 100}\n')
+    fid.main(["curves", str(run), "--out", str(tmp_path / "c.png")])  # once: a zero-width step axis divided by zero
+    assert "| 0 | 300.00 |" in capsys.readouterr().out and (tmp_path / "c.png").is_file()
+
+
 def test_fid_curves_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -5053,6 +5091,21 @@ def test_a_resumed_curriculum_run_records_each_stage_once(tmp_path):
     run_train(tmp_path, *flags, "--max-steps", "6", "--resume", "auto")
     events = [(e["step"], e["stage"], e["t_min"]) for e in metrics(out) if e.get("event") == "curriculum_stage"]
     assert events == [(0, 1, 750), (2, 2, 500), (4, 3, 250), (6, 4, 0)]  # as in the uninterrupted run above
+
+
+def test_a_resume_with_another_loss_weighting_restarts_the_adaptive_pacers_measurements(tmp_path, capsys):
+    # the saved smoothed loss is in the old weighting's scale: judged against min-SNR-weighted losses it would read as a
+    # plateau (or a sudden improvement); the stage is kept, its measurements start afresh. The same weighting keeps them.
+    flags = ["--method", "curriculum", "--global-batch-size", "8", "--curriculum-clusters", "4",
+             "--curriculum-patience", "100"]
+    for name, weighting, updates in (("same", [], 4), ("other", ["--weighting", "min-snr"], 1)):
+        out = run_train(tmp_path, *flags, "--max-steps", "3", name=name)
+        capsys.readouterr()
+        run_train(tmp_path, *flags, *weighting, "--max-steps", "4", "--resume", "auto", name=name)
+        state = last_checkpoint(out)["method"]["curriculum"]
+        assert (state["stage"], state["stage_updates"]) == (1, updates), name
+        said = "resume: the loss weighting changed, so the curriculum forgets stage 1's smoothed loss"
+        assert (said in capsys.readouterr().out) == (name == "other")
 
 
 def test_a_step_skipped_as_non_finite_does_not_count_towards_a_curriculum_stage(tmp_path, monkeypatch):
@@ -7552,6 +7605,10 @@ def test_latent_mistakes_give_one_line_errors(latent_setup, tmp_path, capsys):
     assert "--fid-ref" in err
     err = _exit_message(capsys, train.main, base + ["--data", str(images), "--image-size", "16", "--vae", str(vae)])
     assert "--vae is for latent folders" in err
+    # a VAE missing on the training machine stops the run before its first step, not at its first grid
+    err = _exit_message(capsys, train.main, LATENT_TINY + ["--max-steps", "1", "--out", str(tmp_path / "novae"), "--data", str(folder),
+                                                           "--image-size", "16", "--vae", str(tmp_path / "missing-vae")])
+    assert "cannot load the VAE" in err and '"loss"' not in (tmp_path / "novae" / "metrics.jsonl").read_text()
     err = _exit_message(capsys, latents.main, ["encode", "--data", str(images), "--out", str(folder), "--vae", str(vae),
                                                "--image-size", "16", "--flip", "none"])
     assert "other settings" in err and "flip" in err
@@ -7799,6 +7856,8 @@ def test_peak_tflops_known_gpus_override_and_unknown():
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert bench.peak_tflops("NVIDIA H100 NVL") == bench.peak_tflops("NVIDIA H200 NVL") == 835.0
     assert bench.peak_tflops("NVIDIA GeForce RTX 4090") is None
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3 MIG 1g.10gb") is None  # a slice: a fraction of the SMs
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3 MIG 1g.10gb", override=123.0) == 123.0
     assert bench.peak_tflops("NVIDIA GeForce RTX 4090", override=165.0) == 165.0
 
 
@@ -8379,9 +8438,10 @@ def test_compiled_cluster_backwards_ignore_a_backward_cached_with_donated_buffer
     assert float(r.stdout.split("max difference")[1]) == 0.0
 
 
-def test_bench_compiles_each_run_with_its_own_donated_buffer_setting(monkeypatch, tmp_path):
-    # build_run turns AOTAutograd's donated buffers off process-wide for PCGrad/Nash; the runs built
-    # around it must still compile (on their first step) with train.py's setting.
+def test_bench_compiles_every_run_without_donated_buffers_when_pcgrad_or_nash_is_benchmarked(monkeypatch, tmp_path):
+    # build_run turns AOTAutograd's donated buffers off process-wide for PCGrad/Nash. Each MethodBench keeps its own
+    # setting, compiling on its first step with train.py's; bench() then turns them off for all, because the runs of
+    # one process share a compiled graph, and one compiled with donated buffers breaks PCGrad's second backward.
     import torch._functorch.config as functorch_config
     seen = {}
     real_step = train.train_step
@@ -8394,15 +8454,22 @@ def test_bench_compiles_each_run_with_its_own_donated_buffer_setting(monkeypatch
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # only the flag matters here
     import torch._inductor.config as inductor_config
     monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)  # restored: build_run turns it off
-    default = functorch_config.donated_buffer
+    monkeypatch.setattr(functorch_config, "donated_buffer", True)  # torch's default (an earlier PCGrad build turns it off)
+    default = True
     argv = ["--model", "DiT-S/4", "--image-size", "16", "--precision", "fp32", "--depth", "1", "--hidden-size", "32",
             "--num-heads", "2", "--compile"]
     benches = [bench.MethodBench(m, argv, 10, 3, 8, torch.device("cpu"), str(tmp_path)) for m in ("vanilla", "ant-pcgrad", "dtr")]
     assert functorch_config.donated_buffer == default
+    assert [b.donated_buffer for b in benches] == [default, False, default]  # each run's own (train.py's) setting
+    said = []
+    bench.donate_buffers_only_if_every_run_can(benches[::2], said.append)  # vanilla and dtr: unchanged, nothing said
+    assert [b.donated_buffer for b in benches] == [default, False, default] and said == []
+    bench.donate_buffers_only_if_every_run_can(benches, said.append)
+    assert len(said) == 1 and "donated buffers are off for every method" in said[0]
     images, labels = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 10, (8,))
     for b in benches:
         b.warm_up(1, images, labels)
-    assert seen == {"vanilla": default, "ant-pcgrad": False, "dtr": default}
+    assert seen == {"vanilla": False, "ant-pcgrad": False, "dtr": False} and functorch_config.donated_buffer == default
 
 
 # ---------------------------------------------------------------------------------------------- Memory at scale: what a step, a resume and sampling hold at once
@@ -8563,6 +8630,46 @@ def test_readme_results_tables_are_the_records():
         assert table in readme, f"README Results lacks the table of {folder.name}:\n{table}"
 
 
+def test_records_script_and_readme_command_have_the_recorded_settings(tmp_path):
+    """records/cifar10.sh and README's train.py command parse to the settings each record's metrics.jsonl starts with
+    (paths aside), so rerunning either reproduces the records; only the curriculum adds its fixed pacing."""
+    fake = tmp_path / "bin" / "python"  # stands in for python: writes each call's arguments, one call a line
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@" >> "$ARGV_LOG"\necho >> "$ARGV_LOG"\n')
+    fake.chmod(0o755)
+    log = tmp_path / "argv"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "ARGV_LOG": str(log)}
+    usage = subprocess.run(["bash", str(REPO / "records" / "cifar10.sh")], capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and usage.stderr.startswith("#   bash records/cifar10.sh TRAIN_ZIP") and not log.exists()
+
+    def script_args(schedule, method):
+        log.unlink(missing_ok=True)
+        subprocess.run(["bash", str(REPO / "records" / "cifar10.sh"), "train.zip", "W.pth", str(tmp_path / "runs"),
+                        schedule, "0", method], check=True, env=env)
+        fid_call, train_call = [line.split("\0")[:-1] for line in log.read_text().splitlines()]
+        assert fid_call == [str(REPO / "fid.py"), "train.zip", "--save-stats", str(tmp_path / "runs" / "ref.npz"),
+                            "--inception", "W.pth", "--batch-size", "500"]
+        assert train_call[0] == str(REPO / "train.py")
+        return vars(train.parse_args(train_call[1:]))
+
+    block = (REPO / "README.md").read_text().split("python train.py --data cifar10-train-jpeg.zip", 1)[1]
+    command = "--data cifar10-train-jpeg.zip " + block[:block.index("--out runs/METHOD")].replace("\\\n", " ")
+    paths = ("data", "out", "fid_ref", "inception")
+    for folder, schedule in (("cifar10", "linear"), ("cifar10-cosine", "cosine")):
+        for run in sorted((REPO / "records" / folder).iterdir()):
+            recorded = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["args"]
+            readme = vars(train.parse_args(command.replace("METHOD", run.name).split()
+                                           + ["--schedule", schedule] * (schedule == "cosine")))
+            for name, parsed in (("records/cifar10.sh", script_args(schedule, run.name)), ("README", readme)):
+                assert set(recorded) - set(parsed) == {"num_classes"}, f"{name}: a recorded flag is gone"
+                changed = {k: (recorded[k], parsed[k]) for k in recorded if k not in paths + ("num_classes",)
+                           and recorded[k] != parsed[k]}
+                assert not changed, f"{name} differs from {folder}/{run.name} (recorded, now): {changed}"
+    curriculum = script_args("cosine", "curriculum")
+    assert (curriculum["curriculum_pacing"], curriculum["curriculum_stage_steps"]) == ("fixed", 60)
+    assert curriculum["out"] == str(tmp_path / "runs" / "cosine-seed0" / "curriculum")
+
+
 def test_readme_snippets_run_on_a_foreign_model(tmp_path):
     """README's "Using a module in your own code": each snippet runs in a fresh process on a toy MLP and transformer
     that are not our DiT, with only its own module file on the path (no other file of this repo), and warns nothing."""
@@ -8628,3 +8735,26 @@ def test_readme_snippets_run_on_a_foreign_model(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env={k: v for k, v in {**os.environ, "OMP_NUM_THREADS": "1"}.items() if k != "PYTHONPATH"})
     assert r.returncode == 0, r.stderr
+
+
+def test_float64_model_outputs_stay_float64_and_shapes_are_checked():
+    # a float64 input keeps the model output float64 (the exact-analysis path); a 2N-row output or a broadcastable
+    # noise is refused instead of broadcasting
+    d = gd.Diffusion(learn_sigma=False)
+    x0 = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    losses = d.training_losses(lambda x, t: torch.full_like(x, 1 / 3), x0, torch.tensor([5, 6]), noise=torch.zeros_like(x0))
+    assert losses["mse"].dtype == torch.float64 and losses["mse"][0].item() == (1 / 3) ** 2
+    with pytest.raises(ValueError, match="noise must have the shape"):
+        d.training_losses(lambda x, t: x, x0, torch.tensor([5, 6]), noise=torch.zeros(1, 1, 2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batch size and spatial shape"):
+        d.sample(lambda x, t: torch.cat([x, x]), torch.zeros(1, 1, 2, 2), steps="ddim5")
+
+
+def test_a_run_that_ends_before_the_curriculum_finishes_says_so(tmp_path, capsys):
+    # fixed pacing: 3 stages of 1000 steps cannot finish in 4 steps; both the start and the end say so
+    run_train(tmp_path, "--method", "curriculum", "--global-batch-size", "8", "--max-steps", "4",
+              "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "1000", "--curriculum-clusters", "3")
+    out = capsys.readouterr().out
+    assert "curriculum stage 1/3: t in [666, 1000) (easy-to-hard, fixed)" in out
+    assert "reaches the curriculum's last stage at step 2000, after --max-steps 4" in out
+    assert "warning: the run ended in curriculum stage 1/3" in out and "outside [666, 1000)" in out

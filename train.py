@@ -133,8 +133,10 @@ class Method:
         """(t (n,), cluster (n,) or None): seam 1, how timesteps are drawn."""
         if self.curriculum is not None and self.ant is not None and not self.curriculum.finished:
             # During the curriculum it decides t (uniform on its active range); ANT only labels each t with
-            # its cluster. Clusters outside the range get no samples and UW leaves their s_k alone. Once
-            # the last stage starts, training is plain ANT-UW again: stratified sampling below.
+            # its cluster. Clusters outside the range get no samples, so their s_k get no gradient: one that has
+            # not entered yet stays at 0; one that the range barely reaches, drawn in some batches only, is moved
+            # by AdamW's momentum in the others, as Adam moves any parameter. Once the last stage starts,
+            # training is plain ANT-UW again: stratified sampling below.
             t = self.curriculum.sample_timesteps(n, device=self.device)
             return t, torch.bucketize(t, self.cluster_starts, right=True) - 1
         if self.curriculum is not None and self.ant is None:
@@ -423,6 +425,14 @@ LATENT_SETTINGS = ("scale", "shift", "factor", "size", "channels")  # of args.la
 METHOD_SETTINGS = {"dtr_alpha": ("dtr",), "dtr_beta": ("dtr", "rtr"), "rtr_seed": ("rtr",),
                    "ant_clusters": ANT_PARTS, "ant_objective": ANT_PARTS,
                    **{key: ("curriculum",) for key in MODEL_SETTINGS if key.startswith("curriculum_")}}
+
+
+def loss_weighting(args):
+    """What sets the scale of the loss that adaptive curriculum pacing judges: --weighting and its own parameters
+    (args: a dict of flags, a checkpoint's or vars(parse_args()); a checkpoint older than --weighting had none)."""
+    weighting = args.get("weighting", "constant")
+    return (weighting, args.get("min_snr_gamma") if weighting == "min-snr" else None,
+            (args.get("p2_gamma"), args.get("p2_k")) if weighting == "p2" else None)
 
 
 def check_compatible(saved, args):
@@ -837,7 +847,7 @@ def train(args):
                        "size": m["latent_size"], "channels": m["channels"], "flip": m["flip"], "posterior": m["posterior"]}
         if args.fid_every and not args.fid_ref:
             raise ConfigError("FID on a latent folder needs --fid-ref (images, or statistics such as ADM's VIRTUAL_imagenet256_labeled.npz)")
-        latents.require_diffusers()  # the grids and FID decode through the VAE: fail now, not after training
+        latents.require_diffusers()  # the grids and FID decode through the VAE: fail now (the VAE itself loads before step 1)
         log(f"data: {args.data} ({len(dataset)} latents {m['channels']}x{m['latent_size']}x{m['latent_size']} of {args.image_size}px "
             f"images, flip {m['flip']}, {dataset.num_classes} classes; VAE {args.latent['vae']}, scale {m['scale']})")
     elif args.vae:
@@ -904,6 +914,12 @@ def train(args):
         for group, lr, wd in zip(opt.param_groups, (args.lr, args.uw_lr), (args.weight_decay, args.uw_weight_decay)):
             group["lr"], group["weight_decay"] = lr, wd  # load_state_dict restored the saved ones: the flags win (logged above)
         method.load_state_dict(ckpt["method"])
+        cur = method.curriculum
+        if cur is not None and cur.pacing == "adaptive" and not cur.finished and \
+                loss_weighting(ckpt["args"]) != loss_weighting(vars(args)):
+            cur.reset_pacing()
+            log(f"resume: the loss weighting changed, so the curriculum forgets stage {cur.stage}'s smoothed loss, "
+                f"which was measured under the old one, and measures the stage afresh")
         step = ckpt["step"]
         nonfinite = ckpt.get("nonfinite", 0)  # a resume does not grant --skip-nonfinite afresh (0: older checkpoints)
         rng = ckpt["rng"]
@@ -929,6 +945,15 @@ def train(args):
         log(warning)
     log(f"model: {args.model}, {sum(p.numel() for p in run.params):,} parameters; method: {args.method}; "
         f"{world} process(es) on {device.type}, batch {batch} per process")
+    cur = method.curriculum
+    if cur is not None:
+        log(cur.describe())
+        if cur.pacing == "fixed" and not cur.finished:  # its last stage is known now (later if steps are skipped)
+            last = step + (cur.num_stages - cur.stage) * cur.stage_steps - cur.stage_updates
+            if last > args.max_steps:
+                log(f"warning: fixed pacing reaches the curriculum's last stage at step {last}, after --max-steps "
+                    f"{args.max_steps}: the run will never train on every timestep; lower --curriculum-stage-steps "
+                    f"or raise --max-steps")
     model_params = list(model.parameters())
 
     sampler = StreamSampler(len(dataset), batch, rank, world, args.global_seed, start_step=step)
@@ -1034,14 +1059,9 @@ def train(args):
         if error[0]:
             raise ConfigError(error[0])
 
-    decoder = None
-
-    def pixels():
-        """None for pixel runs; for latent runs the VAE decoder, loaded on first use (grids and FID)."""
-        nonlocal decoder
-        if args.latent is not None and decoder is None:
-            decoder = latents.load_decoder(args.latent, device)
-        return decoder
+    # Latent runs: the VAE decoder of the grids and FID (None for pixel runs), loaded before the first step, so that a
+    # VAE folder missing on this machine stops the run now, not at its first grid with the steps since a checkpoint lost
+    decoder = latents.load_decoder(args.latent, device) if args.latent is not None else None
 
     def evaluate_fid():
         """FID of fixed-seed EMA samples: each rank samples and featurises its share, rank 0 scores."""
@@ -1049,7 +1069,7 @@ def train(args):
         mine = list(range(rank, args.fid_samples, world))
         images, _ = sample_indices(ema, diffusion, mine, device, seed=args.global_seed + 1, batch_size=args.fid_batch_size,
                                    steps=args.fid_steps, cfg_scale=args.fid_cfg, clip_denoised=args.latent is None,
-                                   decode=pixels(), precision=args.precision)
+                                   decode=decoder, precision=args.precision)
         t_sampled = time.time()
         feats = fid.extract_features(images, fid_net, keys=("pool",), batch_size=args.fid_batch_size, progress=False)["pool"]
         t_featurised = time.time()
@@ -1081,9 +1101,8 @@ def train(args):
                 x = generate(ema, diffusion, grid_labels, grid_noise, steps=args.sample_steps, cfg_scale=args.sample_cfg,
                              clip_denoised=args.latent is None, precision=args.precision,
                              noise_fn=lambda z: to_device(torch.randn(z.shape, generator=gen), z.device))  # no sync per step
-            decode = pixels()
-            if decode is not None:
-                x = decode(x)  # latents -> images in [-1, 1]
+            if decoder is not None:
+                x = decoder(x)  # latents -> images in [-1, 1]
             path = os.path.join(args.out, f"samples_{step:07d}.png")
             save_grid(to_uint8(x), path, nrow=4)
             log(f"saved sample grid {path}")
@@ -1241,6 +1260,10 @@ def train(args):
     bar.close()
     for s, handler in previous_handlers.items():
         signal.signal(s, handler)
+    if method.curriculum is not None and not method.curriculum.finished and step >= args.max_steps:
+        lo, hi = method.curriculum.active_range
+        log(f"warning: the run ended in {method.curriculum.describe()}; the model never trained on timesteps "
+            f"outside [{lo}, {hi}), which sampling and FID use; raise --max-steps and resume, or pace faster")
     if not keep_going:
         log(f"stopped by a signal at step {step}; resume with the same flags plus --resume auto")
     elif not grid_due(step):
