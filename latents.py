@@ -38,7 +38,8 @@ Where we depart from the official code, and why:
 - fast-DiT applies one random flip per image at extraction time, which loses the flip augmentation;
   `--flip both` stores both orientations instead (twice the disk: 16 KiB per image at 32x32x4).
 - The scale is read from the VAE's config (0.18215 for the SD VAEs), not hard-coded, and so is the
-  downsampling factor (8 for the SD VAEs), so a small or different VAE works unchanged.
+  downsampling factor (8 for the SD VAEs), so a small or different VAE works unchanged; a config's
+  per-channel latents_mean/latents_std (not the SD VAEs') are not applied.
 
 Resuming: the arrays are preallocated; each batch is written with pwrite at its fixed rows (byte
 ranges, safe on shared file systems), synced, and only then its image indices are appended to
@@ -51,6 +52,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -176,6 +178,8 @@ def done_images(out, num_images):
     done = np.zeros(num_images, dtype=bool)
     folder = os.path.join(out, "progress")
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not re.fullmatch(r"rank\d+\.idx", name):  # e.g. a .DS_Store: its bytes would mark images as done
+            continue
         with open(os.path.join(folder, name), "rb") as f:
             raw = f.read()
         done[np.frombuffer(raw[: len(raw) // 8 * 8], dtype=np.int64)] = True

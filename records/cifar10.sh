@@ -10,7 +10,7 @@
 # (--resume auto); a finished run starts, finds its last step done and ends.
 set -euo pipefail
 if [ $# -lt 6 ]; then
-    sed -n 5,6p "$0" >&2
+    sed -n "5,6s/^#   //p" "$0" >&2
     exit 2
 fi
 repo=$(cd "$(dirname "$0")/.." && pwd)
