@@ -119,7 +119,7 @@ def _labels_from_paths(paths):
     Single top-level folders are descended (a zip of "train/<class>/x.jpg" has classes). If any
     image sits directly in the root, or there is only one folder, the set is unconditional."""
     parts = [p.replace("\\", "/").split("/") for p in paths]
-    while all(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
+    while all(len(p) > 1 for p in parts) and any(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
         parts = [p[1:] for p in parts]
     if any(len(p) == 1 for p in parts):
         folders = {p[0] for p in parts if len(p) > 1}

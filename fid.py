@@ -852,17 +852,18 @@ def load_or_compute_stats(source, net, cache_path=None, keep=(), key=None, **kwa
     kwargs: batch_size, num_workers, limit, progress, passed to compute_statistics.
     The cache records the source (a path, or the type and length of an array or Dataset, plus `key`:
     e.g. train.py's data path and image size for its training set), the limit, and a path's version
-    (a file's size and modification time, a folder's image count), and is recomputed (with a warning)
+    (a file's size, a folder's image count), and is recomputed (with a warning)
     when they or the wanted features differ. A path that no longer exists keeps its cache.
     """
-    version = None  # a path's version: a file's size and modification time, a folder's image count
+    version = None  # a path's version: a file's size (not its mtime: a job that copies the reference to local
+    # disk at each start would recompute it every time), a folder's image count
     if isinstance(source, (str, Path)):
         path = Path(source).resolve()
         tag = f"{path}|limit={kwargs.get('limit')}"
         if path.is_dir():
             version = f"{len(folder_images(path))} images"
         elif path.is_file():
-            version = f"{path.stat().st_size} bytes, modified {path.stat().st_mtime_ns} ns"
+            version = f"{path.stat().st_size} bytes"
     else:
         tag = f"<{type(source).__name__} of {len(source) if hasattr(source, '__len__') else '?'} images>|limit={kwargs.get('limit')}"
     if key is not None:
@@ -877,7 +878,8 @@ def load_or_compute_stats(source, net, cache_path=None, keep=(), key=None, **kwa
             if cached.get("source") == tag and all(k in cached for k in keep) and \
                     version in (None, cached.get("source_version")):
                 return cached
-            warnings.warn(f"{cache_path} was made from {cached.get('source')!r} ({cached.get('source_version')}; "
+            made = cached.get("source_version", "no version: made before caches recorded one")
+            warnings.warn(f"{cache_path} was made from {cached.get('source')!r} ({made}; "
                           f"features {sorted(cached)}), not {tag!r} ({version}) with {list(keep)}; recomputing it")
     if isinstance(source, (str, Path)) and is_statistics_file(source):
         stats = read_statistics(source)

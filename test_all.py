@@ -1312,6 +1312,8 @@ def test_labels_from_paths_hand_values():
     # an image directly in the root: unconditional, even beside class folders, with a warning that names it
     with pytest.warns(UserWarning, match=r"1 image lies beside the 2 class folders \(e.g. 3.png\)"):
         assert datasets._labels_from_paths(["a/1.png", "b/2.png", "3.png"]) == ([0, 0, 0], [])
+    with pytest.warns(UserWarning, match=r"2 images lie beside the 2 class folders \(e.g. 3.png\)"):  # under a root
+        assert datasets._labels_from_paths(["train/a/1.png", "train/b/2.png", "train/3.png", "train/4.png"]) == ([0] * 4, [])
     # a folder name that is not UTF-8 (Latin-1 "café"), as os.walk gives it on Linux: a class like any other
     assert datasets._labels_from_paths(["caf\udce9/1.png", "b/2.png"]) == ([1, 0], ["b", "caf\udce9"])
 
@@ -8757,5 +8759,5 @@ def test_a_run_that_ends_before_the_curriculum_finishes_says_so(tmp_path, capsys
               "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "1000", "--curriculum-clusters", "3")
     out = capsys.readouterr().out
     assert "curriculum stage 1/3: t in [666, 1000) (easy-to-hard, fixed)" in out
-    assert "reaches the curriculum's last stage at step 2000, after --max-steps 4" in out
+    assert "reaches the curriculum's last stage at step 2000, not before --max-steps 4" in out
     assert "warning: the run ended in curriculum stage 1/3" in out and "outside [666, 1000)" in out

@@ -950,8 +950,8 @@ def train(args):
         log(cur.describe())
         if cur.pacing == "fixed" and not cur.finished:  # its last stage is known now (later if steps are skipped)
             last = step + (cur.num_stages - cur.stage) * cur.stage_steps - cur.stage_updates
-            if last > args.max_steps:
-                log(f"warning: fixed pacing reaches the curriculum's last stage at step {last}, after --max-steps "
+            if last >= args.max_steps:  # reached at the final step: no step trains on it
+                log(f"warning: fixed pacing reaches the curriculum's last stage at step {last}, not before --max-steps "
                     f"{args.max_steps}: the run will never train on every timestep; lower --curriculum-stage-steps "
                     f"or raise --max-steps")
     model_params = list(model.parameters())

@@ -31,5 +31,5 @@ for method in "$@"; do
         --global-batch-size 256 --lr 1e-4 --ema-decay 0.999 --max-steps 3000 --global-seed "$seed" --compile \
         --fid-every 1000 --fid-samples 2500 --fid-steps ddim50 --fid-cfg 1.0 --fid-ref "$out/ref.npz" \
         --inception "$inception" --sample-every 3000 --ckpt-every 500 --keep-last 1 --log-every 100 \
-        --data-on-device --num-workers 4 --resume auto --out "$out/$schedule-seed$seed/$method" "${pacing[@]}"
+        --data-on-device --num-workers 4 --resume auto --out "$out/$schedule-seed$seed/$method" ${pacing[@]+"${pacing[@]}"}  # bash < 4.4 calls an empty "${pacing[@]}" unbound under set -u
 done
