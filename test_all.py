@@ -5100,14 +5100,16 @@ def test_a_resume_with_another_loss_weighting_restarts_the_adaptive_pacers_measu
     # plateau (or a sudden improvement); the stage is kept, its measurements start afresh. The same weighting keeps them.
     flags = ["--method", "curriculum", "--global-batch-size", "8", "--curriculum-clusters", "4",
              "--curriculum-patience", "100"]
-    for name, weighting, updates in (("same", [], 4), ("other", ["--weighting", "min-snr"], 1)):
-        out = run_train(tmp_path, *flags, "--max-steps", "3", name=name)
+    min_snr = ["--weighting", "min-snr"]
+    for name, first, then, updates in (("same", [], [], 4), ("other", [], min_snr, 1),
+                                       ("gamma", min_snr, min_snr + ["--min-snr-gamma", "1"], 1)):
+        out = run_train(tmp_path, *flags, *first, "--max-steps", "3", name=name)
         capsys.readouterr()
-        run_train(tmp_path, *flags, *weighting, "--max-steps", "4", "--resume", "auto", name=name)
+        run_train(tmp_path, *flags, *then, "--max-steps", "4", "--resume", "auto", name=name)
         state = last_checkpoint(out)["method"]["curriculum"]
         assert (state["stage"], state["stage_updates"]) == (1, updates), name
         said = "resume: the loss weighting changed, so the curriculum forgets stage 1's smoothed loss"
-        assert (said in capsys.readouterr().out) == (name == "other")
+        assert (said in capsys.readouterr().out) == (name != "same"), name
 
 
 def test_a_step_skipped_as_non_finite_does_not_count_towards_a_curriculum_stage(tmp_path, monkeypatch):
