@@ -674,11 +674,12 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         except ValueError as e:
             raise ValueError(f"--sample-steps {steps}: {e}") from None
     fwd = model_flops(model)
-    if device.type == "cuda" and benches[0].run.args.precision != "bf16" and args.peak_tflops is None:
-        peak = None  # the known peaks are bf16's; fp32 runs its matrix products in TF32, at about half of it
-        log("bench: no MFU with --precision fp32; pass --peak-tflops, e.g. the GPU's TF32 dense peak")
-    else:
-        peak = peak_tflops(info["name"], args.peak_tflops) if device.type == "cuda" else args.peak_tflops
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda":
+        if benches[0].run.args.precision == "bf16":
+            peak = peak_tflops(info["name"])
+        else:  # the known peaks are bf16's; fp32 runs its matrix products in TF32, at about half of it
+            log("bench: no MFU with --precision fp32; pass --peak-tflops, e.g. the GPU's TF32 dense peak")
 
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch_size, model.in_channels, args.image_size, args.image_size)

@@ -251,12 +251,14 @@ class Curriculum:
         step's mean diffusion loss (a float, or a 1-element tensor or array; a tensor is read on the host).
         Under DDP pass the mean over all ranks (all_reduce it), so that every rank changes stage at
         the same step; each rank's own loss differs, and so would its stage."""
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()  # float() of a tensor that requires grad warns
         if isinstance(loss, (torch.Tensor, np.ndarray)):
-            if (loss.numel() if isinstance(loss, torch.Tensor) else loss.size) != 1:
+            if math.prod(loss.shape) != 1:
                 kind = "a tensor" if isinstance(loss, torch.Tensor) else "an array"
                 raise ValueError(f"loss must be one number, the step's mean loss, got {kind} of shape "
                                  f"{tuple(loss.shape)}; pass loss.mean()")
-            loss = loss.detach() if isinstance(loss, torch.Tensor) else loss.reshape(())
+            loss = loss.reshape(())  # 0-d, which float() reads (numpy deprecates it for a (1,) array)
         loss = float(loss)
         if not math.isfinite(loss):
             raise ValueError(f"loss must be finite, got {loss}; the run has diverged")

@@ -303,13 +303,17 @@ def save_grid(images, path, nrow=None):
     Image.fromarray(grid).save(path)
 
 
-def weights_digest(model):
-    """The first 16 hex digits of a SHA-256 over a network's state dict (names, dtypes, shapes and bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+def hash_state_dict(digest, state_dict):
+    """Feed a state dict into a hashlib digest (each entry's name, dtype, shape and bytes); returns the digest."""
+    for name, tensor in state_dict.items():
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:16]
+    return digest
+
+
+def weights_digest(model):
+    """The first 16 hex digits of a SHA-256 over a network's state dict (names, dtypes, shapes and bytes)."""
+    return hash_state_dict(hashlib.sha256(), model.state_dict()).hexdigest()[:16]
 
 
 def sampling_settings(args, class_labels, weights):

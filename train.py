@@ -53,8 +53,8 @@ import latents
 from diffusion import WEIGHTINGS
 from dit import DiT_models
 from sample import (COMPILE_MODES, CUDA_GRAPH_MODES, SEED_STRIDE, bf16_warning, build_diffusion, build_model,
-                    check_seed, compile_for_sampling, generate, load_checkpoint, max_seed, method_parts,
-                    resolve_device, sample_indices, save_grid, to_device, to_uint8)
+                    check_seed, compile_for_sampling, generate, hash_state_dict, load_checkpoint, max_seed,
+                    method_parts, resolve_device, sample_indices, save_grid, to_device, to_uint8)
 
 METHOD_PARTS = ("vanilla", "dtr", "rtr", "ant-uw", "ant-pcgrad", "ant-nash", "curriculum")
 ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
@@ -907,6 +907,7 @@ def train(args):
         except ValueError as e:
             raise ConfigError(f"{flag} {steps}: {e}") from None
     step = nonfinite = 0  # nonfinite: steps skipped as non-finite so far, against --skip-nonfinite
+    cur = method.curriculum  # None without one
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -914,7 +915,6 @@ def train(args):
         for group, lr, wd in zip(opt.param_groups, (args.lr, args.uw_lr), (args.weight_decay, args.uw_weight_decay)):
             group["lr"], group["weight_decay"] = lr, wd  # load_state_dict restored the saved ones: the flags win (logged above)
         method.load_state_dict(ckpt["method"])
-        cur = method.curriculum
         if cur is not None and cur.pacing == "adaptive" and not cur.finished and \
                 loss_weighting(ckpt["args"]) != loss_weighting(vars(args)):
             cur.reset_pacing()
@@ -945,7 +945,6 @@ def train(args):
         log(warning)
     log(f"model: {args.model}, {sum(p.numel() for p in run.params):,} parameters; method: {args.method}; "
         f"{world} process(es) on {device.type}, batch {batch} per process")
-    cur = method.curriculum
     if cur is not None:
         log(cur.describe())
         if cur.pacing == "fixed" and not cur.finished:  # its last stage is known now (later if steps are skipped)
@@ -954,7 +953,6 @@ def train(args):
                 log(f"warning: fixed pacing reaches the curriculum's last stage at step {last}, not before --max-steps "
                     f"{args.max_steps}: the run will never train on every timestep; lower --curriculum-stage-steps "
                     f"or raise --max-steps")
-    model_params = list(model.parameters())
 
     sampler = StreamSampler(len(dataset), batch, rank, world, args.global_seed, start_step=step)
     data_iter = batches(dataset, sampler, args, device)
@@ -982,9 +980,7 @@ def train(args):
 
     def save_checkpoint():
         if world > 1:  # replicas and method state must agree bit for bit across ranks
-            digest = hashlib.sha256()
-            for p in model_params + list(ema.parameters()):
-                digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest = hash_state_dict(hash_state_dict(hashlib.sha256(), model.state_dict()), ema.state_dict())
             buffer = io.BytesIO()
             torch.save(method.state_dict(), buffer)
             digest.update(buffer.getvalue())
@@ -1260,9 +1256,9 @@ def train(args):
     bar.close()
     for s, handler in previous_handlers.items():
         signal.signal(s, handler)
-    if method.curriculum is not None and not method.curriculum.finished and step >= args.max_steps:
-        lo, hi = method.curriculum.active_range
-        log(f"warning: the run ended in {method.curriculum.describe()}; the model never trained on timesteps "
+    if cur is not None and not cur.finished and step >= args.max_steps:
+        lo, hi = cur.active_range
+        log(f"warning: the run ended in {cur.describe()}; the model never trained on timesteps "
             f"outside [{lo}, {hi}), which sampling and FID use; raise --max-steps and resume, or pace faster")
     if not keep_going:
         log(f"stopped by a signal at step {step}; resume with the same flags plus --resume auto")
