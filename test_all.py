@@ -8637,7 +8637,8 @@ def test_readme_results_tables_are_the_records():
 
 def test_records_script_and_readme_command_have_the_recorded_settings(tmp_path):
     """records/cifar10.sh and README's train.py command parse to the settings each record's metrics.jsonl starts with
-    (paths aside), so rerunning either reproduces the records; only the curriculum adds its fixed pacing."""
+    (paths aside), so rerunning either reproduces the records; only the curriculum adds its fixed pacing, which the
+    README names in prose."""
     fake = tmp_path / "bin" / "python"  # stands in for python: writes each call's arguments, one call a line
     fake.parent.mkdir()
     fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@" >> "$ARGV_LOG"\necho >> "$ARGV_LOG"\n')
@@ -8659,12 +8660,14 @@ def test_records_script_and_readme_command_have_the_recorded_settings(tmp_path):
 
     block = (REPO / "README.md").read_text().split("python train.py --data cifar10-train-jpeg.zip", 1)[1]
     command = "--data cifar10-train-jpeg.zip " + block[:block.index("--out runs/METHOD")].replace("\\\n", " ")
+    pacing = re.search(r"A curriculum run [^`]*adds `([^`]*)`", " ".join((REPO / "README.md").read_text().split()))[1]
     paths = ("data", "out", "fid_ref", "inception")
     for folder, schedule in (("cifar10", "linear"), ("cifar10-cosine", "cosine")):
         for run in sorted((REPO / "records" / folder).iterdir()):
             recorded = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["args"]
             readme = vars(train.parse_args(command.replace("METHOD", run.name).split()
-                                           + ["--schedule", schedule] * (schedule == "cosine")))
+                                           + ["--schedule", schedule] * (schedule == "cosine")
+                                           + pacing.split() * ("curriculum" in run.name)))
             for name, parsed in (("records/cifar10.sh", script_args(schedule, run.name)), ("README", readme)):
                 assert set(recorded) - set(parsed) == {"num_classes"}, f"{name}: a recorded flag is gone"
                 changed = {k: (recorded[k], parsed[k]) for k in recorded if k not in paths + ("num_classes",)
