@@ -5122,6 +5122,40 @@ def test_a_step_skipped_as_non_finite_does_not_count_towards_a_curriculum_stage(
     assert events == [(0, 1), (3, 2), (5, 3)]
 
 
+@pytest.mark.parametrize("method", ["vanilla", "curriculum"])
+def test_step_flags_are_read_through_an_event_one_step_late_except_under_the_curriculum(tmp_path, monkeypatch, method):
+    # On a GPU, flags.tolist() would wait for all the work queued so far: read after step s + 1 is queued, it would
+    # wait for step s + 1 too, and the lag would keep nothing fed. train.py copies each step's flags to the host as the
+    # step ends (copy_to_host) and waits on that copy's event alone. The fake copy here stands for the CUDA path.
+    order = []
+    real_step = train.train_step
+
+    def spy_step(run, x, y, step):
+        order.append(("queue", step + 1))
+        return real_step(run, x, y, step)
+
+    class Event:
+        def __init__(self, step):
+            self.step = step
+
+        def synchronize(self):
+            order.append(("wait", self.step))
+
+    def fake_copy(x):
+        return x.clone(), Event(sum(kind == "queue" for kind, _ in order))
+
+    monkeypatch.setattr(train, "train_step", spy_step)
+    monkeypatch.setattr(train, "copy_to_host", fake_copy)
+    run_train(tmp_path, "--method", method, "--global-batch-size", "4", "--max-steps", "5", "--log-every", "100",
+              "--ckpt-every", "100")
+    queue = [("queue", s) for s in range(1, 6)]
+    if method == "vanilla":  # step s is waited for once step s + 1 is queued; the last at the end, which logs
+        expected = queue[:2] + [x for s in range(1, 4) for x in (("wait", s), queue[s + 1])] + [("wait", 4), ("wait", 5)]
+    else:  # the pacing decision of step s applies from step s + 1
+        expected = [x for s in range(1, 6) for x in (queue[s - 1], ("wait", s))]
+    assert order == expected
+
+
 def test_a_curriculum_stage_change_applies_from_the_next_step_whatever_the_log_interval(tmp_path, monkeypatch):
     # the pacing decision of step s is read at once (not one step late like the other flags), so step s + 1 draws
     # from the new stage with a record every 100 steps as with one every step (TINY): the run does not depend on it

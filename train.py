@@ -664,6 +664,18 @@ def train_step(run, x, y, step):
     return {k: v.detach() for k, v in terms.items()}, t, extra, bad
 
 
+def copy_to_host(x):
+    """Queue a copy of the device tensor x to host memory without waiting for it: (host tensor, event). Read the
+    host tensor after event.synchronize(), which waits only for the work queued before this call; x.tolist() would
+    wait for everything queued on the stream by then, a step queued after x included. On the CPU: (x, None)."""
+    if x.device.type != "cuda":
+        return x, None
+    host = x.to("cpu", non_blocking=True)  # torch pins the destination of a non-blocking device-to-host copy
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -1143,7 +1155,7 @@ def train(args):
     bucket_cnt = torch.zeros(nb, device=device)
     kept_steps = torch.zeros(1, device=device)  # steps not skipped as non-finite, on this rank
     extra_sum, n_logged = {}, 0
-    pending = None  # (step, flags tensor) of the previous step, read one step late
+    pending = None  # (step, (flags, event)) of the previous step, read one step late
     t0 = time.time()
     from tqdm.auto import tqdm
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train", file=sys.stdout,
@@ -1153,7 +1165,9 @@ def train(args):
         """Read a step's flags: the previous step's, or this one's under the curriculum (the loop's one host
         sync per step). Returns False to stop."""
         nonlocal nonfinite
-        s, flags = pending
+        s, (flags, done) = pending
+        if done is not None:
+            done.synchronize()  # the end of step s, while the GPU runs the step queued after it
         mean_loss, bad, stop = flags.tolist()
         event = None
         if bad > 0:
@@ -1199,6 +1213,7 @@ def train(args):
             flags = torch.stack([lv.mean(), bad.float(), stop_flag.fill_(float(stop_requested[0]))])
             if distributed:
                 dist.all_reduce(flags)
+            flags = copy_to_host(flags)
         if method.curriculum is not None:  # the pacing decision must land at the same step on every run
             trained_in = method.log_fields()  # before the decision: the log record names the stage the losses came from
             keep_going = resolve((step, flags))
