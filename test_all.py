@@ -5148,11 +5148,11 @@ def test_step_flags_are_read_through_an_event_one_step_late_except_under_the_cur
     monkeypatch.setattr(train, "copy_to_host", fake_copy)
     run_train(tmp_path, "--method", method, "--global-batch-size", "4", "--max-steps", "5", "--log-every", "100",
               "--ckpt-every", "100")
-    queue = [("queue", s) for s in range(1, 6)]
+    q, w = "queue", "wait"
     if method == "vanilla":  # step s is waited for once step s + 1 is queued; the last at the end, which logs
-        expected = queue[:2] + [x for s in range(1, 4) for x in (("wait", s), queue[s + 1])] + [("wait", 4), ("wait", 5)]
+        expected = [(q, 1), (q, 2), (w, 1), (q, 3), (w, 2), (q, 4), (w, 3), (q, 5), (w, 4), (w, 5)]
     else:  # the pacing decision of step s applies from step s + 1
-        expected = [x for s in range(1, 6) for x in (queue[s - 1], ("wait", s))]
+        expected = [(q, 1), (w, 1), (q, 2), (w, 2), (q, 3), (w, 3), (q, 4), (w, 4), (q, 5), (w, 5)]
     assert order == expected
 
 

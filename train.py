@@ -1186,9 +1186,9 @@ def train(args):
             return False
         return True
 
-    if method.curriculum is not None and step == 0:
-        lo, hi = method.curriculum.active_range
-        write_metrics({"event": "curriculum_stage", "step": 0, "stage": method.curriculum.stage, "t_min": lo, "t_max": hi})
+    if cur is not None and step == 0:
+        lo, hi = cur.active_range
+        write_metrics({"event": "curriculum_stage", "step": 0, "stage": cur.stage, "t_min": lo, "t_max": hi})
     keep_going = True
     trained_in = method.log_fields()  # the curriculum stage the latest step trained in ({} without one)
     while step < args.max_steps and keep_going:
@@ -1213,14 +1213,14 @@ def train(args):
             flags = torch.stack([lv.mean(), bad.float(), stop_flag.fill_(float(stop_requested[0]))])
             if distributed:
                 dist.all_reduce(flags)
-            flags = copy_to_host(flags)
-        if method.curriculum is not None:  # the pacing decision must land at the same step on every run
+            copied = copy_to_host(flags)  # (host flags, event)
+        if cur is not None:  # the pacing decision must land at the same step on every run
             trained_in = method.log_fields()  # before the decision: the log record names the stage the losses came from
-            keep_going = resolve((step, flags))
+            keep_going = resolve((step, copied))
         else:  # read one step late, so the host never waits for the step it just queued
             if pending is not None:
                 keep_going = resolve(pending)
-            pending = (step, flags)
+            pending = (step, copied)
         bar.update(1)
 
         due_log = step % args.log_every == 0 or step == args.max_steps
