@@ -12,12 +12,13 @@ What it measures, per method (any '+'-joined train.py method; vanilla is always 
   timed round-robin (a block of --steps steps of each method per round, the order rotated every
   round), so a drifting machine moves all methods alike; each round gives a ratio to vanilla and
   the table shows the median over rounds (and the range, to read the noise against);
-- backward passes per step: 1, except ANT-PCGrad (K, every step) and ANT-Nash (K on its update
-  steps, every --nash-every = 25 steps, 1 otherwise). Nash's update steps are timed on their own
-  each round and folded into an amortised step time ((every - 1) * plain + update) / every;
-- model FLOPs per image counted from the architecture (`dit_forward_flops`), the FLOP ratio a
-  method's backward passes imply, and on CUDA the model-FLOPs utilisation (MFU) against the GPU's
-  bf16 dense peak (`peak_tflops`, or --peak-tflops).
+- forward-and-backward passes of the model per step: 1, except ANT-PCGrad (K, every step) and
+  ANT-Nash (K on its update steps, every --nash-every = 25 steps, 1 otherwise), each on one
+  cluster's slice of the batch, so that every method has the same model FLOPs. Nash's update steps
+  are timed on their own each round and folded into an amortised step time
+  ((every - 1) * plain + update) / every;
+- model FLOPs per image counted from the architecture (`dit_forward_flops`), and on CUDA the
+  model-FLOPs utilisation (MFU) against the GPU's bf16 dense peak (`peak_tflops`, or --peak-tflops).
 Optional sections: --sample (images/s of sample.generate on the EMA model, DDIM-50 and DDPM-250
 with guidance 1.5 by default, once per distinct network among the methods: the plain DiT, and a
 DTR- or R-TR-routed DiT for each router kind benchmarked; with --compile the EMA is compiled as in
@@ -54,7 +55,6 @@ import traceback
 import warnings
 
 import torch
-import torch._functorch.config as functorch_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data as datasets
@@ -194,12 +194,7 @@ class MethodBench:
         torch.manual_seed(0)  # every method starts from the same weights
         before = allocated(device)
         self.name = name
-        donated = functorch_config.donated_buffer
         self.run = train.build_run(args, device, distributed=False, log=lambda msg: print(msg, file=sys.stderr))
-        # build_run turns AOTAutograd's donated buffers off for PCGrad/Nash (K backwards through one graph) by a
-        # process-wide flag, read when the model is compiled on its first step: keep this run's own value and
-        # restore the previous one, so the runs built after it (and compiled later) get train.py's setting.
-        self.donated_buffer, functorch_config.donated_buffer = functorch_config.donated_buffer, donated
         self.static_bytes = allocated(device) - before  # weights and EMA; the first step adds AdamW's state
         self.device, self.step = device, 0
         # CUDA graphs replay from a private memory pool the allocator statistics do not follow: no peak for them
@@ -212,11 +207,13 @@ class MethodBench:
         self.host_syncs = self.other_warnings = None  # count_host_syncs, after the timings
 
     def is_update(self, step):
-        """A Nash-MTL update step (K backward passes instead of 1) of a run that has plain steps too."""
+        """A Nash-MTL update step (K passes, one per cluster, and the solver) of a run that has plain steps too."""
         return self.nash_period is not None and self.run.method.nash.should_update(step)
 
-    def backward_passes(self):
-        """(per plain step, per update step or None, amortised over a Nash period)."""
+    def passes(self):
+        """Forward-and-backward passes of the model (per plain step, per update step or None, amortised over a Nash
+        period). PCGrad and Nash's update steps make one per cluster, on its slice of the batch: K passes that
+        together cover the batch once, so every method has the model FLOPs of one training pass over the batch."""
         if self.run.method.ant == "ant-pcgrad" or self.every == 1:
             return self.K, None, float(self.K)
         if self.every is not None:
@@ -227,8 +224,7 @@ class MethodBench:
         """train.py's loop body without its logging bookkeeping: the curriculum reads the loss at
         once (a host sync, as train.py does to pace it); other methods' lagged read is free."""
         x = datasets.to_model_input(images) if images.dtype == torch.uint8 else images  # latents go in as they are
-        with functorch_config.patch(donated_buffer=self.donated_buffer):  # (re)compiles see this run's setting
-            terms, _, _, _ = train.train_step(self.run, x, labels, step)
+        terms, _, _, _ = train.train_step(self.run, x, labels, step)
         if self.run.method.curriculum is not None:
             self.run.method.after_step(step, float(terms["loss"].detach().mean()))
 
@@ -470,15 +466,14 @@ def summarise(benches, batch_size, fwd_flops, peak):
         rounds_ms = [b.round_ms(r) for r in range(len(b.plain_ms))]
         ratios = [ms / base.round_ms(r) for r, ms in enumerate(rounds_ms)]
         ms = statistics.median(rounds_ms)
-        plain, update, passes = b.backward_passes()
-        flops_per_image = (1 + 2 * passes) * fwd_flops  # one forward, each backward about 2 forwards
+        plain, update, passes = b.passes()
+        flops_per_image = 3 * fwd_flops  # a forward and a backward of about 2 forwards, over the batch once for every method
         images_per_s = batch_size / (ms / 1000.0)
         out[b.name] = {
             "ms_per_step": ms, "images_per_s": images_per_s,
             "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
             "ms_per_round": rounds_ms, "ratio_per_round": ratios,
-            "backward_passes": passes, "backward_passes_plain": plain, "backward_passes_update": update,
-            "flop_ratio": (1 + 2 * passes) / 3, "train_flops_per_image": flops_per_image,
+            "passes": passes, "passes_plain": plain, "passes_update": update, "train_flops_per_image": flops_per_image,
             "peak_memory_mib": None if b.peak_bytes is None else b.peak_bytes / 2**20,
             "host_syncs_per_step": len(b.host_syncs), "host_syncs": b.host_syncs, "other_warnings": b.other_warnings,
             "mfu": None if peak is None else flops_per_image * images_per_s / (peak * 1e12),
@@ -519,7 +514,7 @@ def print_report(result):
           f"{fl['forward_per_image'] / 1e9:.4g} GFLOP/image forward, {3 * fl['forward_per_image'] / 1e9:.4g} per training image")
     print(f"timing: warm-up {c['warmup']} step(s) per method, then {c['rounds']} rounds x {c['steps']} steps, "
           f"methods interleaved (order rotated each round); median over rounds\n")
-    head = (f"{'method':<22}{'ms/step':>9}{'img/s':>9}{'x vanilla':>11}{'range':>15}{'bwd/step':>10}{'FLOP x':>8}"
+    head = (f"{'method':<22}{'ms/step':>9}{'img/s':>9}{'x vanilla':>11}{'range':>15}{'passes':>8}"
             f"{'syncs':>7}{'peak MiB':>9}{'MFU':>7}")
     print(head)
     print("-" * len(head))
@@ -527,19 +522,20 @@ def print_report(result):
         mem = "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         print(f"{name:<22}{r['ms_per_step']:>9.1f}{r['images_per_s']:>9.1f}{r['ratio']:>11.3f}"
-              f"{r['ratio_min']:>8.3f}-{r['ratio_max']:<6.3f}{r['backward_passes']:>10.2f}{r['flop_ratio']:>8.2f}"
+              f"{r['ratio_min']:>8.3f}-{r['ratio_max']:<6.3f}{r['passes']:>8.2f}"
               f"{r['host_syncs_per_step']:>7}{mem:>9}{mfu:>7}")
     for name, r in result["methods"].items():
         if "update_ms" in r:
-            print(f"{name}: plain step {r['plain_ms']:.1f} ms (1 backward), update step {r['update_ms']:.1f} ms "
-                  f"({r['backward_passes_update']} backward passes) every {r['update_every']} steps; amortised above")
+            print(f"{name}: plain step {r['plain_ms']:.1f} ms (1 pass), update step {r['update_ms']:.1f} ms "
+                  f"({r['passes_update']} passes and the solver) every {r['update_every']} steps; amortised above")
     for name, r in result["methods"].items():  # each method's syncs grouped by call site, then its other warnings
         for site, n in collections.Counter(w["site"] for w in r["host_syncs"]).items():
             print(f"{name}: {n} sync{'s' if n > 1 else ''} at {site}")
         for w in r["other_warnings"]:
             print(f"{name}: warning, not a sync: {w['message'][:80]!r} at {w['site']}")
-    print("\nx vanilla: step time over vanilla's in the same round (median, and range over rounds). bwd/step: backward "
-          "passes per step. FLOP x: the model-FLOP ratio those passes imply, (1 + 2 x bwd/step) / 3. syncs: times the "
+    print("\nx vanilla: step time over vanilla's in the same round (median, and range over rounds). passes: forward "
+          "and backward passes of the model per step; PCGrad and Nash's update steps make one per cluster, on its slice "
+          "of the batch, so every method has the same model FLOPs. syncs: times the "
           "host waits for the device in one plain step (" + ("torch.cuda.set_sync_debug_mode" if m["device"] == "cuda" else
           "ops that would wait on a GPU: value reads, data-dependent shapes") + "), listed above by call site; the "
           "curriculum's pacing read is one.")
@@ -549,7 +545,7 @@ def print_report(result):
         peak = c["peak_tflops"]
         print("Peak memory: max_memory_allocated during a method's steps above the other live runs, plus its own "
               "weights, EMA and AdamW state (n/a if its only timed step was its first, or with CUDA graphs). "
-              "MFU: training FLOPs (forward + bwd/step backwards) x img/s over "
+              "MFU: training FLOPs (3 x forward) x img/s over "
               + (f"{peak:g} TFLOP/s (bf16 dense peak)." if peak else "an unknown peak: pass --peak-tflops."))
     else:
         print(f"Peak memory: n/a per method on the CPU (no allocator statistics; all runs share one process). "
@@ -632,18 +628,6 @@ def parse_args(argv=None):
     return args, train_argv
 
 
-def donate_buffers_only_if_every_run_can(benches, log):
-    """Turn AOTAutograd's donated buffers off for every run when some runs have them off (PCGrad / Nash with
-    --compile) and others on. torch.compile reuses one compiled graph for every run of this process (same code,
-    shapes and backend; the donated-buffer setting is not part of its check), so a graph compiled first for
-    vanilla, with donated buffers, would give PCGrad's second backward through it silently wrong gradients."""
-    if len({b.donated_buffer for b in benches}) > 1:
-        for b in benches:
-            b.donated_buffer = False
-        log("bench: AOTAutograd's donated buffers are off for every method, since ant-pcgrad and ant-nash need them "
-            "off and the runs of one process share compiled graphs (train.py keeps them on for the other methods)")
-
-
 def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     """Run everything the flags ask for and return the result dict (also printed, and written to --json)."""
     args, train_argv = parse_args(argv)
@@ -660,7 +644,6 @@ def bench(argv=None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         check_memory(num_params, methods, benches[0].run.args.ant_clusters, device)
         benches += [MethodBench(m, train_argv, args.num_classes, args.in_channels, args.batch_size, device, out_dir)
                     for m in methods[1:]]
-    donate_buffers_only_if_every_run_can(benches, log)
     model = benches[0].run.model
     warning = bf16_warning(device, benches[0].run.args.precision)
     if warning:

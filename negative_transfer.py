@@ -21,7 +21,9 @@ Uncertainty Weighting (UW), PCGrad or Nash-MTL. What the paper specifies, and wh
   Nash-MTL: alpha_k (G G^T alpha)_k = 1 with G the gradients of L_k (not
             L_k / K; solved for G G^T / |G G^T|_F, then rescaled),
             loss sum_k alpha_k L_k / K                                       nash_mtl_weights, NashMTL
-  per-cluster gradients G (K, P) for PCGrad and Nash-MTL                     task_gradients
+  per-cluster gradients G (K, P) for PCGrad and Nash-MTL: one forward and
+            backward per cluster's slice of the batch                        sliced_task_gradients
+            or K backward passes through the whole batch's graph             task_gradients
   their combination sum_k w_k g_k, written as the update's gradient         weighted_sum, write_flat_grad
 
 Where we depart from the official code, and why:
@@ -42,6 +44,11 @@ Where we depart from the official code, and why:
 - Stratified sampling spreads B % K leftover samples over the first clusters. The official
   `sample_t_batch` draws int(B/K) per cluster and returns fewer than B timesteps when K does
   not divide B.
+- Per-cluster gradients. The official PCGrad and Nash-MTL code runs one forward over the batch and
+  K backward passes through it, each the cost of a full backward. A DiT treats its samples
+  independently (no batch statistics), so g_k, the gradient of L_k, depends only on cluster k's
+  samples: `sliced_task_gradients` runs one forward and one backward on each cluster's slice of the
+  batch, which gives the same G (up to float rounding) for about the cost of one step.
 - PCGrad visits the other tasks only (the official shuffle includes the task itself), draws the
   order from a caller-seeded torch.Generator (official: Python's global `random`, which differs
   across ranks), and computes every dot product from one float64 Gram matrix.
@@ -296,7 +303,7 @@ def stratified_timesteps(batch_size, intervals, generator=None, device=None):
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but device is {device}; "
                          f"create it with torch.Generator(device={str(device)!r})")
-    counts = [batch_size // K + (1 if k < batch_size % K else 0) for k in range(K)]
+    counts = stratified_counts(batch_size, K)
     full = lambda n, value: torch.full((n,), int(value), dtype=torch.long, device=device)
     start = torch.cat([full(n, lo) for n, (lo, hi) in zip(counts, intervals)])  # (B,)
     size = torch.cat([full(n, hi - lo) for n, (lo, hi) in zip(counts, intervals)])  # (B,)
@@ -304,6 +311,12 @@ def stratified_timesteps(batch_size, intervals, generator=None, device=None):
     u = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)  # (B,)
     t = start + torch.minimum((u * size).long(), size - 1)  # (B,) the min guards u*size rounding up
     return t, cluster
+
+
+def stratified_counts(batch_size, num_clusters):
+    """The number of samples stratified_timesteps gives each cluster: B // K, plus one of the B % K leftovers for
+    the first B % K clusters. A list of K ints; cluster k is the k-th slice of the batch with this length."""
+    return [batch_size // num_clusters + (1 if k < batch_size % num_clusters else 0) for k in range(num_clusters)]
 
 
 def cluster_counts(cluster, num_clusters):
@@ -380,41 +393,76 @@ class UncertaintyWeighting(nn.Module):
 # Per-cluster gradients, PCGrad, Nash-MTL
 
 
-def task_gradients(losses, params):
-    """
-    Per-cluster gradients G (K, P) of the losses L_k (K,) with respect to `params`, flattened in
-    parameter order. Used by ANT-PCGrad and ANT-Nash.
-
-    This takes K backward passes through the shared graph (torch.autograd.grad with
-    retain_graph=True, so the graph survives for a later backward). Plain autograd has no
-    cheaper way to get exact per-cluster gradients. Since DiT samples do not interact, per-layer
-    hooks that split each weight-gradient sum by cluster could get all K in about one backward;
-    we keep the simple exact route. Parameters a loss does not reach get zeros. Under DDP run
-    the forward inside `model.no_sync()` (autograd.grad does not trigger DDP's all-reduce), then
-    call all_reduce_mean(G).
-    """
+def _gradient_matrix(num_tasks, params):
+    """The checked parameter list and a zero G (K, P) in their dtype and device."""
     params = list(params)
-    if losses.dim() != 1 or not params:
-        raise ValueError("losses must be (K,) and params a non-empty list of parameters")
+    if not params:
+        raise ValueError("params must be a non-empty list of parameters")
     if any(not p.requires_grad for p in params):
         raise ValueError("every parameter in params must require grad (a DiT's pos_embed does not); "
                          "pass [p for p in model.parameters() if p.requires_grad]")
     if len({(p.dtype, p.device) for p in params}) != 1:
         raise ValueError("params must share one dtype and device")
     P = sum(p.numel() for p in params)
-    G = torch.zeros(losses.numel(), P, dtype=params[0].dtype, device=params[0].device)  # (K, P)
+    return params, torch.zeros(num_tasks, P, dtype=params[0].dtype, device=params[0].device)  # (K, P)
+
+
+def _gradient_row(loss, params, row, retain_graph):
+    """row (P,) <- the gradient of the scalar loss with respect to params, flattened in their order (zeros where
+    the loss does not reach a parameter)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    offset = 0
+    for p, g in zip(params, grads):
+        if g is not None:
+            row[offset:offset + p.numel()].copy_(g.reshape(-1))
+        offset += p.numel()
+
+
+def sliced_task_gradients(loss_fn, sizes, params):
+    """
+    Per-cluster gradients G (K, P) with one forward and one backward per cluster, flattened in parameter order.
+    Used by ANT-PCGrad and ANT-Nash (train.py).
+
+    The batch holds the clusters in consecutive slices of lengths `sizes` (K ints; stratified_timesteps's order,
+    whose lengths stratified_counts gives). loss_fn(k, rows) runs the model on the samples in the slice `rows` alone
+    and returns the scalar loss of cluster k (L_k, or L_k / K as PCGrad's official scale); a cluster with no sample
+    keeps a zero row and is not run. Each slice's graph is freed by its backward before the next slice's forward.
+
+    For a model that treats its samples independently, as a DiT does (attention within a sample, no batch
+    statistics), L_k depends on cluster k's samples only, so this is task_gradients on the whole batch up to float
+    rounding, at about the cost of one forward and backward of the batch instead of K backward passes through it; and
+    only one slice's activations are alive at a time. A model with batch statistics (BatchNorm) needs task_gradients.
+    Under DDP, run it inside `model.no_sync()` (autograd.grad does not trigger DDP's all-reduce), then call
+    all_reduce_mean(G).
+    """
+    sizes = [int(n) for n in sizes]
+    if not sizes or min(sizes) < 0:
+        raise ValueError(f"sizes must be the K slice lengths (ints >= 0), got {sizes}")
+    params, G = _gradient_matrix(len(sizes), params)  # (K, P)
+    start = 0
+    for k, n in enumerate(sizes):
+        if n:
+            _gradient_row(loss_fn(k, slice(start, start + n)), params, G[k], retain_graph=False)
+        start += n
+    return G
+
+
+def task_gradients(losses, params):
+    """
+    Per-cluster gradients G (K, P) of the losses L_k (K,) with respect to `params`, flattened in
+    parameter order, by K backward passes through the shared graph (torch.autograd.grad with
+    retain_graph=True, so the graph survives for a later backward). This is what the official code
+    does, and works for any model; for one whose samples do not interact (a DiT),
+    sliced_task_gradients gets the same G at about 1/K of the cost. Parameters a loss does not reach
+    get zeros. Under DDP run the forward inside `model.no_sync()` (autograd.grad does not trigger
+    DDP's all-reduce), then call all_reduce_mean(G).
+    """
+    if losses.dim() != 1:
+        raise ValueError("losses must be (K,)")
+    params, G = _gradient_matrix(losses.numel(), params)  # (K, P)
     for k in range(losses.numel()):
-        if not losses[k].requires_grad:
-            continue
-        grads = torch.autograd.grad(losses[k], params, retain_graph=True, allow_unused=True)
-        offset = 0
-        for p, g in zip(params, grads):
-            if g is not None:
-                G[k, offset:offset + p.numel()].copy_(g.reshape(-1))
-            offset += p.numel()
-        # Freed now, not when the next pass rebinds `grads`: else two gradients (2 x 4P bytes) coexist with G
-        # during every pass after the first, 2.7 GB more at the peak of a DiT-XL/2 PCGrad step.
-        del grads, g
+        if losses[k].requires_grad:  # a pass's gradients are freed when _gradient_row returns, so two never coexist with G
+            _gradient_row(losses[k], params, G[k], retain_graph=True)
     return G
 
 

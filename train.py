@@ -145,9 +145,12 @@ class Method:
             return self.nt.stratified_timesteps(n, self.intervals, device=self.device)
         return torch.randint(0, self.T, (n,), device=self.device), None
 
-    def backward(self, loss_vec, cluster, params, step):
+    def backward(self, loss_vec, cluster, step):
         """Seam 3: per-sample losses (B,) -> gradients in .grad for the (0-based) step about to be
-        taken. Returns the scalar objective (detached) and a dict of per-step tensors to log."""
+        taken, through one backward. Returns the scalar objective (detached) and a dict of per-step
+        tensors to log. Steps that need per-cluster gradients go to cluster_backward instead."""
+        if self.uses_own_gradients(step):
+            raise ValueError(f"step {step} of {self.ant} needs per-cluster gradients: call cluster_backward")
         if self.ant is None:
             loss = loss_vec.mean()
             loss.backward()
@@ -168,16 +171,33 @@ class Method:
             loss = self.uw(L, present)
             loss.backward()
             return loss.detach(), {"L": L.detach(), "w": self.uw.weights().detach(), "present": present.float()}
-        if self.nash is not None and not self.nash.should_update(step):
-            loss = self.nash.loss(L)
-            loss.backward()
-            return loss.detach(), {"L": L.detach(), "w": self.nash.alpha_tensor(L)}
-        # PCGrad every step, Nash-MTL on its update steps: exact per-cluster gradients (K passes),
-        # averaged over ranks before any decision so every rank decides alike.
-        # The official code differentiates L_k / K for PCGrad, but L_k for Nash-MTL, whose alpha takes
-        # its scale from the gradients' (alpha_k (G G^T alpha)_k = 1).
-        G = self.nt.task_gradients(L if self.nash is not None else L / K, params)  # (K, P)
-        G = self.nt.all_reduce_mean(G)
+        loss = self.nash.loss(L)  # Nash-MTL between its updates: the kept alpha
+        loss.backward()
+        return loss.detach(), {"L": L.detach(), "w": self.nash.alpha_tensor(L)}
+
+    def cluster_backward(self, losses, batch_size, params, step):
+        """Seam 3 for PCGrad, and for Nash-MTL on its update steps: exact per-cluster gradients, combined into .grad.
+        The batch holds the clusters in consecutive slices (stratified sampling; PCGrad and Nash never run under the
+        curriculum), and losses(rows) gives the training_losses terms of the samples in slice `rows`, through the
+        model: each cluster's gradient comes from one forward and backward of its slice (nt.sliced_task_gradients),
+        about the cost of one step in all. Returns (the batch's terms, detached; the objective; the tensors to log)."""
+        K = len(self.intervals)
+        if self.nash is not None:
+            self.nash.step()
+        parts = []
+
+        def cluster_loss(k, rows):
+            terms = losses(rows)
+            parts.append({key: v.detach() for key, v in terms.items()})
+            L_k = terms["loss"].mean()  # training_losses gives float32 (float64 for a float64 batch)
+            # The official code differentiates L_k / K for PCGrad, but L_k for Nash-MTL, whose alpha takes
+            # its scale from the gradients' (alpha_k (G G^T alpha)_k = 1).
+            return L_k if self.nash is not None else L_k / K
+
+        G = self.nt.sliced_task_gradients(cluster_loss, self.nt.stratified_counts(batch_size, K), params)  # (K, P)
+        G = self.nt.all_reduce_mean(G)  # every rank decides alike from the all-rank gradients
+        terms = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}  # (B,) each, in batch order
+        L = torch.stack([part["loss"].mean() for part in parts])  # (K,)
         if self.nash is not None:
             info = self.nash.update(G)
             if dist.is_initialized():  # rank 0's alpha and counters: a solver on another CPU may round differently
@@ -194,11 +214,12 @@ class Method:
             flat = self.nt.pcgrad(G, self.order_gen)  # (P,)
         del G  # K x 4P bytes (13.5 GB for DiT-XL/2, K = 5), not needed while .grad is written and AdamW steps
         self.nt.write_flat_grad(params, flat)
-        loss = L.mean() if self.nash is None else self.nash.loss(L)
-        return loss.detach(), {"L": L.detach()} if self.nash is None else {"L": L.detach(), "w": self.nash.alpha_tensor(L)}
+        if self.nash is None:
+            return terms, L.mean(), {"L": L}
+        return terms, self.nash.loss(L), {"L": L, "w": self.nash.alpha_tensor(L)}
 
     def uses_own_gradients(self, step):
-        """PCGrad and Nash update steps compute per-cluster gradients outside DDP's reducer."""
+        """PCGrad and Nash update steps compute per-cluster gradients (cluster_backward), outside DDP's reducer."""
         return self.ant == "ant-pcgrad" or (self.nash is not None and self.nash.should_update(step))
 
     def after_step(self, step, mean_loss):
@@ -550,8 +571,8 @@ def check_flags(args, world=1):
     if args.compile_mode != "default" and not args.compile:
         raise ConfigError(f"--compile-mode {args.compile_mode} has no effect without --compile; add --compile")
     if args.compile_mode in CUDA_GRAPH_MODES and any(m in args.method for m in ("ant-pcgrad", "ant-nash")):
-        # CUDA graphs reuse their output buffers on the next replay, while PCGrad/Nash backpropagate
-        # through one forward K times; this pairing is untested, so it is refused rather than trusted.
+        # CUDA graphs reuse their output buffers on the next replay, while PCGrad/Nash run the model once per
+        # cluster in a step and read every cluster's losses afterwards; this pairing is untested, so it is refused.
         raise ConfigError(f"--compile-mode {args.compile_mode} (CUDA graphs) is not supported with {args.method}; "
                           f"use --compile-mode max-autotune-no-cudagraphs or default")
     if args.global_batch_size % world:
@@ -580,19 +601,6 @@ def check_flags(args, world=1):
                           f"use --global-batch-size {args.ant_clusters * world} or more, or lower --ant-clusters")
 
 
-def keep_graph_for_cluster_backwards():
-    """Compile settings for PCGrad and Nash-MTL, whose per-cluster gradients backpropagate K times through one
-    compiled graph (retain_graph=True). AOTAutograd's donated buffers let the first backward overwrite the saved
-    activations, so they go off. Inductor's on-disk FX graph cache goes off too: its key leaves out the donated-buffer
-    setting (torch 2.13), so a backward cached by an earlier compile of the same model with donated buffers (any
-    other method on this machine) would come back and make the second cluster's gradient silently wrong. The
-    price is a full compile at every start."""
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-    functorch_config.donated_buffer = False
-    inductor_config.fx_graph_cache = False
-
-
 def build_run(args, device, distributed, log=print):
     """Model, EMA, diffusion, method and optimiser for `args` (already through check_flags): what train() and
     bench.py step."""
@@ -607,13 +615,13 @@ def build_run(args, device, distributed, log=print):
     if method.uw is not None:
         groups.append({"params": list(method.uw.parameters()), "lr": args.uw_lr, "weight_decay": args.uw_weight_decay})
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    if args.compile and method.ant in ("ant-pcgrad", "ant-nash"):
-        keep_graph_for_cluster_backwards()
     # Compiled inside DDP (PyTorch's advice). The compile happens in DDP's first forward, where Dynamo's DDPOptimizer
     # splits the graph at DDP's bucket boundaries (6 pieces for DiT-S/2 at the default 25 MB), so each bucket
     # all-reduces while the rest of backward runs. torch.compile(DDP(model)) gives the same pieces and weights, plus 3
-    # graph breaks in DDP's own forward (checked on torch 2.11 and 2.13).
-    fwd_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
+    # graph breaks in DDP's own forward (checked on torch 2.11 and 2.13). Static shapes: PCGrad and Nash-MTL's update
+    # steps run the model on each cluster's slice of the batch, and get one graph per slice length (B // K and
+    # B // K + 1) instead of a recompile with a symbolic batch size at the second length.
+    fwd_model = torch.compile(model, mode=args.compile_mode, dynamic=False) if args.compile else model
     # DDP broadcasts buffers before each forward: for DTR that is the mask table (T x C floats, 3 MB for B/2), the same
     # on every rank. broadcast_buffers=False would skip it, but torch 2.13 deprecates that flag with a warning per rank
     # and its replacement (forward_sync_buffers) does not exist in older versions; the copy is small next to a step.
@@ -635,11 +643,19 @@ def train_step(run, x, y, step):
     device bool: the loss or gradient was not finite and the update (and EMA) was skipped."""
     args, method = run.args, run.method
     t, cluster = method.timesteps(x.shape[0])
-    own_grads = run.distributed and method.uses_own_gradients(step)
-    with run.ddp_model.no_sync() if own_grads else nullcontext():
+    noise = torch.randn_like(x)  # (B, C, H, W) the draw training_losses would make, here so that a slice keeps its rows
+
+    def losses(rows=slice(None)):
+        """The per-sample loss terms of the samples in slice `rows` of the batch."""
         with run.autocast():
-            terms = run.diffusion.training_losses(run.ddp_model, x, t, dict(y=y))
-        loss, extra = method.backward(terms["loss"], cluster, run.params, step)
+            return run.diffusion.training_losses(run.ddp_model, x[rows], t[rows], dict(y=y[rows]), noise=noise[rows])
+
+    if method.uses_own_gradients(step):  # PCGrad, Nash-MTL's update steps: a forward and backward per cluster
+        with run.ddp_model.no_sync() if run.distributed else nullcontext():
+            terms, loss, extra = method.cluster_backward(losses, x.shape[0], run.params, step)
+    else:
+        terms = losses()
+        loss, extra = method.backward(terms["loss"], cluster, step)
     if run.distributed and method.uw is not None:
         for p in method.uw.parameters():  # SUM then divide inside: gloo (CPU runs) has no AVG before torch 2.7
             method.nt.all_reduce_mean(p.grad)
@@ -658,9 +674,8 @@ def train_step(run, x, y, step):
     # one lerp kernel per tensor on CUDA (its fused path needs weights shaped like the tensors): the same memory
     # traffic as the fused kernel, and launches the host queues while the GPU is still busy with the backward.
     torch._foreach_lerp_(*run.ema_pairs, [w] * len(run.ema_pairs[0]))
-    # Detached: the caller keeps these until the next step returns, and PCGrad / Nash update steps backpropagate
-    # with retain_graph, so a loss with its grad_fn would keep this step's saved activations alive through the
-    # next step's forward and backward (about 23 GB more for DiT-B/2 at batch 256 per GPU).
+    # Detached: the caller keeps these until the next step returns, and with their grad_fn they would keep this
+    # step's autograd graph alive through the next step's forward and backward.
     return {k: v.detach() for k, v in terms.items()}, t, extra, bad
 
 
