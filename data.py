@@ -113,13 +113,18 @@ def _image_size(data):
         return None
 
 
-def _labels_from_paths(paths):
+def _labels_from_paths(paths, subfolders=None):
     """Class labels from the first folder level under the common root, if there is one per image.
 
     Single top-level folders are descended (a zip of "train/<class>/x.jpg" has classes). If any
-    image sits directly in the root, or there is only one folder, the set is unconditional."""
+    image sits directly in the root, or there is only one folder, the set is unconditional.
+    subfolders(root), optional, lists the folder names in `root` (a path relative to the data, "" for its top): a
+    visible folder beside the classes that holds no image is a DataError, since leaving it out would give every
+    class sorted after it another label than torchvision's ImageFolder (DiT's loader, which refuses it too)."""
     parts = [p.replace("\\", "/").split("/") for p in paths]
+    root = []
     while all(len(p) > 1 for p in parts) and any(len(p) > 2 for p in parts) and len({p[0] for p in parts}) == 1:
+        root.append(parts[0][0])
         parts = [p[1:] for p in parts]
     if any(len(p) == 1 for p in parts):
         folders = {p[0] for p in parts if len(p) > 1}
@@ -136,6 +141,14 @@ def _labels_from_paths(paths):
     classes = [c.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass") for c in classes]
     if len(classes) < 2:
         return [0] * len(paths), []
+    if subfolders is not None:
+        visible = {d for d in subfolders("/".join(root)) if not (d.startswith(".") or d == "__MACOSX")}  # as is_image_name
+        empty = sorted(visible - set(classes))
+        if empty:
+            where = "/".join(root + [empty[0]])
+            raise DataError(f"class folder {where!r} holds no images ({len(empty)} such folder(s) beside the {len(classes)} "
+                            f"classes), and leaving it out would shift the labels of the classes after it; put its "
+                            f"images in, or move it out")
     index = {c: i for i, c in enumerate(classes)}
     return [index[p[0]] for p in parts], classes
 
@@ -178,7 +191,18 @@ class ImageFiles(torch.utils.data.Dataset):
             self._members = self._members[[not err for err, _ in checks]]
         self.names = [n for n, _ in good]
         self.num_upsized = sum(small for _, small in good)
-        self.labels, self.classes = _labels_from_paths(self.names)
+        if bad:  # a class all of whose images were skipped: leaving it out would shift the labels after it
+            with warnings.catch_warnings():  # any warning about these paths comes below
+                warnings.simplefilter("ignore")
+                labels, classes = _labels_from_paths(names)
+            kept = {label for label, (err, _) in zip(labels, checks) if not err}
+            lost = [c for i, c in enumerate(classes) if i not in kept]
+            if lost:
+                raise DataError(f"every image of class {lost[0]!r} is unreadable and was skipped ({len(lost)} such "
+                                f"class(es)), which would give the classes after it other labels; fix or remove them")
+        subfolders = None if self.is_zip else (  # zips are not checked: a folder with no file need not be listed in one
+            lambda root: [e.name for e in os.scandir(os.path.join(self.path, root)) if e.is_dir()])
+        self.labels, self.classes = _labels_from_paths(self.names, subfolders)
         self.num_classes = max(1, len(self.classes))
 
     def _where(self, name):

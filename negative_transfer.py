@@ -453,7 +453,8 @@ def task_gradients(losses, params):
     parameter order, by K backward passes through the shared graph (torch.autograd.grad with
     retain_graph=True, so the graph survives for a later backward). This is what the official code
     does, and works for any model; for one whose samples do not interact (a DiT),
-    sliced_task_gradients gets the same G at about 1/K of the cost. Parameters a loss does not reach
+    sliced_task_gradients gets the same G for the FLOPs of one forward and backward of the batch,
+    where these K backward passes cost about 2K forwards. Parameters a loss does not reach
     get zeros. Under DDP run the forward inside `model.no_sync()` (autograd.grad does not trigger
     DDP's all-reduce), then call all_reduce_mean(G).
     """

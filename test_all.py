@@ -1046,19 +1046,21 @@ def test_zip_member_with_a_flipped_byte_fails_its_crc_and_is_skipped_on_request(
             zf.writestr("a/0.png", big)
             zf.writestr("a/1.png", small.getvalue())
             zf.writestr("b/2.png", big)
+            zf.writestr("b/3.png", small.getvalue())  # class b keeps an image when 2.png is skipped
         with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
             at = fid.zip_data_offset(f.fileno(), zf.getinfo("b/2.png").header_offset) + 5000
         raw = bytearray(path.read_bytes())
         raw[at] ^= 0xFF  # in the pixels (deflated: somewhere in the stream), after the header PIL reads
         path.write_bytes(bytes(raw))
         ds = datasets.ImageFiles(path, 16, num_threads=2)  # the header check passes: the CRC is checked at load
-        assert len(ds) == 3 and ds[0][0].shape == (3, 16, 16)
+        assert len(ds) == 4 and ds[0][0].shape == (3, 16, 16)
         with pytest.raises(datasets.DataError, match=r"crc\d.zip:b/2.png: BadZipFile: Bad CRC-32"):
             ds[2]
         with pytest.raises(ValueError, match=r"cannot decode .*crc\d.zip/b/2.png: Bad CRC-32.*remove or replace"):
             fid.ImageFiles(path)[2]  # fid reads the zip the same way
         ds = datasets.ImageFiles(path, 16, skip_bad=True, num_threads=2)
-        assert ds.names == ["a/0.png", "a/1.png"] and ds.skipped == [f"{path}:b/2.png"] and ds[1][1] == 0
+        assert ds.names == ["a/0.png", "a/1.png", "b/3.png"] and ds.skipped == [f"{path}:b/2.png"]
+        assert ds.labels == [0, 0, 1] and ds[2][1] == 1
         with zipfile.ZipFile(path) as zf, open(path, "rb") as f:  # a member no longer than the prefix: at start-up
             at = fid.zip_data_offset(f.fileno(), zf.getinfo("a/1.png").header_offset) + 200
         raw[at] ^= 0xFF
@@ -1316,6 +1318,31 @@ def test_labels_from_paths_hand_values():
         assert datasets._labels_from_paths(["train/a/1.png", "train/b/2.png", "train/3.png", "train/4.png"]) == ([0] * 4, [])
     # a folder name that is not UTF-8 (Latin-1 "café"), as os.walk gives it on Linux: a class like any other
     assert datasets._labels_from_paths(["caf\udce9/1.png", "b/2.png"]) == ([1, 0], ["b", "caf\udce9"])
+
+
+def test_a_class_folder_without_images_is_refused_rather_than_shifting_the_labels_after_it(tmp_path):
+    # Labels are indices into the sorted class folders. One left out, because it is empty or because --skip-bad-images
+    # skipped all its images, gave every class after it the label of the one before, and the last class's label went
+    # unused, silently; torchvision's ImageFolder (the official DiT loader) refuses an empty class folder too.
+    def image(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(path)
+
+    image(tmp_path / "train" / "a" / "1.png")
+    image(tmp_path / "train" / "c" / "2.png")
+    (tmp_path / "train" / ".cache").mkdir()  # hidden: skipped, as for the images
+    (tmp_path / "train" / "b").mkdir()
+    with pytest.raises(datasets.DataError, match=r"class folder 'train/b' holds no images .*put its images in, or move it out"):
+        datasets.ImageFiles(tmp_path, 16)
+    (tmp_path / "train" / "b" / "2.png").write_bytes(b"not a png")
+    with pytest.raises(datasets.DataError, match=r"cannot read image .*2.png"):
+        datasets.ImageFiles(tmp_path, 16)
+    with pytest.raises(datasets.DataError, match=r"every image of class 'b' is unreadable and was skipped"):
+        datasets.ImageFiles(tmp_path, 16, skip_bad=True)
+    (tmp_path / "train" / "b" / "2.png").unlink()
+    (tmp_path / "train" / "b").rmdir()
+    data = datasets.ImageFiles(tmp_path, 16)
+    assert data.classes == ["a", "c"] and data.labels == [0, 1]
 
 
 def test_a_foreign_list_manifest_beside_a_latents_npy_is_one_data_error(tmp_path):
@@ -4443,6 +4470,10 @@ def test_training_and_fid_read_the_same_images_of_a_zip_and_of_its_folder(tmp_pa
     with zipfile.ZipFile(tmp_path / "mixed.zip") as zf:
         zf.extractall(tmp_path / "mixed")
     (tmp_path / "mixed" / "linked").symlink_to(tmp_path / "mixed" / "a", target_is_directory=True)  # followed by both
+    with pytest.raises(datasets.DataError, match="class folder 'c.png' holds no images"):  # nor does sub/: 2 such
+        datasets.ImageFiles(tmp_path / "mixed", 16, num_threads=2)
+    shutil.rmtree(tmp_path / "mixed" / "c.png")  # folders without an image would shift the labels as classes
+    shutil.rmtree(tmp_path / "mixed" / "sub")
     train, score = datasets.ImageFiles(tmp_path / "mixed", 16, num_threads=2), fid.ImageFiles(tmp_path / "mixed")
     assert train.names == score.names == [str(Path(n)) for n in expected + ["linked/0.png", "linked/1.GIF"]]
 
