@@ -74,8 +74,8 @@ Where we depart from the official code, and why:
 CLI (the library above needs only torch, numpy and scipy; the plots need Pillow):
     python negative_transfer.py cluster --objective log-snr -k 5 --plot clusters.png
     python negative_transfer.py affinity --ckpt CKPT.pt --data PATH --out tas.npy
-`affinity` loads train.py checkpoints through this repo's sample.py and data.py; elsewhere call
-gradient_affinity(grad_fn, T) with a grad_fn of your own.
+`affinity` loads train.py checkpoints through this repo's sample.py and data.py, and writes with fid.py's
+atomic_write; elsewhere call gradient_affinity(grad_fn, T) with a grad_fn of your own.
 """
 
 import argparse
@@ -1070,9 +1070,10 @@ def _affinity_command(args):
     # Project modules are imported here only, so the module itself needs none of them.
     try:
         from data import LatentFolder, load_dataset, to_model_input
+        from fid import atomic_write
         from sample import load_model, resolve_device
     except ImportError as e:
-        raise SystemExit(f"the affinity command needs this repo's data.py and sample.py ({e}); elsewhere, call "
+        raise SystemExit(f"the affinity command needs this repo's data.py, fid.py and sample.py ({e}); elsewhere, call "
                          f"gradient_affinity(grad_fn, T) with a grad_fn of your own") from None
 
     for flag, value in (("--groups", args.groups), ("--batch-size", args.batch_size), ("--batches", args.batches),
@@ -1155,7 +1156,7 @@ def _affinity_command(args):
         total = tas if total is None else total + tas
         print(f"{ckpt}: mean TAS {tas.mean():.4f}")
     tas = total / len(args.ckpt)
-    np.save(out, tas)
+    atomic_write(out, lambda f: np.save(f, tas))  # a write cut short leaves no half file to block the rerun
     print(f"wrote {out} {tas.shape}, averaged over {len(args.ckpt)} checkpoint(s)")
 
 

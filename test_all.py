@@ -3416,6 +3416,18 @@ def test_cli_affinity_runs_on_stub_project_modules(tmp_path, monkeypatch, capsys
     assert intervals[0][0] == 0 and intervals[-1][1] == T
     # the loss sees the training input, images scaled to [-1, 1] (it once got raw uint8 values)
     assert all(x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1 and x.max() > 0.5 for x in seen)
+    # a write cut short (a full disk) leaves no file under the name: a half TAS file was refused by the rerun as one
+    # that exists ("TAS files are not overwritten")
+    def full_disk(file, array):  # np.save given a path or an open file: a header, then the disk is full
+        with open(file, "wb") if isinstance(file, (str, os.PathLike)) else contextlib.nullcontext(file) as f:
+            f.write(b"\x93NUMPY")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    with pytest.raises(SystemExit):
+        nt.main(["affinity", "--ckpt", "a.pt", "--data", "stub", "--groups", "4", "--batch-size", "4", "--batches", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "cut.npy")])
+    assert "No space left on device" in capsys.readouterr().err and not list(tmp_path.glob("cut*"))
 
 
 def test_cli_affinity_checks_every_checkpoint_and_its_out_before_any_gradient(tmp_path, monkeypatch, capsys):
