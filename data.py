@@ -142,7 +142,7 @@ def _labels_from_paths(paths, subfolders=None):
     if len(classes) < 2:
         return [0] * len(paths), []
     if subfolders is not None:
-        visible = {d for d in subfolders("/".join(root)) if not (d.startswith(".") or d == "__MACOSX")}  # as is_image_name
+        visible = {d for d in subfolders("/".join(root)) if not fid.is_hidden(d)}
         empty = sorted(visible - set(classes))
         if empty:
             where = "/".join(root + [empty[0]])

@@ -343,8 +343,12 @@ def is_image_name(name):
     ImageFiles here and data.ImageFiles, for folders and zips, so that training and FID read the same images; a
     zip's directory entry ("x.png/") ends in "/" and fails the extension test."""
     parts = name.replace(os.sep, "/").split("/")
-    return (name.lower().endswith(IMAGE_EXTENSIONS)
-            and not any(part.startswith(".") or part == "__MACOSX" for part in parts))
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not any(is_hidden(part) for part in parts)
+
+
+def is_hidden(part):
+    """True for a file or folder name that is_image_name skips everything under: hidden (".x") or __MACOSX."""
+    return part.startswith(".") or part == "__MACOSX"
 
 
 def folder_images(path):

@@ -184,12 +184,13 @@ class Method:
         K = len(self.intervals)
         if self.nash is not None:
             self.nash.step()
-        parts = []
+        parts, L = [], []  # each cluster's terms and L_k, detached
 
         def cluster_loss(k, rows):
             terms = losses(rows)
             parts.append({key: v.detach() for key, v in terms.items()})
             L_k = terms["loss"].mean()  # training_losses gives float32 (float64 for a float64 batch)
+            L.append(L_k.detach())
             # The official code differentiates L_k / K for PCGrad, but L_k for Nash-MTL, whose alpha takes
             # its scale from the gradients' (alpha_k (G G^T alpha)_k = 1).
             return L_k if self.nash is not None else L_k / K
@@ -197,7 +198,7 @@ class Method:
         G = self.nt.sliced_task_gradients(cluster_loss, self.nt.stratified_counts(batch_size, K), params)  # (K, P)
         G = self.nt.all_reduce_mean(G)  # every rank decides alike from the all-rank gradients
         terms = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}  # (B,) each, in batch order
-        L = torch.stack([part["loss"].mean() for part in parts])  # (K,)
+        L = torch.stack(L)  # (K,)
         if self.nash is not None:
             info = self.nash.update(G)
             if dist.is_initialized():  # rank 0's alpha and counters: a solver on another CPU may round differently
