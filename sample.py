@@ -327,18 +327,22 @@ def sampling_settings(args, class_labels, weights):
 
 def check_parts(parts, settings):
     """The indices already sampled into the folder `parts` (OUT/parts: one PART.npz of idx, images, labels per
-    batch, and settings.json), as a set; ValueError when they were sampled with other settings."""
+    batch, and settings.json), as a set; ValueError when they were sampled with other settings or cannot be told."""
     saved_path = os.path.join(parts, "settings.json")
-    if not os.path.isfile(saved_path):
+    paths = glob.glob(os.path.join(parts, "*.npz"))
+    if not os.path.isfile(saved_path):  # written before any part: batches without it were not made by this script's run
+        if paths:
+            raise ValueError(f"{parts} holds sampled batches but no settings.json, so how they were sampled is unknown "
+                             f"and they cannot be resumed; pass another --out, or delete {parts}")
         return set()
     with open(saved_path) as f:
         saved = json.load(f)
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
-    if changed:
+    if changed and paths:  # without batches (a run stopped before its first) there is nothing to keep
         raise ValueError(f"{parts} holds the samples of an unfinished run with other settings ({'; '.join(changed)}); "
                          f"rerun with its flags and checkpoint to finish it, or pass another --out, or delete {parts}")
     done = set()
-    for path in glob.glob(os.path.join(parts, "*.npz")):
+    for path in paths:
         done.update(read_part(path, "idx")[0].tolist())  # the idx member only
     return done
 
@@ -416,8 +420,9 @@ def main(argv=None):
     if args.fid_ref is not None and args.num_samples < 2:
         sys.exit(f"error: --fid-ref needs at least 2 samples for a covariance, got --num-samples {args.num_samples}")
     if os.path.exists(os.path.join(args.out, "samples.npz")):  # hours of sampling for a 50K FID: never overwritten
-        left = f" ({os.path.join(args.out, 'parts')}, left by a run stopped before it removed them, can go too)" \
-            if os.path.isdir(os.path.join(args.out, "parts")) else ""
+        kept = os.path.join(args.out, "parts")
+        left = f" ({kept} can go too, unless it was kept for samples beyond that run's --num-samples)" \
+            if os.path.isdir(kept) else ""
         sys.exit(f"error: {os.path.join(args.out, 'samples.npz')} holds an earlier run's samples; pass another --out, "
                  f"or delete it to sample again{left}")
     png_dir = os.path.join(args.out, "png")
@@ -530,11 +535,17 @@ def main(argv=None):
         # Atomically: a write cut short (disk full, a job's time limit) leaves no half samples.npz for the check
         # above to take for an earlier run's samples, refusing the rerun; the parts go once it is there.
         latents.atomic_write(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=all_images, arr_1=all_labels))
-        try:
-            shutil.rmtree(parts)
-        except OSError as e:  # e.g. a file held open on NFS: the samples are complete, so go on
-            print(f"warning: cannot remove {parts} ({e}); its batches are all in samples.npz, so delete it by hand",
-                  file=sys.stderr, flush=True)
+        beyond = sum(i >= args.num_samples for i in done)  # made by an earlier run that asked for more: not lost
+        if beyond:
+            print(f"kept {parts}: it also holds samples numbered {args.num_samples} and above ({beyond}), made by an "
+                  f"earlier run that asked for more; to finish that run, move {os.path.join(args.out, 'samples.npz')} "
+                  f"away and rerun its command, or else delete {parts}", flush=True)
+        else:
+            try:
+                shutil.rmtree(parts)
+            except OSError as e:  # e.g. a file held open on NFS: the samples are complete, so go on
+                print(f"warning: cannot remove {parts} ({e}); its batches are all in samples.npz, so delete it by hand",
+                      file=sys.stderr, flush=True)
         save_grid(all_images[:64], os.path.join(args.out, "grid.png"))
         if args.save_png:  # in their own folder, so that scoring it (fid.py OUT/png REF) does not count grid.png
             from PIL import Image

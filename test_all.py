@@ -2182,18 +2182,43 @@ def test_sample_py_resume_takes_other_counts_batch_sizes_and_a_copied_checkpoint
     copy = tmp_path / "scratch" / "copy.pt"  # as a job that copies the checkpoint to local disk: new path and mtime
     copy.parent.mkdir()
     copy.write_bytes(first.read_bytes())
+    capsys.readouterr()
     with monkeypatch.context() as m:
         m.setattr(sample, "generate", None)  # samples 0..3 are saved: 3 of them need no sampling, whatever the batch size
-        def busy(path):  # say, a file another process holds open on NFS
-            raise OSError(16, "Device or resource busy")
-        m.setattr(sample.shutil, "rmtree", busy)
         sample.main(["--ckpt", str(copy), *flags, "--num-samples", "3", "--batch-size", "1"])
-    assert "warning: cannot remove" in capsys.readouterr().err and (tmp_path / "s" / "grid.png").exists()
+    # sample 3 belongs to the stopped run of 9: it once went with the parts folder, removed without a word
+    assert "kept " + str(tmp_path / "s" / "parts") + ": it also holds samples numbered 3 and above (1)" in capsys.readouterr().out
+    assert (tmp_path / "s" / "grid.png").exists() and (tmp_path / "s" / "parts" / "0000000000.npz").exists()
     got, want = np.load(tmp_path / "s" / "samples.npz"), np.load(tmp_path / "whole" / "samples.npz")
     np.testing.assert_array_equal(got["arr_1"], want["arr_1"])
     assert np.abs(got["arr_0"].astype(int) - want["arr_0"].astype(int)).max() <= 1  # batches of 4 against 3
-    with pytest.raises(SystemExit, match="holds an earlier run's samples.*parts, left by a run stopped before it removed them"):
+    with pytest.raises(SystemExit, match="holds an earlier run's samples.*parts can go too, unless it was kept for samples"):
         sample.main(["--ckpt", str(first), *flags, "--num-samples", "3"])
+    (tmp_path / "s" / "samples.npz").rename(tmp_path / "three.npz")  # as the message says: finish the larger run
+    with monkeypatch.context() as m:
+        calls = _stop_after_batches(m, 99)
+        def busy(path):  # say, a file another process holds open on NFS
+            raise OSError(16, "Device or resource busy")
+        m.setattr(sample.shutil, "rmtree", busy)
+        sample.main(["--ckpt", str(first), *flags, "--num-samples", "5", "--batch-size", "1"])
+    assert len(calls) == 1 and "warning: cannot remove" in capsys.readouterr().err  # sample 4 alone
+    got = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
+    np.testing.assert_array_equal(got[:3], np.load(tmp_path / "three.npz")["arr_0"])
+
+
+def test_sample_py_refuses_batches_without_their_settings_and_replaces_settings_without_batches(tmp_path):
+    ckpt = checkpoints(run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1"))[-1]
+    flags = ["--ckpt", str(ckpt), "--num-samples", "2", "--steps", "ddim2"]
+    parts = tmp_path / "s" / "parts"
+    parts.mkdir(parents=True)
+    (parts / "settings.json").write_text(json.dumps({"seed": 5}))  # a run with other flags, stopped before its first batch
+    sample.main(flags + ["--out", str(tmp_path / "s")])  # once refused as an unfinished run, with no sample to keep
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape[0] == 2 and not parts.exists()
+    parts = tmp_path / "t" / "parts"  # batches whose settings.json is gone: the merge once put them over the new samples
+    parts.mkdir(parents=True)
+    np.savez(parts / "0000000001.npz", idx=np.array([1]), images=np.zeros((1, 8, 8, 3), np.uint8), labels=np.zeros(1))
+    with pytest.raises(SystemExit, match="t/parts holds sampled batches but no settings.json, so how they were sampled"):
+        sample.main(flags + ["--out", str(tmp_path / "t")])
 
 
 class _RunsCode:
