@@ -45,6 +45,7 @@ SAMPLES / REFERENCE: an image folder (recursive), a .zip of images, an .npz samp
 
 import argparse
 import gc
+import hashlib
 import io
 import json
 import os
@@ -509,8 +510,16 @@ def npz_array(path):
                 shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
                 if not fortran and not dtype.hasobject:
                     return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape)
-    with np.load(path) as data:
-        return data["arr_0"]
+    try:
+        with np.load(path) as data:
+            return data["arr_0"]
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad CRC-32, a torn member
+        raise damaged(path, e) from None
+
+
+def damaged(path, e):
+    """The ValueError for an .npz whose member cannot be read (exception e): names the file, as a bad image does."""
+    return ValueError(f"{path} is damaged ({type(e).__name__}: {e}); make or copy it again")
 
 
 def _subset(n, limit):
@@ -791,12 +800,15 @@ def read_statistics(path):
     with np.load(path) as data:
         if "mu" not in data.files or "sigma" not in data.files:
             raise ValueError(f"{path} is not a statistics file: it has no mu/sigma (keys: {data.files})")
-        stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool", "logits") if k in data.files}
-        if "n" in data.files:
-            stats["n"] = int(data["n"])
-        for k in ("source", "source_version"):
-            if k in data.files:
-                stats[k] = str(data[k])
+        try:
+            stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool", "logits") if k in data.files}
+            if "n" in data.files:
+                stats["n"] = int(data["n"])
+            for k in ("source", "source_version"):
+                if k in data.files:
+                    stats[k] = str(data[k])
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise damaged(path, e) from None
     return stats
 
 
@@ -845,6 +857,38 @@ def check_source(path):
         ImageFiles(path)
 
 
+def source_version(source):
+    """What load_or_compute_stats checks a cache of `source` against, besides its name: for a folder, its images'
+    names and byte sizes; for a zip or .npz (images, or statistics), its members' names, sizes and CRC-32s, read from
+    the zip's directory; for another file, its size; for an array or tensor, a digest of its bytes; None for anything
+    else (a Dataset, whose images only its caller can name: pass key) and for a path that does not exist. No image is
+    decoded. Not mtimes: a job that copies a reference to local disk at each start would recompute it every time. What
+    it misses: a folder's image replaced by another of the same byte size, and a non-zip file changed in place."""
+    digest = hashlib.sha256()
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            names = folder_images(path)
+            for name in names:
+                digest.update(f"{name}\0{os.path.getsize(path / name)}\n".encode())
+            return f"{len(names)} images, {digest.hexdigest()[:16]}"
+        if not path.is_file():
+            return None
+        if not zipfile.is_zipfile(path):
+            return f"{path.stat().st_size} bytes"
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+        for info in infos:
+            digest.update(f"{info.filename}\0{info.file_size}\0{info.CRC:08x}\n".encode())
+        return f"{len(infos)} members, {digest.hexdigest()[:16]}"
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        array = torch.as_tensor(source).detach().cpu().contiguous()  # a memory-mapped .npz array is read once here
+        digest.update(f"{array.dtype} {tuple(array.shape)}\n".encode())
+        digest.update(array.reshape(-1).view(torch.uint8).numpy())
+        return f"{len(array)} images, {digest.hexdigest()[:16]}"
+    return None
+
+
 def load_or_compute_stats(source, net, cache_path=None, keep=(), key=None, **kwargs):
     """Statistics of `source` for evaluate(): read from a statistics .npz, or computed from images
     (a folder, .zip, .npz sample batch, or an array/Dataset) and, when `cache_path` is given,
@@ -855,20 +899,18 @@ def load_or_compute_stats(source, net, cache_path=None, keep=(), key=None, **kwa
     batches) are run through the network for the features; without images it is an error.
     kwargs: batch_size, num_workers, limit, progress, passed to compute_statistics.
     The cache records the source (a path, or the type and length of an array or Dataset, plus `key`:
-    e.g. train.py's data path and image size for its training set), the limit, and a path's version
-    (a file's size, a folder's image count), and is recomputed (with a warning)
-    when they or the wanted features differ. A path that no longer exists keeps its cache.
+    e.g. train.py's data path, image size and source_version for its training set), the limit, and
+    source_version(source), and is recomputed (with a warning) when they or the wanted features differ.
+    A path that no longer exists keeps its cache. A Dataset is cached only with a key, which must change
+    when its images do.
     """
-    version = None  # a path's version: a file's size (not its mtime: a job that copies the reference to local
-    # disk at each start would recompute it every time), a folder's image count
+    version = source_version(source)
     if isinstance(source, (str, Path)):
-        path = Path(source).resolve()
-        tag = f"{path}|limit={kwargs.get('limit')}"
-        if path.is_dir():
-            version = f"{len(folder_images(path))} images"
-        elif path.is_file():
-            version = f"{path.stat().st_size} bytes"
+        tag = f"{Path(source).resolve()}|limit={kwargs.get('limit')}"
     else:
+        if cache_path is not None and version is None and key is None:
+            raise ValueError(f"the images of a {type(source).__name__} cannot be checked against the cache "
+                             f"{cache_path}: pass key, naming its data (e.g. its path and version), or no cache_path")
         tag = f"<{type(source).__name__} of {len(source) if hasattr(source, '__len__') else '?'} images>|limit={kwargs.get('limit')}"
     if key is not None:
         tag += f"|{key}"
@@ -956,6 +998,10 @@ def evaluate(samples, reference, net, metrics=("fid",), batch_size=50, num_worke
     if "sfid" in metrics:
         result["sfid"] = frechet_distance(s["mu_s"], s["sigma_s"], r["mu_s"], r["sigma_s"])
     if "is" in metrics:
+        if not np.any(s["logits"]):  # saved by weights whose fc is zeroed: IS would read exactly 1
+            raise ValueError("the samples' logits are all zero, as Inception weights with a zeroed fc "
+                             "(fid_inception_v3_nofc.pth) give, so they cannot give an Inception Score; compute "
+                             "them again with pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or drop 'is'")
         result["is"] = inception_score(s["logits"])
     if "pr" in metrics:
         device = net.fc.weight.device
@@ -1181,8 +1227,9 @@ def main(argv=None):
         if unknown:
             raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
         net = load_inception(args.inception, device=args.device)
-        if args.reference is not None:  # before the samples' features, which evaluate() would refuse afterwards
-            check_is_possible(metrics, net)
+        # before the samples' features, which evaluate() would refuse afterwards; and for --save-stats alone, whose
+        # logits are kept for a later IS, which they could not give
+        check_is_possible(metrics, net)
         kwargs = dict(batch_size=args.batch_size, num_workers=num_workers, limit=args.limit)
         if args.reference is None:
             samples = load_or_compute_stats(args.samples, net, keep=raw_features(metrics), **kwargs)  # logits too: an IS scored later
@@ -1208,7 +1255,7 @@ def main(argv=None):
         if "n_reference" in result:  # FID depends on N (FID-10K > FID-50K): the counts go with the numbers
             print(f"images: {result['n_samples']} samples, {result['n_reference'] or '?'} reference")
         if "saved" in result:
-            print(f"saved statistics of {result['n_samples']} images to {result['saved']}")
+            print(f"saved statistics of {result['n_samples'] or '?'} images to {result['saved']}")
     if args.limit is not None:  # a --limit above an input's count uses all of it: say so, not silently
         for name, n in (("SAMPLES", result.get("n_samples")), ("REFERENCE", result.get("n_reference"))):
             if n is not None and n < args.limit:

@@ -4749,12 +4749,80 @@ def test_reference_cache_is_recomputed_when_the_folder_gains_images(tmp_path):
     write_folder(tmp_path / "ref2", make_images(4, seed=1))
     for f in (tmp_path / "ref2").rglob("*.png"):  # same path, more images: the cached 6-image statistics are stale
         f.rename(tmp_path / "ref" / f.parent.name / f"new_{f.name}")
-    with pytest.warns(UserWarning, match=r"\(6 images; .*\(10 images\).*recomputing"):
+    with pytest.warns(UserWarning, match=r"\(6 images, [0-9a-f]{16}; .*\(10 images, [0-9a-f]{16}\).*recomputing"):
         assert fid.load_or_compute_stats(tmp_path / "ref", net, cache_path=tmp_path / "c.npz", progress=False)["n"] == 10
     shutil.rmtree(tmp_path / "ref")  # a reference gone from the disk (a cleaned scratch folder): its cache still serves
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fid.load_or_compute_stats(tmp_path / "ref", net, cache_path=tmp_path / "c.npz", progress=False)["n"] == 10
+
+
+def test_reference_cache_follows_the_images_not_only_their_count_or_size(tmp_path):
+    # the cache once checked a folder's image count, a file's byte size, an array's length: new images of the same
+    # count or a statistics file made again from other data (the same size) read the old statistics back
+    net, cache = TinyNet(), tmp_path / "c.npz"
+
+    def stats(source, **kwargs):
+        return fid.load_or_compute_stats(source, net, cache_path=cache, progress=False, **kwargs)
+
+    write_folder(tmp_path / "ref", make_images(6))
+    first = stats(tmp_path / "ref")
+    calls = net.calls
+    assert stats(tmp_path / "ref")["n"] == 6 and net.calls == calls  # unchanged: read back
+    write_folder(tmp_path / "ref", np.full((6, 16, 16, 3), 7, np.uint8))  # the same names, other images
+    with pytest.warns(UserWarning, match="recomputing"):
+        assert not np.allclose(stats(tmp_path / "ref")["mu"], first["mu"])
+    for i, images in enumerate((make_images(6), make_images(6, seed=1))):  # same shape: an .npz of the same size
+        np.savez(tmp_path / "ref.npz", arr_0=images)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "recomputing"
+            np.testing.assert_allclose(stats(tmp_path / "ref.npz")["mu"],
+                                       fid.compute_statistics(images, net, progress=False)["mu"], rtol=1e-6)
+        fid.save_statistics(tmp_path / f"s{i}.npz", fid.compute_statistics(images, net, progress=False))
+    for i in (0, 1):  # statistics files made from other images, with the same size, under one name
+        shutil.copy(tmp_path / f"s{i}.npz", tmp_path / "stats.npz")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = stats(tmp_path / "stats.npz")["mu"]
+        np.testing.assert_array_equal(got, fid.read_statistics(tmp_path / f"s{i}.npz")["mu"])
+    array = make_images(6, seed=2)
+    with pytest.warns(UserWarning, match="recomputing"):  # after the statistics file
+        stats(array)
+    with pytest.warns(UserWarning, match="recomputing"):  # an array of the same length, other images
+        stats(make_images(6, seed=3))
+    with pytest.raises(ValueError, match="images of a TensorDataset cannot be checked against the cache .*pass key"):
+        stats(torch.utils.data.TensorDataset(torch.from_numpy(array)))
+    with pytest.warns(UserWarning, match="recomputing"):
+        assert stats(torch.utils.data.TensorDataset(torch.from_numpy(array)), key="mine")["n"] == 6
+
+
+def test_a_damaged_npz_is_named_in_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet())
+    np.savez_compressed(tmp_path / "samples.npz", arr_0=make_images(10, seed=1))
+    fid.save_statistics(tmp_path / "ref.npz", fid.compute_statistics(make_images(12), TinyNet(), progress=False))
+    for name in ("samples.npz", "ref.npz"):
+        raw = bytearray((tmp_path / name).read_bytes())
+        raw[200] ^= 0xFF  # inside the first member's data: its CRC-32 (or its inflate) fails
+        (tmp_path / f"bad_{name}").write_bytes(bytes(raw))
+    for samples, reference in (("bad_samples.npz", "ref.npz"), ("samples.npz", "bad_ref.npz")):
+        with pytest.raises(SystemExit):
+            fid.main([str(tmp_path / samples), str(tmp_path / reference)])
+        bad = samples if samples.startswith("bad") else reference
+        assert re.search(rf"fid.py: error: .*{bad} is damaged \((BadZipFile|error)", capsys.readouterr().err)
+
+
+def test_zero_logits_saved_by_weights_without_a_classifier_give_no_inception_score(tmp_path, monkeypatch, capsys):
+    # fid.py S --save-stats --metrics is with the zeroed-fc weights kept zero logits, and scoring them later with
+    # weights that have a classifier read IS 1.0000
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": TinyNet(fc_scale=0.0))
+    samples = write_folder(tmp_path / "samples", make_images(10, seed=1))
+    with pytest.raises(SystemExit):
+        fid.main([str(samples), "--save-stats", str(tmp_path / "s.npz"), "--metrics", "fid,is"])
+    assert "cannot give an Inception Score" in capsys.readouterr().err and not (tmp_path / "s.npz").exists()
+    zero = fid.compute_statistics(make_images(10, seed=1), TinyNet(fc_scale=0.0), keep=("logits",), progress=False)
+    reference = fid.compute_statistics(make_images(12), TinyNet(), progress=False)
+    with pytest.raises(ValueError, match="logits are all zero.*cannot give an Inception Score"):
+        fid.evaluate(zero, reference, TinyNet(), metrics=("fid", "is"))
 
 
 def test_features_are_fp32_inside_a_callers_autocast_region():
@@ -4781,7 +4849,6 @@ def test_cli_refuses_is_before_featurising_the_samples(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit):
         fid.main([str(samples), str(reference), "--metrics", "fid,is"])
     assert "cannot give an Inception Score" in capsys.readouterr().err and net.calls == 0
-    fid.main([str(samples), "--save-stats", str(tmp_path / "s.npz"), "--metrics", "is"])  # no score: nothing to refuse
 
 
 def test_cli_saved_sample_statistics_keep_the_logits_for_a_later_inception_score(tmp_path, monkeypatch, capsys):

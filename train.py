@@ -1066,6 +1066,8 @@ def train(args):
                 key = None if args.fid_ref else f"{os.path.abspath(args.data)}|{args.image_size}px"  # the training set
                 if key is not None and isinstance(dataset, datasets.ShapesDataset):  # its images follow the seed
                     key += f"|seed {dataset.seed}"
+                elif key is not None:  # a folder or file whose images change under the same name: not the cached ones
+                    key += f"|{fid.source_version(args.data)}"
                 ref_stats = fid.load_or_compute_stats(args.fid_ref or dataset, fid_net, key=key,
                                                       cache_path=os.path.join(args.out, "fid_ref_stats.npz"),
                                                       limit=args.fid_ref_limit, batch_size=args.fid_batch_size,
