@@ -96,7 +96,7 @@ UW_WEIGHT_DECAY = 0.0  # no weight decay on the s_k (official)
 NASH_EVERY = 25  # Nash-MTL solves for alpha every 25 steps and keeps it in between (official)
 NASH_MAX_NORM = 1.0  # gradient-norm clip after a Nash-MTL step (official and Navon et al.)
 NASH_MAX_ITER = 20  # concave-convex iterations per solve (official and Navon et al.)
-_TIE_RTOL = 1e-12  # interval costs closer than this (relative) count as tied
+_TIE_RTOL = 1e-12  # interval costs closer than this (relative to the costs summed) count as tied
 _GRAM_CHUNK = 1 << 20  # columns of G per float64 chunk when forming G G^T
 
 # -----------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def interval_clustering(cost, num_clusters):
     of their costs. cost[l, r] is the cost of the inclusive interval [l, r] (l <= r); entries
     below the diagonal are never read. Runs in O(K T^2) time and O(T^2) memory.
 
-    Ties: costs within a relative 1e-12 of the minimum count as equal. Among them the DP keeps the
+    Ties: costs within 1e-12 of the minimum, relative to the magnitude of the costs summed, count as equal. Among them the DP keeps the
     most even partition (least sum of squared lengths), then the one whose last interval starts
     earliest, which makes the choice deterministic.
 
@@ -140,7 +140,10 @@ def interval_clustering(cost, num_clusters):
         prev_sq = np.concatenate(([np.inf], best_sq[:-1]))  # (T,)
         total = prev[:, None] + c  # (T, T) k intervals over [0, l-1], then [l, r]
         low = total.min(axis=0)  # (T,)
-        tied = total <= low + _TIE_RTOL * np.maximum(np.abs(low), 1.0)  # (T, T)
+        # Rounding in a sum is relative to its terms, so the tolerance is too: not to the minimum, which can be
+        # ~0, and not floored at 1, which made it absolute for costs below 1 (costs of 1e-13 clustered by the tie-break)
+        tol = _TIE_RTOL * (np.abs(prev)[:, None] + np.abs(c))  # (T, T)
+        tied = total <= low + np.where(np.isfinite(tol), tol, 0.0)  # (T, T)
         total_sq = np.where(tied, prev_sq[:, None] + sq, np.inf)  # (T, T)
         arg = total_sq.argmin(axis=0)  # (T,) first minimum: the earliest start among ties
         starts[k] = arg
@@ -584,7 +587,10 @@ def _nash_feasible_start(A, prev_alpha):
         candidates.append(1.0 / np.sqrt(np.diag(A)))
 
     def onto_boundary(alpha):
-        if not (np.all(np.isfinite(alpha)) and np.all(alpha > 0) and np.all(A @ alpha > 0)):
+        # A alpha > 0 by more than rounding: with exactly opposed gradients (A singular, no Nash point) the start
+        # 1/sqrt(diag A) gives A alpha ~ 1e-16 |A| alpha, which once passed, was scaled by 1e8 onto the boundary
+        # and came back as a "solution" with success
+        if not (np.all(np.isfinite(alpha)) and np.all(alpha > 0) and np.all(A @ alpha > 1e-9 * (np.abs(A) @ alpha))):
             return None
         return alpha / np.sqrt(np.min(alpha * (A @ alpha)))
 
@@ -597,7 +603,7 @@ def _nash_feasible_start(A, prev_alpha):
         A_eq = np.hstack([np.ones((1, K)), np.zeros((1, 1))])  # (1, K+1)
         lp = linprog(c, A_ub=A_ub, b_ub=np.zeros(2 * K), A_eq=A_eq, b_eq=[1.0],
                      bounds=[(None, None)] * (K + 1))
-        if lp.status != 0 or lp.x[-1] <= 1e-12:
+        if lp.status != 0 or lp.x[-1] <= 1e-9:  # s > 0 beyond the LP's own tolerance
             return None
         starts = [onto_boundary(lp.x[:K])]
     return min(starts, key=lambda a: np.sum(np.log(a * (A @ a))))

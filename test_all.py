@@ -2760,6 +2760,17 @@ def test_snr_objective_on_linear_schedule_matches_papers_md():
     assert total == pytest.approx(8074.753865015, abs=1e-6)
 
 
+def test_dp_optimum_does_not_depend_on_the_costs_scale():
+    # the tie tolerance was floored at an absolute 1e-12: costs of that size or below were all "tied", and the
+    # evenness tie-break chose the partition (cost 8083.04 at a 1e-13 scale, 9246.29 at 1e-15, for 8074.75)
+    abar = linear_alphas_cumprod()
+    cost = nt.deviation_cost_matrix(abar / (1 - abar))
+    for scale in (1e-15, 1e-13, 1e6):
+        intervals, total = nt.interval_clustering(cost * scale, 5)
+        assert intervals == [(0, 1), (1, 2), (2, 5), (5, 18), (18, 1000)]
+        assert total / scale == pytest.approx(8074.753865015, rel=1e-12)
+
+
 def test_log_snr_objective_on_linear_schedule():
     intervals, _ = nt.cluster_timesteps(5, "log-snr", alphas_cumprod=linear_alphas_cumprod())
     assert intervals == [(0, 153), (153, 394), (394, 624), (624, 823), (823, 1000)]
@@ -3120,6 +3131,13 @@ def test_nash_warm_start_and_tensor_input():
 def test_nash_reports_failure_instead_of_sticking_at_one():
     alpha, info = nt.nash_mtl_weights(np.array([[1.0, -1.0], [-1.0, 1.0]]))  # opposite gradients
     assert alpha is None and not info["success"] and "conflict" in info["message"]
+    # opposed but not equal: A (1/sqrt(diag A)) is rounding noise, ~1e-16 |A| alpha. Where the noise came out
+    # positive, that start was taken as feasible and scaled by ~1e8 onto the boundary: alpha ~ 1e7 came back with
+    # success, alpha_k (G G^T alpha)_k 1.5 and 1.9
+    g = np.random.default_rng(0).normal(size=50)
+    for G in (np.array([[1.35437253], [-1.36057826]]), np.stack([g, -1.3 * g]), np.stack([g, g[::-1], -1.0046 * g])):
+        alpha, info = nt.nash_mtl_weights(G @ G.T)
+        assert alpha is None and not info["success"] and "conflict too strongly" in info["message"]
     alpha, info = nt.nash_mtl_weights(np.zeros((3, 3)))
     assert alpha is None and "zero" in info["message"]
     alpha, info = nt.nash_mtl_weights(np.full((2, 2), np.nan))
