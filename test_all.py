@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -7190,6 +7191,47 @@ def test_a_failed_checkpoint_write_stops_with_the_previous_one_intact(tmp_path, 
     err = capsys.readouterr().err
     assert e.value.code == 2 and "No space left" in err and "0000002.pt is intact" in err and "--resume auto" in err
     assert [p.name for p in (tmp_path / "full" / "checkpoints").glob("*.pt")] == ["0000002.pt"]
+
+
+def test_atomic_save_raises_a_full_disks_oserror_not_torchs_runtime_error(tmp_path):
+    # torch.save reports a failed write as RuntimeError("... unexpected pos ..."), which save_checkpoint's
+    # `except OSError` missed: a traceback (and under torchrun, every rank's) instead of the one-line stop above.
+    # A real write failure: a file-size limit, with SIGXFSZ ignored, fails write() with EFBIG as a full disk does
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            train.atomic_save({"w": torch.zeros(100_000)}, str(tmp_path / "c.pt"))  # 400 KB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert list(tmp_path.iterdir()) == []  # and no half file
+
+
+def test_a_second_train_py_into_a_running_runs_out_is_refused_and_changes_nothing(tmp_path, capsys):
+    # there was no lock: before the first checkpoint two runs trained into one --out, overwriting each other's
+    # checkpoints and doubling metrics.jsonl; and a second start, refused later, first removed the running run's
+    # checkpoint being written as a stale *.pt.tmp, which stopped that run
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    writing = out / "checkpoints" / "0000004.pt.tmp999"
+    writing.write_bytes(b"half a checkpoint")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+                               str(out / "train.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit):
+            train.main(TINY + ["--out", str(out), "--max-steps", "1"])
+        assert "another train.py process is writing into --out" in capsys.readouterr().err
+        assert writing.exists() and not list(out.glob("metrics.jsonl"))
+    finally:
+        holder.kill()
+        holder.wait()
+    run_train(tmp_path, "--max-steps", "1")  # the lock went with its process
+    assert not writing.exists() and last_checkpoint(out)["step"] == 1
+    run_train(tmp_path, "--max-steps", "2", "--resume", "auto")  # a second run in this process is not refused
 
 
 def test_resume_with_another_batch_size_warns(tmp_path, capsys):

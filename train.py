@@ -27,6 +27,7 @@ paces on. A non-finite step never updates the weights: fused AdamW skips it on t
 import argparse
 import copy
 import datetime
+import fcntl
 import functools
 import glob
 import hashlib
@@ -367,8 +368,37 @@ def batches(dataset, sampler, args, device):
 
 def atomic_save(obj, path):
     """torch.save through latents.atomic_write: a crash mid-write leaves the previous checkpoint untouched and
-    never a half-written one under the final name."""
-    latents.atomic_write(path, lambda f: torch.save(obj, f))
+    never a half-written one under the final name. A write that fails (a full disk) raises its OSError."""
+    def write(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's writer reports a failed f.write as "enforce fail ... unexpected pos"
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+    latents.atomic_write(path, write)
+
+
+def lock_run_folder(run_dir, log):
+    """Lock run_dir/train.lock for this process, or ConfigError if another process holds it: two runs into one
+    --out would overwrite each other's checkpoints (the checkpoint check below sees only those already written),
+    mix their metrics, and a second start would remove the first's checkpoint being written as a stale one.
+    A POSIX record lock (fcntl.lockf, which NFS supports): the OS drops it when the process ends, however it ends,
+    and a second train() in the same process (a notebook, the tests) is not refused. Returns the open lock file,
+    which the caller keeps open; where the file system has no locks, a warning and None."""
+    path = os.path.join(run_dir, "train.lock")
+    f = open(path, "a")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
+        f.close()
+        raise ConfigError(f"another train.py process is writing into --out {run_dir} (it holds {path}); wait for it "
+                          f"to end, or pass another --out. The lock goes with its process: a killed run leaves none") from None
+    except OSError as e:  # e.g. ENOLCK: a file system without locks
+        f.close()
+        log(f"warning: cannot lock {path} ({e}); nothing stops a second run into --out {run_dir} while this one runs")
+        return None
+    return f
 
 
 def checkpoint_step(path):
@@ -825,6 +855,7 @@ def train(args):
     check_flags(args, world)
     batch = args.global_batch_size // world  # per process
     ckpt_dir = os.path.join(args.out, "checkpoints")
+    run_lock = None
     if master:
         try:  # fail now, not after hours of training, if the results folder cannot be written
             os.makedirs(ckpt_dir, exist_ok=True)
@@ -841,6 +872,7 @@ def train(args):
             os.remove(probe)
         except OSError as e:
             raise ConfigError(f"cannot write to the results folder {args.out}: {e}") from None
+        run_lock = lock_run_folder(args.out, log)  # held until this process ends: before anything here is changed
         for stale in glob.glob(os.path.join(ckpt_dir, "*.pt.tmp*")):  # a write cut short by SIGKILL (atomic_save)
             try:
                 os.remove(stale)
@@ -1300,6 +1332,8 @@ def train(args):
     if distributed:
         dist.barrier()  # nobody tears down the process group while a peer still uses it
         dist.destroy_process_group()
+    if run_lock is not None:
+        run_lock.close()
     return step
 
 
