@@ -158,11 +158,11 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __init__(self, path, image_size, skip_bad=False, num_threads=16):
         self.path, self.image_size = str(path), image_size
-        self.is_zip = self.path.lower().endswith(".zip")
+        self.is_zip = self.path.lower().endswith(".zip") and not os.path.isdir(self.path)
         self._members, self._file = None, None  # a zip's fid.ZIP_MEMBER records, and this process's file object
         if self.is_zip:
             try:
-                names, self._members = fid.zip_members(self.path)
+                names, self._members, folders = fid.zip_members(self.path)
             except ValueError as e:  # fid's errors are ValueErrors; train.py prints a DataError as one line
                 raise DataError(str(e)) from None
             self._file = open(self.path, "rb")
@@ -200,8 +200,11 @@ class ImageFiles(torch.utils.data.Dataset):
             if lost:
                 raise DataError(f"every image of class {lost[0]!r} is unreadable and was skipped ({len(lost)} such "
                                 f"class(es)), which would give the classes after it other labels; fix or remove them")
-        subfolders = None if self.is_zip else (  # zips are not checked: a folder with no file need not be listed in one
-            lambda root: [e.name for e in os.scandir(os.path.join(self.path, root)) if e.is_dir()])
+        def subfolders(root):  # for the check that every class folder holds an image
+            if self.is_zip:  # as its entries name them: a folder's own ("train/b/", which `zip -r` stores for an
+                prefix = f"{root}/" if root else ""  # empty folder) or its files'; an unlisted empty one is not seen
+                return {f[len(prefix):].split("/")[0] for f in folders if f.startswith(prefix) and len(f) > len(prefix)}
+            return [e.name for e in os.scandir(os.path.join(self.path, root)) if e.is_dir()]
         self.labels, self.classes = _labels_from_paths(self.names, subfolders)
         self.num_classes = max(1, len(self.classes))
 
@@ -309,10 +312,22 @@ class ArrayDataset(torch.utils.data.Dataset):
                           f"reads all {images.nbytes / 1e6:,.1f} MB of it into memory; save it with "
                           f"np.savez(path, arr_0=np.ascontiguousarray(images), arr_1=labels) to memory-map it")
         self.images = images
-        self.labels = labels.astype(np.int64) if labels is not None else np.zeros(len(images), dtype=np.int64)
-        if self.labels.shape != (len(images),) or self.labels.min() < 0:
-            raise DataError(f"{path}: arr_1 must hold {len(images)} non-negative labels, got shape {self.labels.shape}")
+        if labels is None:
+            labels = np.zeros(len(images), dtype=np.int64)
+        if labels.shape != (len(images),) or labels.dtype.kind not in "iuf":
+            raise DataError(f"{path}: arr_1 must hold {len(images)} labels, one number per image, got shape "
+                            f"{labels.shape} {labels.dtype}")
+        wrong = ~np.isfinite(labels) | (labels < 0) | (labels != np.round(labels))  # (N,) astype made 0.9 class 0
+        if wrong.any():
+            raise DataError(f"{path}: arr_1 must hold class indices 0, 1, 2, ..., got {labels[wrong][0].item()!r} "
+                            f"(image {np.flatnonzero(wrong)[0]}, and {wrong.sum() - 1} more)")
+        self.labels = labels.astype(np.int64)  # (N,)
         self.num_classes = int(self.labels.max()) + 1
+        unused = self.num_classes - len(np.unique(self.labels))
+        if unused:  # e.g. labels 1..K: class 0 gets an embedding row, and the sample grids and FID draw it
+            warnings.warn(f"{path}: arr_1 has labels 0..{self.num_classes - 1}, but {unused} of them have no image, "
+                          f"classes which the model still conditions on and the sample grids and FID still draw; number the "
+                          f"classes 0..K-1 if they are not meant to exist")
         self.num_upsized = int(min(images.shape[1:3]) < image_size) * len(images)
         self.skipped = []
 
@@ -409,11 +424,11 @@ def load_dataset(path, image_size, skip_bad=False, shapes_size=10000, seed=0):
     path = str(path)
     if not os.path.exists(path):
         raise DataError(f"data path {path} does not exist; give a folder, .zip, .npz or .npy, or omit --data for the built-in shapes")
+    if os.path.isdir(path):  # by what it is, then by name: a folder may be called x.zip
+        return LatentFolder(path) if is_latent_folder(path) else ImageFiles(path, image_size, skip_bad=skip_bad)
     if path.lower().endswith((".npz", ".npy")):
         return ArrayDataset(path, image_size)
-    if is_latent_folder(path):
-        return LatentFolder(path)
-    if os.path.isdir(path) or path.lower().endswith(".zip"):
+    if path.lower().endswith(".zip"):
         return ImageFiles(path, image_size, skip_bad=skip_bad)
     raise DataError(f"cannot use {path} as data: expected a folder, a .zip, an .npz or an .npy")
 

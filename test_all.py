@@ -1022,7 +1022,7 @@ def test_zip_members_read_by_position_match_zipfile_byte_for_byte(tmp_path):
                 zf.writestr(f"{method}/{name}", blob, compress_type=method)
         with zf.open("z64/c/local_extra.png", "w", force_zip64=True) as f:
             f.write(blobs["b/noise.png"])
-    names, members = fid.zip_members(str(tmp_path / "m.zip"))
+    names, members, _ = fid.zip_members(str(tmp_path / "m.zip"))
     assert len(names) == 9 and names == sorted(names) and members.dtype == fid.ZIP_MEMBER
     with zipfile.ZipFile(tmp_path / "m.zip") as zf, open(tmp_path / "m.zip", "rb") as f:
         local = zf.getinfo("z64/c/local_extra.png")
@@ -1132,7 +1132,7 @@ def test_zip_without_images_says_so(tmp_path):
         with zipfile.ZipFile(tmp_path / "none.zip", "w") as zf:
             for name, blob in members.items():
                 zf.writestr(name, blob)
-        names, records = fid.zip_members(str(tmp_path / "none.zip"))
+        names, records, _ = fid.zip_members(str(tmp_path / "none.zip"))
         assert names == [] and len(records) == 0
         with pytest.raises(datasets.DataError, match="no images .* found in"):
             datasets.load_dataset(str(tmp_path / "none.zip"), 16)
@@ -1183,7 +1183,7 @@ def test_zip_member_cut_short_is_refused_not_returned_short(tmp_path):
     with zipfile.ZipFile(tmp_path / "whole.zip", "w") as zf:
         zf.writestr("stored.png", blob, compress_type=zipfile.ZIP_STORED)
         zf.writestr("deflated.png", blob, compress_type=zipfile.ZIP_DEFLATED)
-    names, members = fid.zip_members(str(tmp_path / "whole.zip"))
+    names, members, _ = fid.zip_members(str(tmp_path / "whole.zip"))
     raw = (tmp_path / "whole.zip").read_bytes()
     with open(tmp_path / "whole.zip", "rb") as f:
         starts = [fid.zip_data_offset(f.fileno(), int(m["offset"])) for m in members]
@@ -4519,7 +4519,16 @@ def test_training_and_fid_read_the_same_images_of_a_zip_and_of_its_folder(tmp_pa
             for name, blob in members:
                 zf.writestr(name, blob)
     expected = ["a/0.png", "a/1.GIF", "b/2.ppm", "b/3.tiff", "b/my__MACOSX_4.png"]
-    train = datasets.ImageFiles(tmp_path / "mixed.zip", 16, num_threads=2)
+    # c.png/ and sub/ are folders without an image beside the classes a and b: refused as for the folder below
+    with pytest.raises(datasets.DataError, match="class folder 'c.png' holds no images .2 such"):
+        datasets.ImageFiles(tmp_path / "mixed.zip", 16, num_threads=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with zipfile.ZipFile(tmp_path / "classes.zip", "w") as zf:
+            for name, blob in members:
+                if not str(getattr(name, "filename", name)).startswith(("c.png", "sub")):
+                    zf.writestr(name, blob)
+    train = datasets.ImageFiles(tmp_path / "classes.zip", 16, num_threads=2)
     score = fid.ImageFiles(tmp_path / "mixed.zip")
     assert train.names == score.names == expected
     assert [int(score[i][0, 0, 0]) for i in range(len(score))] == [9, 2, 3, 4, 5]
@@ -4532,6 +4541,36 @@ def test_training_and_fid_read_the_same_images_of_a_zip_and_of_its_folder(tmp_pa
     shutil.rmtree(tmp_path / "mixed" / "sub")
     train, score = datasets.ImageFiles(tmp_path / "mixed", 16, num_threads=2), fid.ImageFiles(tmp_path / "mixed")
     assert train.names == score.names == [str(Path(n)) for n in expected + ["linked/0.png", "linked/1.GIF"]]
+
+
+def test_a_zip_that_lists_an_empty_class_folder_is_refused_and_a_folder_named_x_zip_is_a_folder(tmp_path):
+    # zips were not checked for class folders without images: `zip -r` stores an empty folder's entry ("b/"), and
+    # every class sorted after it took the label of the one before, as in a plain folder (which was refused)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as zf:
+        for name in ("a/0.png", "c/1.png"):
+            zf.writestr(name, png.getvalue())
+        zf.writestr(zipfile.ZipInfo("b/"), b"")
+    with pytest.raises(datasets.DataError, match="class folder 'b' holds no images"):
+        datasets.load_dataset(str(tmp_path / "d.zip"), 8)
+    folder = write_folder(tmp_path / "images.zip", make_images(4))  # a folder, named like a zip: read as a folder
+    ds = datasets.load_dataset(str(folder), 16)
+    assert len(ds) == 4 and ds.num_classes == 2 and not ds.is_zip
+
+
+def test_npz_labels_must_be_class_indices_and_unused_classes_are_named(tmp_path):
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    for labels, match in (([0.0, 1.5, 2.0], r"class indices 0, 1, 2, \.\.\., got 1.5 \(image 1, and 0 more\)"),
+                          ([0, -1, 2], "got -1"), ([[0], [1], [2]], r"3 labels, one number per image, got shape \(3, 1\)")):
+        np.savez(tmp_path / "d.npz", arr_0=images, arr_1=np.array(labels))  # 1.5 was read as class 1
+        with pytest.raises(datasets.DataError, match=match):
+            datasets.load_dataset(str(tmp_path / "d.npz"), 8)
+    np.savez(tmp_path / "d.npz", arr_0=images, arr_1=np.array([0.0, 1.0, 2.0]))  # whole numbers as floats: fine
+    assert datasets.load_dataset(str(tmp_path / "d.npz"), 8).labels.tolist() == [0, 1, 2]
+    np.savez(tmp_path / "d.npz", arr_0=images, arr_1=np.array([1, 2, 3]))  # numbered from 1: class 0 has no image
+    with pytest.warns(UserWarning, match="labels 0..3, but 1 of them have no image"):
+        assert datasets.load_dataset(str(tmp_path / "d.npz"), 8).num_classes == 4
 
 
 def test_image_folders_with_a_symlink_loop_list_each_image_once(tmp_path):
