@@ -290,7 +290,8 @@ def to_uint8(x):
 
 
 def save_grid(images, path, nrow=None):
-    """Save uint8 (N, H, W, 3) images as one PNG grid with 2-pixel gaps."""
+    """Save uint8 (N, H, W, 3) images as one PNG grid with 2-pixel gaps. Atomically: a resumed train.py takes a grid
+    file that exists for one made, so a write cut short (a kill, a full disk) must leave none."""
     from PIL import Image
     images = np.asarray(images)
     n, h, w, _ = images.shape
@@ -300,7 +301,7 @@ def save_grid(images, path, nrow=None):
     for i, img in enumerate(images):
         r, c = divmod(i, nrow)
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
-    Image.fromarray(grid).save(path)
+    latents.atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
 def hash_state_dict(digest, state_dict):

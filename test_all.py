@@ -1411,7 +1411,8 @@ def test_npz_images_are_centre_cropped_and_made_rgb_and_labels_are_class_indices
     rng = np.random.default_rng(9)
     big = rng.integers(0, 256, (2, 20, 24, 3), dtype=np.uint8)
     np.savez(tmp_path / "big.npz", arr_0=big, arr_1=np.array([0, 2]))
-    ds = datasets.load_dataset(str(tmp_path / "big.npz"), 16)
+    with pytest.warns(UserWarning, match="labels 0..2, but 1 of them have no image"):
+        ds = datasets.load_dataset(str(tmp_path / "big.npz"), 16)
     assert ds.num_classes == 3  # 0..max label, though class 1 has no image
     for i in range(2):
         x, y = ds[i]
@@ -3503,7 +3504,7 @@ def test_cli_affinity_checks_every_checkpoint_and_its_out_before_any_gradient(tm
 def test_cli_affinity_refuses_data_that_do_not_fit_the_checkpoint(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "1")  # shapes: 4 classes
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "ten.npz", arr_0=rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8), arr_1=np.arange(8) % 10 + 2)
+    np.savez(tmp_path / "ten.npz", arr_0=rng.integers(0, 255, (10, 16, 16, 3), dtype=np.uint8), arr_1=np.arange(10))
     with pytest.raises(SystemExit) as e:  # labels 4.. would be the null class or an index error
         nt.main(["affinity", "--ckpt", str(checkpoints(out)[-1]), "--data", str(tmp_path / "ten.npz"), "--groups", "2",
                  "--batch-size", "2", "--batches", "1", "--device", "cpu", "--out", str(tmp_path / "tas.npy")])
@@ -6660,6 +6661,18 @@ def test_save_grid_places_each_image_row_by_row_with_white_2_pixel_gaps(tmp_path
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g.png")), want)
     sample.save_grid(images[:4], tmp_path / "g4.png", nrow=4)  # train.py's grids: 4 per row
     assert np.asarray(Image.open(tmp_path / "g4.png")).shape == (6 + 2, 4 * 5 + 2, 3)
+    real_save = Image.Image.save
+
+    def cut_short(self, f, format=None):  # the PNG written in part, then a full disk
+        real_save(self, f, format=format)
+        f.truncate(20)
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as m:  # a resumed train.py takes an existing grid for one made
+        m.setattr(Image.Image, "save", cut_short)
+        with pytest.raises(OSError):
+            sample.save_grid(images, tmp_path / "cut.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "g4.png"]
 
 
 def test_sample_py_refuses_guidance_of_a_model_without_a_null_class(tmp_path):
