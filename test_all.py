@@ -7296,6 +7296,20 @@ def test_resume_with_another_batch_size_warns(tmp_path, capsys):
     assert [(r["step"], r["args"]["global_batch_size"]) for r in starts] == [(0, 4), (2, 8)]
 
 
+def test_resume_on_a_data_set_of_another_size_warns(tmp_path, capsys):
+    # the data order continues at step x batch over a permutation of the new set: nothing said so
+    images = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=images)
+    run_train(tmp_path, "--data", str(tmp_path / "d.npz"), "--global-batch-size", "4", "--max-steps", "1")
+    run_train(tmp_path, "--data", str(tmp_path / "d.npz"), "--global-batch-size", "4", "--max-steps", "2", "--resume", "auto")
+    assert "training examples" not in capsys.readouterr().out  # the same set: nothing to say
+    np.savez(tmp_path / "d.npz", arr_0=images[:10])
+    run_train(tmp_path, "--data", str(tmp_path / "d.npz"), "--global-batch-size", "4", "--max-steps", "3", "--resume", "auto")
+    out = capsys.readouterr().out
+    assert "holds 10 training examples, the checkpoint's run had 12; the data order from step 2" in out
+    assert "--data-size" not in out  # not listed as a flag
+
+
 def test_keep_last_prunes_only_older_checkpoints(tmp_path):
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "5", "--ckpt-every", "1", "--keep-last", "2")
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["0000004.pt", "0000005.pt"]

@@ -890,6 +890,7 @@ def train(args):
                                  if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))):
         log(f"warning: {message}")
     args.num_classes = dataset.num_classes
+    args.data_size = len(dataset)  # recorded in checkpoints: a resume on a set that changed since is told so
     if args.num_classes == 1:
         args.class_dropout_prob = 0.0  # unconditional: no null class, no guidance
     if isinstance(dataset, datasets.LatentFolder):
@@ -942,8 +943,12 @@ def train(args):
         if ckpt["args"].get("global_batch_size") != args.global_batch_size:
             log(f"warning: the checkpoint trained with --global-batch-size {ckpt['args'].get('global_batch_size')}, now "
                 f"{args.global_batch_size}; the data stream continues at step x batch, so some images are skipped or repeated")
+        if ckpt["args"].get("data_size") not in (None, args.data_size):  # None: a checkpoint from before it was recorded
+            log(f"warning: --data {args.data} holds {args.data_size} training examples, the checkpoint's run had "
+                f"{ckpt['args']['data_size']}; the data order from step {ckpt['step']} on is that of the new set, so "
+                f"this epoch may skip or repeat some examples")
         changed = [f"--{k.replace('_', '-')} {v} (was {ckpt['args'].get(k)})" for k, v in vars(args).items()
-                   if k not in ("resume", "max_steps", "global_batch_size") and ckpt["args"].get(k) != v]
+                   if k not in ("resume", "max_steps", "global_batch_size", "data_size") and ckpt["args"].get(k) != v]
         if changed:  # e.g. a lower --lr after a divergence, or another --weighting: say so, the record shows only the new value
             log(f"resume: flags that differ from the checkpoint's run, in effect from step {ckpt['step']}: {', '.join(changed)}")
 
