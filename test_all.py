@@ -5129,6 +5129,15 @@ def test_fid_steps_reads_on_past_a_torn_line(tmp_path):
     assert train.fid_steps(str(path)) == {2, 6, 8} and train.fid_steps(str(tmp_path / "none.jsonl")) == set()
 
 
+def test_a_grid_that_cannot_be_written_is_logged_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    def disk_full(images, path, nrow=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "save_grid", disk_full)  # was a traceback, the steps since the checkpoint lost
+    out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "2", "--sample-every", "1", "--sample-steps", "2")
+    assert "warning: cannot write the sample grid" in capsys.readouterr().out and last_checkpoint(out)["step"] == 2
+
+
 def test_a_run_killed_after_its_checkpoint_makes_that_steps_grid_and_fid_on_resume(tmp_path, monkeypatch):
     # killed between the step-2 checkpoint and its grid (a time limit's SIGKILL), the resumed run started at step 2
     # and never made that grid or FID: a gap in the FID curve

@@ -1124,7 +1124,10 @@ def train(args):
 
     # Latent runs: the VAE decoder of the grids and FID (None for pixel runs), loaded before the first step, so that a
     # VAE folder missing on this machine stops the run now, not at its first grid with the steps since a checkpoint lost
-    decoder = latents.load_decoder(args.latent, device) if args.latent is not None else None
+    decoder = None
+    if args.latent is not None:
+        with torch.random.fork_rng(devices=[]):  # a diffusers version whose loading draws would move the resumed RNG
+            decoder = latents.load_decoder(args.latent, device)
 
     def evaluate_fid():
         """FID of fixed-seed EMA samples: each rank samples and featurises its share, rank 0 scores."""
@@ -1167,8 +1170,13 @@ def train(args):
             if decoder is not None:
                 x = decoder(x)  # latents -> images in [-1, 1]
             path = os.path.join(args.out, f"samples_{step:07d}.png")
-            save_grid(to_uint8(x), path, nrow=4)
-            log(f"saved sample grid {path}")
+            # A grid that cannot be written (a full disk) is not worth a traceback that loses the steps since the
+            # last checkpoint and leaves the other ranks hanging in their next collective
+            try:
+                save_grid(to_uint8(x), path, nrow=4)
+                log(f"saved sample grid {path}")
+            except OSError as e:
+                log(f"warning: cannot write the sample grid {path} ({e}); training goes on")
 
     # ---------------------------------------------------------------- signals
     stop_requested = [False]  # set by the handler; shared with the other ranks through the step flags
