@@ -175,11 +175,11 @@ class DiT(nn.Module):
     """Diffusion model with a Transformer backbone.
 
     The routing seam. `router` is an optional nn.Module with no parameters that a paper module
-    supplies (DTR's `dtr.TaskRouter`). Once per forward it is called on the timesteps, and then
-    it decides how each block is applied:
+    supplies (DTR's `dtr.TaskRouter`), built for `router.num_blocks` = depth blocks. Once per
+    forward it is called on the timesteps, and then it decides how each block is applied:
 
-        route = router(t)                          # anything, e.g. per-sample channel masks
-        x = router.route(block, x, c, route)       # instead of x = block(x, c)
+        routes = router(t)                             # one route per block, e.g. per-sample channel masks
+        x = router.route(block, x, c, routes[i])       # instead of x = block(x, c), for block i
 
     `t` is always the ORIGINAL timestep in 0..T-1, also when sampling with respaced steps
     (diffusion.py maps respaced indices back before calling the model). The final layer is never
@@ -230,6 +230,9 @@ class DiT(nn.Module):
         if router is not None and router.state_dict():  # parameters or persistent buffers
             raise ValueError("a router must hold no parameters or persistent buffers; the DiT state dict must "
                              "stay the official one")
+        if router is not None and getattr(router, "num_blocks", None) != depth:  # router(t) gives one route per block
+            raise ValueError(f"the router must route this DiT's {depth} blocks (router.num_blocks), but routes "
+                             f"{getattr(router, 'num_blocks', None)}; build it with num_blocks={depth}")
         self.router = router
 
     def initialize_weights(self):
@@ -270,11 +273,14 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y):
         """x: (N, C, H, W) noisy input, t: (N,) original timesteps, y: (N,) class labels."""
-        route = None if self.router is None else self.router(t)
+        want = (self.in_channels, self.input_size, self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:  # a 16x64 input into a 32x32 model has as many patches: no error
+            raise ValueError(f"x must be (N, {', '.join(map(str, want))}) for this DiT, got {tuple(x.shape)}")
+        routes = None if self.router is None else self.router(t)  # one route per block
         x = self.x_embedder(x) + self.pos_embed  # (N, L, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
-        for block in self.blocks:
-            x = block(x, c) if route is None else self.router.route(block, x, c, route)  # (N, L, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, c) if routes is None else self.router.route(block, x, c, routes[i])  # (N, L, D)
         x = self.final_layer(x, c)  # (N, L, p*p*C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
 
@@ -291,7 +297,8 @@ class DiT(nn.Module):
             raise ValueError(f"guided_channels must be in 1..{self.in_channels} (the epsilon channels), got {k}")
         half = x[: len(x) // 2]  # (N/2, C, H, W)
         # self(...), not self.forward: a model compiled in place (sample.compile_for_sampling) compiles __call__
-        out = self(torch.cat([half, half], dim=0), t, y).float()  # (N, C_out, H, W); guidance in fp32 under autocast
+        out = self(torch.cat([half, half], dim=0), t, y)  # (N, C_out, H, W)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))  # fp32 under autocast; a float64 model's stays
         eps, rest = out[:, :k], out[:, k:]  # (N, k, H, W), (N, C_out - k, H, W)
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)  # 2 x (N/2, k, H, W)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # (N/2, k, H, W)
@@ -335,7 +342,7 @@ def _config(depth, hidden_size, num_heads, patch_size):
         return DiT(**{"depth": depth, "hidden_size": hidden_size, "num_heads": num_heads, "patch_size": patch_size, **kwargs})
     build.__doc__ = (f"DiT with depth {depth}, width {hidden_size}, {num_heads} heads, patch {patch_size}; "
                      "keyword arguments override any of them or set the other DiT arguments.")
-    build.hidden_size = hidden_size  # the width, for what must be built before the model (a router)
+    build.hidden_size, build.depth = hidden_size, depth  # for what must be built before the model (a router)
     return build
 
 

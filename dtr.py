@@ -18,7 +18,8 @@ Paper equations -> functions here:
   alpha > 1 moves the window slowly for small t and fast for large t, so the noisy (high-t)
   tasks get more channels of their own (the paper's "task weights"); neighbouring t overlap
   almost fully (the paper's "task affinity").
-- R-TR baseline: C_b channels chosen at random per task    -> random_masks
+- R-TR baseline: C_b channels chosen at random per task, and
+  per block (each block draws its own table)                -> random_masks
 - Shared / task-specific channel counts, for the CLI      -> mask_stats
 
 The paper prints the window with 1-indexed t and c and bounds taken at t-1 and t; we follow the
@@ -36,11 +37,14 @@ Where we depart from the official code, and why:
   DiT checkpoint does not load strictly into a DTR model (and vice versa) and every block adds
   T * C floats to every checkpoint. The masks are a pure function of (T, C, alpha, beta[, seed]),
   so a DTR DiT's state dict here has exactly the keys of a plain DiT.
-- One router holds one (T, C) table and the mask rows are looked up once per model forward (the
-  official code keeps a copy of the table in every block and sets an "active task" on each block
-  through a module-global variable before every forward).
+- One router serves every block, and the mask rows are looked up once per model forward (the
+  official code builds a router per block and sets an "active task" on each block through a
+  module-global variable before every forward). Like the official code, each block has its own
+  table: for DTR these are the same formula, so the router holds it once; for R-TR each block
+  draws its own random table (a (num_blocks, T, C) buffer), so that a channel hidden from one
+  block is seen by others.
 
-CLI: draw the (T, C) mask and print the channel counts.
+CLI: draw the (T, C) mask (for R-TR, the first block's) and print the channel counts.
     python dtr.py --channels 384 --alpha 4 --beta 0.8 --out masks.png
 """
 
@@ -102,23 +106,27 @@ def routing_masks(num_timesteps, channels, alpha=4.0, beta=0.8):
     return torch.from_numpy(masks.astype(np.float32))
 
 
-def random_masks(num_timesteps, channels, beta, seed):
+def random_masks(num_timesteps, channels, beta, seed, num_blocks=1):
     """
-    R-TR baseline masks (paper: random task routing; official `create_mask_tasks(..., "random")`).
+    R-TR baseline masks (paper: random task routing; official `create_mask_tasks(..., "random")`,
+    called once per block, so every block draws its own table).
 
-    Row t activates C_b = int(beta * C) channels drawn uniformly at random without replacement,
-    independently per row. The draw uses a CPU torch.Generator seeded with `seed`, so every rank,
-    the EMA copy, the sampler and a rerun all build the same masks (the official draw is unseeded:
-    a bug; see the module docstring).
-    Returns a float32 tensor (T, C) of 0/1.
+    Row t of each block's table activates C_b = int(beta * C) channels drawn uniformly at random
+    without replacement, independently per row and per block. The tables are drawn in block order
+    from one CPU torch.Generator seeded with `seed`, so every rank, the EMA copy, the sampler and a
+    rerun all build the same masks (the official draw is unseeded: a bug; see the module
+    docstring), and block 0's table does not depend on num_blocks.
+    Returns a float32 tensor (num_blocks, T, C) of 0/1.
     """
     num_timesteps = _check_int("num_timesteps", num_timesteps, 2)
     channels, num_active = _active_channels(channels, beta)
     seed = _check_int("seed", seed, 0)
+    num_blocks = _check_int("num_blocks", num_blocks, 1)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    order = torch.rand(num_timesteps, channels, generator=gen, dtype=torch.float64).argsort(dim=1)  # (T, C)
-    masks = torch.zeros(num_timesteps, channels, dtype=torch.float32)  # (T, C)
-    masks.scatter_(1, order[:, :num_active], 1.0)
+    masks = torch.zeros(num_blocks, num_timesteps, channels, dtype=torch.float32)  # (B, T, C)
+    for table in masks:
+        order = torch.rand(num_timesteps, channels, generator=gen, dtype=torch.float64).argsort(dim=1)  # (T, C)
+        table.scatter_(1, order[:, :num_active], 1.0)
     return masks
 
 
@@ -166,26 +174,29 @@ class TaskRouter(nn.Module):
     """
     Task routing for DiT blocks (paper: z^{l+1} = z^l + Block(m_t * z^l)).
 
-    Holds the (T, C) mask table in a non-persistent buffer, so it has no parameters and an empty
-    state dict: a DiT with a TaskRouter saves and loads exactly the keys of a plain DiT.
-    kind="dtr" uses `routing_masks` (alpha, beta); kind="random" is the R-TR baseline
-    (`random_masks` with beta and seed; alpha is unused).
+    Holds the masks in a non-persistent buffer `masks` (tables, T, C), so it has no parameters and
+    an empty state dict: a DiT with a TaskRouter saves and loads exactly the keys of a plain DiT.
+    kind="dtr" uses `routing_masks` (alpha, beta), one table that every block shares; kind="random"
+    is the R-TR baseline (`random_masks` with beta and seed; alpha is unused), one table per block
+    as in the official code (num_blocks x T x C floats: 129 MB for DiT-XL/2).
 
-    The model calls `route = router(t)` once per forward and `router.route(block, x, c, route)`
-    for every block; the same mask acts in every block and the final layer is not routed.
+    The model calls `routes = router(t)` once per forward and `router.route(block, x, c, routes[i])`
+    for block i; the final layer is not routed.
 
     channels: the block width C (the last dim of the (N, L, C) tokens). num_timesteps: T of YOUR
     noise schedule; it must match, since t in 0..T-1 picks row t (a default T = 1000 router fed a
-    T = 100 schedule's t would give every task nearly the same window). Keep it as a submodule of
-    the model: `.to(device)` then moves the masks and `copy.deepcopy` (an EMA) copies them.
+    T = 100 schedule's t would give every task nearly the same window). num_blocks: the number of
+    routed blocks (a DiT's depth). Keep it as a submodule of the model: `.to(device)` then moves
+    the masks and `copy.deepcopy` (an EMA) copies them.
     """
 
-    def __init__(self, channels, num_timesteps=1000, alpha=4.0, beta=0.8, kind="dtr", seed=0):
+    def __init__(self, channels, num_timesteps=1000, alpha=4.0, beta=0.8, kind="dtr", seed=0, num_blocks=1):
         super().__init__()
+        self.num_blocks = _check_int("num_blocks", num_blocks, 1)
         if kind == "dtr":
-            masks = routing_masks(num_timesteps, channels, alpha=alpha, beta=beta)
+            masks = routing_masks(num_timesteps, channels, alpha=alpha, beta=beta)[None]  # (1, T, C)
         elif kind == "random":
-            masks = random_masks(num_timesteps, channels, beta=beta, seed=seed)
+            masks = random_masks(num_timesteps, channels, beta=beta, seed=seed, num_blocks=num_blocks)  # (B, T, C)
         else:
             raise ValueError(f"kind must be 'dtr' (DTR) or 'random' (R-TR baseline), got {kind!r}")
         self.kind = kind
@@ -194,15 +205,16 @@ class TaskRouter(nn.Module):
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.seed = int(seed)
-        self.stats = mask_stats(masks)
-        self.register_buffer("masks", masks, persistent=False)  # (T, C)
+        self.stats = mask_stats(masks[0])  # block 0's: R-TR's other tables differ only in which channels they draw
+        self.register_buffer("masks", masks, persistent=False)  # (1 or B, T, C)
 
     def forward(self, t):
         """
         Mask rows for a batch of ORIGINAL timesteps t (N,) in 0..T-1 (any integer dtype, or float
         holding integral values, e.g. from a respaced sampler's index map; rounded, so 998.9999 is
-        999). Call it on the raw t, before the model's timestep embedding. Returns (N, C) in the
-        dtype of the mask buffer (float32 unless the model was cast), on its device.
+        999). Call it on the raw t, before the model's timestep embedding. Returns (num_blocks, N, C),
+        block i's rows at [i] (for DTR, views of one table), in the dtype of the mask buffer (float32
+        unless the model was cast), on its device.
         The range is not checked, since that would wait for the device: t >= T raises an IndexError
         on the CPU and a device-side assert on a GPU, a negative t silently wraps to row T + t, and a
         continuous t in [0, 1] silently picks row 0 or 1 for every sample (map it to
@@ -211,7 +223,8 @@ class TaskRouter(nn.Module):
         if t.ndim != 1:
             raise ValueError(f"t must be a 1-D tensor of timesteps (N,), got shape {tuple(t.shape)}; call the "
                              f"router on the raw timesteps, before the timestep embedding")
-        return self.masks[(t.round() if t.is_floating_point() else t).long()]  # (N, C)
+        rows = self.masks[:, (t.round() if t.is_floating_point() else t).long()]  # (1 or B, N, C)
+        return rows.expand(self.num_blocks, -1, -1)  # (B, N, C)
 
     def route(self, block, x, c, m):
         """
@@ -227,7 +240,7 @@ class TaskRouter(nn.Module):
         but still pass through the residual unchanged, and the block may write to every channel.
         With an all-ones mask (beta = 1) this is block(x, c) exactly.
 
-        x: (N, L, C) tokens, c: (N, C) conditioning, m: (N, C) from forward(t).
+        x: (N, L, C) tokens, c: (N, C) conditioning, m: (N, C), this block's rows of forward(t).
 
         Outside DiT, `block` is any callable block(r, c) -> (N, L, C) that includes its own residual
         connection (returns r + its branches, as a pre-norm transformer block does); a block that
@@ -248,7 +261,7 @@ class TaskRouter(nn.Module):
         knobs = f"alpha={self.alpha}, beta={self.beta}" if self.kind == "dtr" else f"beta={self.beta}, seed={self.seed}"
         return (
             f"kind={self.kind}, channels={self.channels}, num_timesteps={self.num_timesteps}, {knobs}, "
-            f"active={s['active']}, shared={s['shared']}, task_specific={s['task_specific']}"
+            f"num_blocks={self.num_blocks}, active={s['active']}, shared={s['shared']}, task_specific={s['task_specific']}"
         )
 
 
@@ -302,7 +315,8 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, help="DTR: window speed exponent; paper default 4")
     p.add_argument("--beta", type=float, default=0.8, help="fraction of active channels per task; paper default 0.8")
     p.add_argument("--timesteps", type=int, default=1000, help="number of diffusion steps T")
-    p.add_argument("--kind", choices=["dtr", "random"], default="dtr", help="dtr = DTR, random = R-TR baseline")
+    p.add_argument("--kind", choices=["dtr", "random"], default="dtr",
+                   help="dtr = DTR, random = R-TR baseline (its first block's table)")
     p.add_argument("--seed", type=int, help="R-TR (--kind random): seed of the masks; default 0")
     p.add_argument("--out", required=True, help="output PNG path")
     args = p.parse_args(argv)
@@ -321,7 +335,7 @@ def main(argv=None):
             title = f"DTR masks  T={args.timesteps} C={args.channels} alpha={router.alpha:g} beta={args.beta:g}"
         else:
             title = f"R-TR masks  T={args.timesteps} C={args.channels} beta={args.beta:g} seed={router.seed}"
-        size = draw_masks(router.masks, title, args.out)
+        size = draw_masks(router.masks[0], title, args.out)  # for R-TR, the first block's table
     except (ValueError, OSError, MemoryError) as e:  # MemoryError: a T x C mask table too large (--timesteps 10**8)
         p.error(str(e))
     print(router)

@@ -45,16 +45,20 @@ def method_parts(method):
     return tuple(method.split("+"))
 
 
-def build_router(args, hidden_size):
-    """The DTR / R-TR router named by args["method"], or None."""
+def build_router(args, hidden_size, depth):
+    """The DTR / R-TR router named by args["method"], for `depth` blocks, or None."""
     parts = method_parts(args["method"])
     if "dtr" not in parts and "rtr" not in parts:
         return None
     from dtr import TaskRouter
     kind = "dtr" if "dtr" in parts else "random"
+    if kind == "random" and not args.get("rtr_per_block"):  # set by train.py since R-TR draws a table per block
+        raise ValueError("this R-TR checkpoint was trained with one random mask table shared by every block, which "
+                         "this version no longer builds (each block draws its own, as in the official code); sample "
+                         "or resume it with the code of commit 3b13113, or train R-TR again")
     seed = {"seed": args["rtr_seed"]} if kind == "random" else {}  # a DTR checkpoint may predate --rtr-seed
     return TaskRouter(hidden_size, num_timesteps=args["num_timesteps"], alpha=args["dtr_alpha"], beta=args["dtr_beta"],
-                      kind=kind, **seed)
+                      kind=kind, num_blocks=depth, **seed)
 
 
 def build_model(args):
@@ -68,8 +72,9 @@ def build_model(args):
     for key in ("depth", "hidden_size", "num_heads"):  # optional overrides of the named config (small test models)
         if args.get(key):
             kwargs[key] = args[key]
-    width = kwargs.get("hidden_size", DiT_models[args["model"]].hidden_size)
-    return DiT_models[args["model"]](**kwargs, router=build_router(args, width))  # DiT checks the router
+    config = DiT_models[args["model"]]
+    router = build_router(args, kwargs.get("hidden_size", config.hidden_size), kwargs.get("depth", config.depth))
+    return config(**kwargs, router=router)  # DiT checks the router
 
 
 def build_diffusion(args):
@@ -140,6 +145,8 @@ def resolve_device(name=None):
         device = torch.device(name or "cuda")
     except RuntimeError:  # torch's message lists 20 device types
         raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # e.g. mps: untested here, and bench.py's timings would not wait for it
+        raise ValueError(f"--device {name}: this code runs on cpu or cuda (cuda:N), not on {device.type}")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda" and device.index >= torch.cuda.device_count():  # 0 without a GPU or a CUDA build of torch

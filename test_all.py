@@ -411,6 +411,20 @@ def test_forward_with_cfg_runs_the_first_half_twice_whatever_the_second_half_hol
     torch.testing.assert_close(other, ref, rtol=0, atol=0)
 
 
+def test_forward_refuses_an_input_of_another_shape_and_cfg_keeps_a_float64_models_precision():
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/4"](input_size=8, in_channels=3, num_classes=4, depth=1, hidden_size=32, num_heads=2).eval()
+    t, y = torch.tensor([10, 10]), torch.tensor([1, 4])
+    for shape in ((2, 3, 4, 16), (2, 3, 4, 4), (2, 4, 8, 8)):  # 4x16 has the patches of 8x8: a silently wrong output
+        with pytest.raises(ValueError, match=re.escape(f"x must be (N, 3, 8, 8) for this DiT, got {shape}")):
+            model(torch.randn(shape), t, y)
+    model = model.double()  # guidance rounded a float64 model's output to float32
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out, plain = model.forward_with_cfg(x, t, y, 1.0), model(x, t, y)
+    assert out.dtype == torch.float64 and torch.equal(out, plain)
+
+
 # ==============================================================================================
 #                                   diffusion.py
 # ==============================================================================================
@@ -1651,6 +1665,8 @@ def test_device_flag_gets_an_index(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(ValueError, match=r"^LOCAL_RANK 2: this process sees 2 CUDA GPU\(s\), so there is no cuda:2"):
         sample.resolve_device(None)
+    with pytest.raises(ValueError, match="--device mps: this code runs on cpu or cuda"):  # was a traceback
+        sample.resolve_device("mps")
 
 
 def test_one_device_index_for_several_processes_is_refused(tmp_path, capsys, monkeypatch):
@@ -2418,12 +2434,30 @@ def test_dtr_bad_arguments_raise_value_error(kwargs, named):
 
 
 def test_random_masks_have_int_beta_c_ones_and_are_seeded():
-    a = random_masks(200, 96, beta=0.8, seed=3)
+    a = random_masks(200, 96, beta=0.8, seed=3)[0]  # (T, C): one block
     assert a.shape == (200, 96) and set(a.unique().tolist()) == {0.0, 1.0}
     assert torch.all(a.sum(1) == int(0.8 * 96))
-    assert torch.equal(a, random_masks(200, 96, beta=0.8, seed=3))
-    assert not torch.equal(a, random_masks(200, 96, beta=0.8, seed=4))
+    assert torch.equal(a, random_masks(200, 96, beta=0.8, seed=3)[0])
+    assert not torch.equal(a, random_masks(200, 96, beta=0.8, seed=4)[0])
     assert not torch.equal(a[0], a[1])  # drawn independently per task
+
+
+def test_random_masks_are_drawn_per_block_as_in_the_official_code():
+    # the official DiT builds a TaskRouter per block, each drawing its own random table; one table shared by every
+    # block hid the same 20% of the channels (at beta 0.8) from all of them, instead of about 0.2^depth
+    tables = random_masks(1000, 64, beta=0.8, seed=0, num_blocks=12)  # (B, T, C)
+    assert tables.shape == (12, 1000, 64) and torch.all(tables.sum(2) == int(0.8 * 64))
+    assert torch.equal(tables[0], random_masks(1000, 64, beta=0.8, seed=0)[0])  # block 0 whatever the depth
+    assert not torch.equal(tables[0], tables[1])
+    hidden_from_all = (tables.amax(0) == 0).float().mean()  # (T, C) -> share of channels no block reads
+    assert hidden_from_all < 0.01
+    router = TaskRouter(64, 1000, kind="random", seed=0, num_blocks=12)
+    t = torch.tensor([3, 999, 3])
+    assert torch.equal(router(t), tables[:, t])  # (B, N, C)
+    dtr = TaskRouter(64, 1000, num_blocks=12)
+    assert dtr.masks.shape == (1, 1000, 64) and torch.equal(dtr(t), routing_masks(1000, 64)[t].expand(12, -1, -1))
+    with pytest.raises(ValueError, match="must route this DiT's 2 blocks .router.num_blocks., but routes 1; build it with num_blocks=2"):
+        DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=64, depth=2, num_heads=2, router=TaskRouter(64))
 
 
 def test_random_masks_bad_arguments_raise_value_error():
@@ -2456,6 +2490,7 @@ def test_a_router_with_persistent_buffers_is_refused():
         def __init__(self, persistent):
             super().__init__()
             self.register_buffer("table", torch.ones(3), persistent=persistent)
+            self.num_blocks = 1
 
     kw = dict(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=4)
     with pytest.raises(ValueError, match="persistent buffers"):
@@ -2467,10 +2502,10 @@ def test_router_forward_picks_rows_by_original_timestep():
     router = TaskRouter(32, num_timesteps=1000, alpha=4.0, beta=0.75)
     table = routing_masks(1000, 32, 4.0, 0.75)
     t = torch.tensor([0, 999, 500, 500, 17])
-    assert torch.equal(router(t), table[t])
-    assert torch.equal(router(t.double()), table[t])  # respaced samplers hand over float timesteps
-    assert torch.equal(router(t.double() - 1e-4), table[t])  # rounded, not truncated
-    assert torch.equal(TaskRouter(32, 1000, beta=0.75, kind="random", seed=1)(t), random_masks(1000, 32, 0.75, 1)[t])
+    assert torch.equal(router(t)[0], table[t])  # (1, N, C): one block
+    assert torch.equal(router(t.double())[0], table[t])  # respaced samplers hand over float timesteps
+    assert torch.equal(router(t.double() - 1e-4)[0], table[t])  # rounded, not truncated
+    assert torch.equal(TaskRouter(32, 1000, beta=0.75, kind="random", seed=1)(t), random_masks(1000, 32, 0.75, 1)[:, t])
     with pytest.raises(ValueError):
         router(t[None])
 
@@ -2480,7 +2515,7 @@ def test_router_called_on_the_embedded_timestep_says_where_to_call_it():
     router = TaskRouter(16, num_timesteps=100)
     with pytest.raises(ValueError, match="before the timestep embedding"):
         router(torch.randn(4, 16))
-    assert torch.equal(router(torch.tensor([0, 99], dtype=torch.int32)), router.masks[[0, 99]])
+    assert torch.equal(router(torch.tensor([0, 99], dtype=torch.int32)), router.masks[:, [0, 99]])
 
 
 def test_router_bad_kind_raises_value_error():
@@ -2515,7 +2550,7 @@ def test_route_equals_the_official_formula(dtype):
     x = torch.randn(N, L, C, generator=g).to(dtype)
     c = torch.randn(N, C, generator=g).to(dtype)
     t = torch.tensor([0, 333, 998, 999])
-    m = router(t)  # (N, C) float32
+    m = router(t)[0]  # (N, C) float32
     out = router.route(block, x, c, m)
     assert out.dtype == dtype and out.shape == (N, L, C)
     # Official DTR block, written out.
@@ -2533,7 +2568,7 @@ def test_route_hides_masked_channels_from_the_block():
     block, _, _ = make_block(C)
     router = TaskRouter(C, num_timesteps=1000, alpha=4.0, beta=0.8)
     x, c = torch.randn(N, L, C), torch.randn(N, C)
-    m = router(torch.tensor([0, 333, 998, 999]))
+    m = router(torch.tensor([0, 333, 998, 999]))[0]
     off = (1 - m)[:, None, :].expand(N, L, C)  # (N, L, C)
     bump = router.route(block, x + off, c, m) - router.route(block, x, c, m)
     torch.testing.assert_close(bump, off, rtol=0, atol=1e-6)
@@ -2544,7 +2579,7 @@ def test_route_with_beta_one_equals_the_plain_block_bit_for_bit():
     block, _, _ = make_block(C, seed=2)
     router = TaskRouter(C, num_timesteps=1000, beta=1.0)
     x, c = torch.randn(N, L, C), torch.randn(N, C)
-    out = router.route(block, x, c, router(torch.tensor([0, 500, 999])))
+    out = router.route(block, x, c, router(torch.tensor([0, 500, 999]))[0])
     assert torch.equal(out, block(x, c))
 
 
@@ -2552,9 +2587,9 @@ def test_route_rejects_mismatched_shapes():
     router = TaskRouter(8, num_timesteps=10)
     block, _, _ = make_block(8)
     with pytest.raises(ValueError):
-        router.route(block, torch.randn(2, 3, 8), torch.randn(2, 8), router(torch.tensor([0, 1, 2])))
+        router.route(block, torch.randn(2, 3, 8), torch.randn(2, 8), router(torch.tensor([0, 1, 2]))[0])
     with pytest.raises(ValueError, match=r"give the router channels = the block width, and tokens channels-last"):
-        router.route(block, torch.randn(2, 8, 4, 4), torch.randn(2, 8), router(torch.tensor([0, 1])))  # (N, C, H, W)
+        router.route(block, torch.randn(2, 8, 4, 4), torch.randn(2, 8), router(torch.tensor([0, 1]))[0])  # (N, C, H, W)
 
 
 def test_router_traces_without_graph_breaks():
@@ -2563,7 +2598,7 @@ def test_router_traces_without_graph_breaks():
     router = TaskRouter(C, num_timesteps=100)
 
     def f(x, c, t):
-        return router.route(block, x, c, router(t))
+        return router.route(block, x, c, router(t)[0])
 
     x, c, t = torch.randn(2, 3, C), torch.randn(2, C), torch.tensor([5.0, 99.0])
     compiled = torch.compile(f, fullgraph=True, backend="eager")
@@ -5214,14 +5249,14 @@ def _random_dit(router=None, **kw):
 
 
 def test_dtr_beta_one_equals_vanilla_bit_for_bit():
-    vanilla, dtr = _random_dit(), _random_dit(TaskRouter(64, beta=1.0))
+    vanilla, dtr = _random_dit(), _random_dit(TaskRouter(64, beta=1.0, num_blocks=2))
     dtr.load_state_dict(vanilla.state_dict(), strict=True)
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 400, 999]), torch.tensor([0, 1, 2])
     assert torch.equal(vanilla(x, t, y), dtr(x, t, y))
 
 
 def test_dtr_adds_no_parameters_and_loads_a_vanilla_state_dict_strictly():
-    vanilla, dtr = _random_dit(), _random_dit(TaskRouter(64))
+    vanilla, dtr = _random_dit(), _random_dit(TaskRouter(64, num_blocks=2))
     assert sum(p.numel() for p in dtr.parameters()) == sum(p.numel() for p in vanilla.parameters())
     assert list(dtr.state_dict()) == list(vanilla.state_dict())
     dtr.load_state_dict(vanilla.state_dict(), strict=True)
@@ -5230,7 +5265,7 @@ def test_dtr_adds_no_parameters_and_loads_a_vanilla_state_dict_strictly():
 
 
 def test_dtr_model_matches_hand_written_official_two_block_formula():
-    model = _random_dit(TaskRouter(64, alpha=4.0, beta=0.8))
+    model = _random_dit(TaskRouter(64, alpha=4.0, beta=0.8, num_blocks=2))
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([7, 950]), torch.tensor([3, 0])
     m = routing_masks(1000, 64, 4.0, 0.8)[t][:, None, :]  # (N, 1, C)
     h = model.x_embedder(x) + model.pos_embed
@@ -5246,7 +5281,7 @@ def test_dtr_model_matches_hand_written_official_two_block_formula():
 
 
 def test_dtr_mask_at_a_respaced_step_is_the_original_timesteps_row():
-    router = TaskRouter(64)
+    router = TaskRouter(64, num_blocks=2)
     seen = []
     original_forward = router.forward
     router.forward = lambda t: (seen.append(t.clone()), original_forward(t))[1]
@@ -6650,8 +6685,12 @@ def test_rtr_models_are_rebuilt_with_their_saved_seed():
         "num_classes": 10, "in_channels": 3}
     router = sample.build_model(args).router
     assert router.kind == "random" and router.seed == 5
-    assert torch.equal(router.masks, TaskRouter(router.masks.shape[1], kind="random", seed=5).masks)
+    assert torch.equal(router.masks, TaskRouter(router.masks.shape[2], kind="random", seed=5).masks)
     assert not torch.equal(router.masks, sample.build_model({**args, "rtr_seed": 0}).router.masks)
+    old = {k: v for k, v in args.items() if k != "rtr_per_block"}  # trained when every block shared one table
+    with pytest.raises(ValueError, match="one random mask table shared by every block.*commit 3b13113"):
+        sample.build_model(old)
+    assert sample.build_model({**old, "method": "dtr"}).router.kind == "dtr"  # DTR's masks did not change
 
 
 def test_a_latent_model_with_no_samples_on_this_rank_gives_empty_images_of_image_size():
@@ -7868,6 +7907,10 @@ def test_decode_cli_writes_adm_npz_from_a_folder_or_an_npz(latent_setup, tmp_pat
         latents.decode(latents.parse_args(["decode", "--latents", str(tmp_path / "zinf.npz"), "--vae", str(vae),
                                            "--out", str(tmp_path / "rec3")]))
     assert not (tmp_path / "rec3").exists()
+    np.savez(tmp_path / "zlab.npz", arr_0=z[[0, 2]], arr_1=np.arange(3))  # images.npz paired them with other labels
+    with pytest.raises(latents.LatentError, match=r"arr_1 must hold one label per latent, \(2,\), got shape \(3,\)"):
+        latents.decode(latents.parse_args(["decode", "--latents", str(tmp_path / "zlab.npz"), "--vae", str(vae),
+                                           "--out", str(tmp_path / "rec3")]))
 
 
 
@@ -8378,6 +8421,16 @@ def test_bench_counts_only_torchs_sync_warnings_on_cuda_and_says_where_each_was_
     assert others[0]["site"].startswith("bench.py:") and " count_host_syncs" in others[0]["site"]
     assert mode[0] == 0 and warnings.showwarning is show  # the mode and the warnings hook are put back
     assert bench.count_host_syncs(b, images, labels) == (syncs, [])  # the next method read: no notice
+
+
+def test_bench_warms_nash_up_on_an_update_and_a_plain_step(tmp_path):
+    # Nash's step 0 is an update: with --warmup 1 its plain step's first call (a compile) landed in round 1
+    _, train_argv = bench.parse_args(BENCH_TINY + ["--nash-every", "3"])
+    images, labels = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8), torch.randint(10, (5,))
+    for method, n, steps in (("ant-nash", 1, 2), ("ant-nash", 0, 0), ("vanilla", 1, 1)):
+        b = bench.MethodBench(method, train_argv, 10, 3, 5, torch.device("cpu"), str(tmp_path))
+        b.warm_up(n, images, labels)
+        assert b.step == steps, method
 
 
 def test_bench_rounds_medians_ratios_nash_amortisation_mfu_and_json_on_a_scripted_clock(tmp_path, monkeypatch, capsys):

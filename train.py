@@ -62,7 +62,7 @@ ANT_PARTS = ("ant-uw", "ant-pcgrad", "ant-nash")
 # Settings that must match between a checkpoint and the flags of a resumed run.
 MODEL_SETTINGS = ("model", "depth", "hidden_size", "num_heads", "image_size", "in_channels", "num_classes",
                   "learn_sigma", "class_dropout_prob", "method", "num_timesteps", "schedule", "dtr_alpha", "dtr_beta",
-                  "rtr_seed", "ant_clusters", "ant_objective", "curriculum_clusters", "curriculum_order",
+                  "rtr_seed", "rtr_per_block", "ant_clusters", "ant_objective", "curriculum_clusters", "curriculum_order",
                   "curriculum_pacing", "curriculum_smoothing")  # smoothing: the saved loss EMA is only valid under its decay
 
 
@@ -474,7 +474,7 @@ LATENT_SETTINGS = ("scale", "shift", "factor", "size", "channels")  # of args.la
 
 # The MODEL_SETTINGS that only some methods read, and the method parts that read them (curriculum_clusters 0 takes
 # the ANT clusters, which curriculum+ant-* already reads through its ANT part).
-METHOD_SETTINGS = {"dtr_alpha": ("dtr",), "dtr_beta": ("dtr", "rtr"), "rtr_seed": ("rtr",),
+METHOD_SETTINGS = {"dtr_alpha": ("dtr",), "dtr_beta": ("dtr", "rtr"), "rtr_seed": ("rtr",), "rtr_per_block": ("rtr",),
                    "ant_clusters": ANT_PARTS, "ant_objective": ANT_PARTS,
                    **{key: ("curriculum",) for key in MODEL_SETTINGS if key.startswith("curriculum_")}}
 
@@ -801,6 +801,7 @@ def parse_args(argv=None):
     args.in_channels = 3
     args.learn_sigma = bool(args.learn_sigma)
     args.latent = None
+    args.rtr_per_block = True  # not a flag: R-TR draws a mask table per block (sample.build_router); saved with the args
     return args
 
 
@@ -948,7 +949,8 @@ def train(args):
                 f"{ckpt['args']['data_size']}; the data order from step {ckpt['step']} on is that of the new set, so "
                 f"this epoch may skip or repeat some examples")
         changed = [f"--{k.replace('_', '-')} {v} (was {ckpt['args'].get(k)})" for k, v in vars(args).items()
-                   if k not in ("resume", "max_steps", "global_batch_size", "data_size") and ckpt["args"].get(k) != v]
+                   if k not in ("resume", "max_steps", "global_batch_size", "data_size", "rtr_per_block")
+                   and ckpt["args"].get(k) != v]
         if changed:  # e.g. a lower --lr after a divergence, or another --weighting: say so, the record shows only the new value
             log(f"resume: flags that differ from the checkpoint's run, in effect from step {ckpt['step']}: {', '.join(changed)}")
 
