@@ -426,6 +426,8 @@ def decode(args):
             raise LatentError(f"cannot read latents from {args.latents} ({e}); expected an .npz with arr_0 (N, C, h, w)") from None
         if z.ndim != 4 or not np.issubdtype(z.dtype, np.floating) or not len(z):  # none: a reshape error in the VAE
             raise LatentError(f"{args.latents}: arr_0 must be float latents (N, C, h, w) with N >= 1, got {z.shape} {z.dtype}")
+        if y.shape != (len(z),):  # images.npz would pair the images with other labels, or lack some
+            raise LatentError(f"{args.latents}: arr_1 must hold one label per latent, ({len(z)},), got shape {y.shape}")
         if not args.vae:
             raise LatentError("decoding an .npz needs --vae (the VAE the latents were made with)")
         n = min(args.num or len(z), len(z))
