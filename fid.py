@@ -44,6 +44,7 @@ SAMPLES / REFERENCE: an image folder (recursive), a .zip of images, an .npz samp
 """
 
 import argparse
+import fcntl
 import gc
 import hashlib
 import io
@@ -812,6 +813,26 @@ def read_statistics(path):
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:
             raise damaged(path, e) from None
     return stats
+
+
+def lock_folder(folder, name):
+    """Lock the file `name` in `folder` for this process, so that a second process that would write into the same
+    folder (a job submitted twice, a requeue while the first still runs) can be refused: returns the open lock file,
+    which the caller keeps open while it writes. A POSIX record lock (fcntl.lockf, which NFS supports): the OS drops
+    it when the process ends, however it ends, and a second lock from the same process (a notebook, the tests)
+    succeeds. ValueError if another process holds it; OSError where the file system has no locks."""
+    path = os.path.join(folder, name)
+    f = open(path, "a")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
+        f.close()
+        raise ValueError(f"another process is writing into {folder} (it holds {path}); wait for it to end, or pass "
+                         f"another --out. The lock goes with its process: a killed one leaves none") from None
+    except OSError:
+        f.close()
+        raise
+    return f
 
 
 def atomic_write(path, write, mode="wb"):

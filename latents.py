@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 
 import data as datasets
-from fid import atomic_write
+from fid import atomic_write, lock_folder
 
 INSTALL = "pip install diffusers"
 
@@ -353,6 +353,17 @@ def encode(args):
     if args.image_size % vae_factor(vae):
         raise LatentError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {vae_factor(vae)}; "
                          f"use a multiple of {vae_factor(vae)}")
+    def lock():  # before anything in the folder changes; held until this encode ends
+        os.makedirs(args.out, exist_ok=True)
+        try:
+            return lock_folder(args.out, ".encode.lock")  # hidden: not one of the "other files" prepare_folder refuses
+        except ValueError as e:  # two encodes into one folder would write the same rows and progress logs
+            raise LatentError(f"a latents.py encode is going on: {e}") from None
+        except OSError as e:  # e.g. ENOLCK: a file system without locks
+            log(f"warning: cannot lock {args.out} ({e}); nothing stops a second encode into it while this one runs")
+            return None
+
+    folder_lock = on_rank0(lock)
     manifest = on_rank0(lambda: prepare_folder(args, dataset, vae, args.out, log))
     if manifest is None:
         with open(os.path.join(args.out, datasets.MANIFEST)) as fh:
@@ -385,6 +396,8 @@ def encode(args):
     if distributed:
         dist.barrier()  # nobody tears down the process group while a peer still uses it
         dist.destroy_process_group()
+    if folder_lock is not None:
+        folder_lock.close()
     return manifest
 
 

@@ -7309,6 +7309,20 @@ def test_atomic_save_raises_a_full_disks_oserror_not_torchs_runtime_error(tmp_pa
     assert list(tmp_path.iterdir()) == []  # and no half file
 
 
+@contextlib.contextmanager
+def locked_by_another_process(path):
+    """Hold fid.lock_folder's lock on `path` from a child process, as a second job writing into the folder would."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+                               str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_second_train_py_into_a_running_runs_out_is_refused_and_changes_nothing(tmp_path, capsys):
     # there was no lock: before the first checkpoint two runs trained into one --out, overwriting each other's
     # checkpoints and doubling metrics.jsonl; and a second start, refused later, first removed the running run's
@@ -7317,18 +7331,11 @@ def test_a_second_train_py_into_a_running_runs_out_is_refused_and_changes_nothin
     (out / "checkpoints").mkdir(parents=True)
     writing = out / "checkpoints" / "0000004.pt.tmp999"
     writing.write_bytes(b"half a checkpoint")
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                               "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
-                               str(out / "train.lock")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with locked_by_another_process(out / "train.lock"):
         with pytest.raises(SystemExit):
             train.main(TINY + ["--out", str(out), "--max-steps", "1"])
-        assert "another train.py process is writing into --out" in capsys.readouterr().err
+        assert "a train.py run is going on: another process is writing into" in capsys.readouterr().err
         assert writing.exists() and not list(out.glob("metrics.jsonl"))
-    finally:
-        holder.kill()
-        holder.wait()
     run_train(tmp_path, "--max-steps", "1")  # the lock went with its process
     assert not writing.exists() and last_checkpoint(out)["step"] == 1
     run_train(tmp_path, "--max-steps", "2", "--resume", "auto")  # a second run in this process is not refused
@@ -7958,6 +7965,20 @@ def test_encode_ranks_all_read_the_progress_logs_before_any_rank_appends(latent_
     assert events[:3] == ["read", "barrier", "append"]
 
 
+def test_a_second_encode_into_a_folder_being_encoded_is_refused(latent_setup, tmp_path):
+    # two encodes into one --out (a job submitted twice) would write the same rows and progress logs
+    root, vae, images, _ = latent_setup
+    (tmp_path / "lat").mkdir()
+    argv = ["encode", "--data", str(images), "--out", str(tmp_path / "lat"), "--vae", str(vae), "--image-size", "16",
+            "--num-workers", "0"]
+    with locked_by_another_process(tmp_path / "lat" / ".encode.lock"):
+        with pytest.raises(latents.LatentError, match="a latents.py encode is going on: another process is writing"):
+            latents.encode(latents.parse_args(argv))
+        assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == [".encode.lock"]  # nothing else written
+    latents.main(argv)  # the lock went with its process
+    assert json.loads((tmp_path / "lat" / datasets.MANIFEST).read_text())["complete"]
+
+
 def test_encode_errors_of_rank_0_reach_the_other_ranks(latent_setup, tmp_path, monkeypatch):
     # rank 0 alone prepares --out and marks it complete; an error there must be broadcast, or the other ranks wait in
     # the next collective (an OSError, e.g. an --out under a file, was raised on rank 0 alone; so was the final check)
@@ -7972,7 +7993,7 @@ def test_encode_errors_of_rank_0_reach_the_other_ranks(latent_setup, tmp_path, m
     sent.clear()
     with pytest.raises(SystemExit):  # rank 0 of two encodes its half: the other half is missing at the end
         latents.main(argv + ["--out", str(tmp_path / "lat")])
-    assert sent[:2] == [None, None] and "still not encoded" in sent[2]
+    assert sent[:3] == [None, None, None] and "still not encoded" in sent[3]  # the VAE, the lock, the folder
     replay = iter(sent)  # rank 1 receives what rank 0 sent
     _fake_encode_rank(monkeypatch, 1, lambda box, src: box.__setitem__(0, next(replay)))
     with pytest.raises(SystemExit) as e:

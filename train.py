@@ -27,7 +27,6 @@ paces on. A non-finite step never updates the weights: fused AdamW skips it on t
 import argparse
 import copy
 import datetime
-import fcntl
 import functools
 import glob
 import hashlib
@@ -50,6 +49,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datasets
+import fid
 import latents
 from diffusion import WEIGHTINGS
 from dit import DiT_models
@@ -380,25 +380,18 @@ def atomic_save(obj, path):
 
 
 def lock_run_folder(run_dir, log):
-    """Lock run_dir/train.lock for this process, or ConfigError if another process holds it: two runs into one
-    --out would overwrite each other's checkpoints (the checkpoint check below sees only those already written),
-    mix their metrics, and a second start would remove the first's checkpoint being written as a stale one.
-    A POSIX record lock (fcntl.lockf, which NFS supports): the OS drops it when the process ends, however it ends,
-    and a second train() in the same process (a notebook, the tests) is not refused. Returns the open lock file,
-    which the caller keeps open; where the file system has no locks, a warning and None."""
-    path = os.path.join(run_dir, "train.lock")
-    f = open(path, "a")
+    """fid.lock_folder of run_dir/train.lock, or ConfigError if another process holds it: two runs into one --out
+    would overwrite each other's checkpoints (the checkpoint check below sees only those already written) and mix
+    their metrics, and a second start would remove the first's checkpoint being written as a stale one. Returns the
+    open lock file, which the caller keeps open; where the file system has no locks, a warning and None."""
     try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
-        f.close()
-        raise ConfigError(f"another train.py process is writing into --out {run_dir} (it holds {path}); wait for it "
-                          f"to end, or pass another --out. The lock goes with its process: a killed run leaves none") from None
+        return fid.lock_folder(run_dir, "train.lock")
+    except ValueError as e:
+        raise ConfigError(f"a train.py run is going on: {e}") from None
     except OSError as e:  # e.g. ENOLCK: a file system without locks
-        f.close()
-        log(f"warning: cannot lock {path} ({e}); nothing stops a second run into --out {run_dir} while this one runs")
+        log(f"warning: cannot lock {os.path.join(run_dir, 'train.lock')} ({e}); nothing stops a second run into "
+            f"--out {run_dir} while this one runs")
         return None
-    return f
 
 
 def checkpoint_step(path):
@@ -1087,7 +1080,6 @@ def train(args):
 
     fid_net = ref_stats = None
     if args.fid_every:
-        import fid
         try:
             fid_net = fid.load_inception(args.inception, device)
         except (OSError, RuntimeError, ValueError) as e:
