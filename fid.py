@@ -44,7 +44,6 @@ SAMPLES / REFERENCE: an image folder (recursive), a .zip of images, an .npz samp
 """
 
 import argparse
-import fcntl
 import gc
 import hashlib
 import io
@@ -821,6 +820,10 @@ def lock_folder(folder, name):
     which the caller keeps open while it writes. A POSIX record lock (fcntl.lockf, which NFS supports): the OS drops
     it when the process ends, however it ends, and a second lock from the same process (a notebook, the tests)
     succeeds. ValueError if another process holds it; OSError where the file system has no locks."""
+    try:
+        import fcntl  # here: not on Windows, where fid.py works without it
+    except ImportError:
+        raise OSError("this OS has no fcntl file locks") from None
     path = os.path.join(folder, name)
     f = open(path, "a")
     try:
@@ -905,10 +908,12 @@ def source_version(source):
             digest.update(f"{info.filename}\0{info.file_size}\0{info.CRC:08x}\n".encode())
         return f"{len(infos)} members, {digest.hexdigest()[:16]}"
     if isinstance(source, (np.ndarray, torch.Tensor)):
-        array = torch.as_tensor(source).detach().cpu().contiguous()  # a memory-mapped .npz array is read once here
-        digest.update(f"{array.dtype} {tuple(array.shape)}\n".encode())
-        digest.update(array.reshape(-1).view(torch.uint8).numpy())
-        return f"{len(array)} images, {digest.hexdigest()[:16]}"
+        digest.update(f"{source.dtype} {tuple(source.shape)}\n".encode())
+        if isinstance(source, torch.Tensor):  # its bytes, whatever the dtype (numpy has no bfloat16)
+            digest.update(source.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:  # a memory-mapped (read-only) array is read once here
+            digest.update(np.ascontiguousarray(source).reshape(-1).view(np.uint8))
+        return f"{len(source)} images, {digest.hexdigest()[:16]}"
     return None
 
 
