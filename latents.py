@@ -205,6 +205,18 @@ def pwrite_rows(fd, offset, row_bytes, rows, values):
         pwrite_all(fd, np.ascontiguousarray(vals).tobytes(), offset + int(run[0]) * row_bytes)
 
 
+def refuse_other_files(out):
+    """LatentError if `out` has no manifest but holds files an encode did not make: e.g. the image folder itself, which
+    the manifest would turn into a latent folder for train.py. Hidden files (.DS_Store) do not count."""
+    if not os.path.isdir(out) or os.path.isfile(os.path.join(out, datasets.MANIFEST)):
+        return
+    own = ("progress", "latents.npy", "labels.npy")  # what an encode stopped before its manifest leaves
+    other = sorted(n for n in os.listdir(out) if n not in own and not n.startswith((datasets.MANIFEST + ".tmp", ".")))
+    if other:
+        raise LatentError(f"--out {out} already holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
+                          f"and no {datasets.MANIFEST}; pass a new or empty folder")
+
+
 def prepare_folder(args, dataset, vae, out, log):
     """Rank 0: the manifest of this encode, creating the preallocated arrays on first run and
     checking that a rerun has the same settings. Returns the manifest."""
@@ -231,12 +243,7 @@ def prepare_folder(args, dataset, vae, out, log):
             raise LatentError(f"{out} holds an encode with other settings ({', '.join(f'{k}={old.get(k)!r}, now {manifest[k]!r}' for k in differ)}); "
                               f"rerun with the same flags to resume it, or pick another --out")
         return old
-    own = ("progress", "latents.npy", "labels.npy")  # what an encode stopped before its manifest leaves
-    other = sorted(n for n in os.listdir(out) if n not in own and not n.startswith((datasets.MANIFEST + ".tmp", "."))) \
-        if os.path.isdir(out) else []  # hidden files (.DS_Store) do not count
-    if other:  # e.g. the image folder itself, which the manifest would turn into a latent folder for train.py
-        raise LatentError(f"--out {out} already holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
-                          f"and no {datasets.MANIFEST}; pass a new or empty folder")
+    refuse_other_files(out)
     os.makedirs(os.path.join(out, "progress"), exist_ok=True)
     shape = (manifest["count"], manifest["channels"], manifest["latent_size"], manifest["latent_size"])
     for name, dtype, shp in (("latents.npy", np.float16, shape), ("labels.npy", np.int64, shape[:1])):
@@ -353,7 +360,8 @@ def encode(args):
     if args.image_size % vae_factor(vae):
         raise LatentError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {vae_factor(vae)}; "
                          f"use a multiple of {vae_factor(vae)}")
-    def lock():  # before anything in the folder changes; held until this encode ends
+    def lock():  # before anything in the folder changes (a refused one gets no lock file); held until this encode ends
+        refuse_other_files(args.out)
         os.makedirs(args.out, exist_ok=True)
         try:
             return lock_folder(args.out, ".encode.lock")  # hidden: not one of the "other files" prepare_folder refuses
