@@ -360,11 +360,12 @@ def encode(args):
     if args.image_size % vae_factor(vae):
         raise LatentError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {vae_factor(vae)}; "
                          f"use a multiple of {vae_factor(vae)}")
+
     def lock():  # before anything in the folder changes (a refused one gets no lock file); held until this encode ends
         refuse_other_files(args.out)
         os.makedirs(args.out, exist_ok=True)
         try:
-            return lock_folder(args.out, ".encode.lock")  # hidden: not one of the "other files" prepare_folder refuses
+            return lock_folder(args.out, ".encode.lock")  # hidden: not one of the "other files" a rerun refuses
         except ValueError as e:  # two encodes into one folder would write the same rows and progress logs
             raise LatentError(f"a latents.py encode is going on: {e}") from None
         except OSError as e:  # e.g. ENOLCK: a file system without locks

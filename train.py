@@ -866,7 +866,7 @@ def train(args):
             os.remove(probe)
         except OSError as e:
             raise ConfigError(f"cannot write to the results folder {args.out}: {e}") from None
-        run_lock = lock_run_folder(args.out, log)  # held until this process ends: before anything here is changed
+        run_lock = lock_run_folder(args.out, log)  # held until the run ends: taken before anything here is changed
         for stale in glob.glob(os.path.join(ckpt_dir, "*.pt.tmp*")):  # a write cut short by SIGKILL (atomic_save)
             try:
                 os.remove(stale)
