@@ -454,9 +454,10 @@ def test_weightings_refuse_parameters_that_zero_or_negate_the_loss_weight():
     # min(SNR, 0) / SNR weighs every sample 0; (k + SNR)^-gamma with k < 0 is negative or NaN wherever SNR < -k
     abar = np.cumprod(1 - _betas("linear"))
     snr = abar / (1 - abar)
-    for kw in (dict(weighting="min-snr", min_snr_gamma=0.0), dict(weighting="p2", p2_k=-0.5),
-               dict(weighting="p2", p2_gamma=-1.0)):
-        with pytest.raises(ValueError, match="must be"):
+    for kw, says in ((dict(weighting="min-snr", min_snr_gamma=0.0), r"min_snr_gamma must be > 0 .*got 0.0"),
+                     (dict(weighting="p2", p2_k=-0.5), r"p2_gamma and p2_k must be >= 0 .*got 1.0 and -0.5"),
+                     (dict(weighting="p2", p2_gamma=-1.0), r"p2_gamma and p2_k must be >= 0 .*got -1.0 and 1.0")):
+        with pytest.raises(ValueError, match=says):
             gd.Diffusion(learn_sigma=False, **kw)
     np.testing.assert_allclose(gd.Diffusion(learn_sigma=False, weighting="p2", p2_k=0.0).loss_weight, 1 / snr, rtol=1e-10)
 
@@ -491,7 +492,7 @@ def test_sample_respaces_once_per_step_setting(monkeypatch):
 def test_space_timesteps_sections():
     assert gd.space_timesteps(100, "10,5") == sorted(set([round(i * 49 / 9) for i in range(10)] +
                                                          [50 + round(i * 49 / 4) for i in range(5)]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot make exactly 45 evenly strided steps out of 100"):
         gd.space_timesteps(100, "ddim45")
     with pytest.raises(ValueError, match="at least 2 timesteps"):
         gd.Diffusion().respace("1")
@@ -2461,9 +2462,9 @@ def test_random_masks_are_drawn_per_block_as_in_the_official_code():
 
 
 def test_random_masks_bad_arguments_raise_value_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
         random_masks(10, 8, beta=0.8, seed=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"beta .* must be in \(0, 1\], got 0.0"):
         random_masks(10, 8, beta=0.0, seed=0)
 
 
@@ -2506,7 +2507,7 @@ def test_router_forward_picks_rows_by_original_timestep():
     assert torch.equal(router(t.double())[0], table[t])  # respaced samplers hand over float timesteps
     assert torch.equal(router(t.double() - 1e-4)[0], table[t])  # rounded, not truncated
     assert torch.equal(TaskRouter(32, 1000, beta=0.75, kind="random", seed=1)(t), random_masks(1000, 32, 0.75, 1)[:, t])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="t must be a 1-D tensor of timesteps"):
         router(t[None])
 
 
@@ -2519,7 +2520,7 @@ def test_router_called_on_the_embedded_timestep_says_where_to_call_it():
 
 
 def test_router_bad_kind_raises_value_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kind must be 'dtr' .* got 'learned'"):
         TaskRouter(32, kind="learned")
 
 
@@ -2615,9 +2616,9 @@ def test_extra_repr_names_kind_knobs_and_counts():
 
 
 def test_mask_stats_rejects_non_masks():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="masks must contain only 0 and 1"):
         mask_stats(torch.full((4, 3), 0.5))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="the same number of channels in every task"):
         mask_stats(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
     with pytest.raises(ValueError, match="T >= 2"):  # one task has no halves to compare (was a torch RuntimeError)
         mask_stats(torch.ones(1, 3))
@@ -3211,7 +3212,7 @@ def test_nash_mtl_state_round_trip_and_loss():
     assert np.array_equal(other.alpha, nash.alpha)
     assert (other.steps, other.updates, other.failures) == (51, 1, 1)
     assert other.loss(L).item() == pytest.approx(nash.loss(L).item())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="state has 3 alphas, expected 4"):
         nt.NashMTL(4).load_state_dict(state)
 
 
@@ -3294,7 +3295,7 @@ def test_write_flat_grad_round_trip():
     assert torch.equal(torch.cat([p.grad.reshape(-1) for p in params]), flat)
     nt.write_flat_grad(params, 2 * flat)  # into existing .grad
     assert torch.equal(torch.cat([p.grad.reshape(-1) for p in params]), 2 * flat)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="flat must have shape"):
         nt.write_flat_grad(params, flat[:-1])
 
 
@@ -3805,22 +3806,22 @@ def test_custom_unequal_clusters_like_ant_snr():
     assert [stage_interval(clusters, n, "hard-to-easy") for n in (1, 3, 5)] == [(0, 1), (0, 5), (0, 1000)]
 
 
-@pytest.mark.parametrize("clusters", [
-    [(0, 500), (600, 1000)],          # gap
-    [(0, 500), (400, 1000)],          # overlap
-    [(500, 1000), (0, 500)],          # wrong order
-    [(1, 500), (500, 1000)],          # does not start at 0
-    [(0, 500), (500, 999)],           # does not end at T
-    [(0, 500), (500, 500), (500, 1000)],  # empty cluster
-    [(0, 500.0), (500.0, 1000)],      # floats
-    [(0, 500, 1000)],                 # not pairs
-    [],
-    5,
+@pytest.mark.parametrize("clusters,says", [
+    ([(0, 500), (600, 1000)], r"contiguous .* \(0, 500\) is followed by \(600, 1000\)"),  # gap
+    ([(0, 500), (400, 1000)], r"contiguous .* \(0, 500\) is followed by \(400, 1000\)"),  # overlap
+    ([(500, 1000), (0, 500)], r"contiguous and in increasing t"),  # wrong order
+    ([(1, 500), (500, 1000)], r"must cover \[0, 1000\) exactly, they cover \[1, 1000\)"),  # does not start at 0
+    ([(0, 500), (500, 999)], r"must cover \[0, 1000\) exactly, they cover \[0, 999\)"),  # does not end at T
+    ([(0, 500), (500, 500), (500, 1000)], r"cluster \(500, 500\) is empty"),
+    ([(0, 500.0), (500.0, 1000)], r"a pair of ints .* got \(0, 500.0\)"),  # floats
+    ([(0, 500, 1000)], r"a pair of ints .* got \(0, 500, 1000\)"),  # not pairs
+    ([], "at least one"),
+    (5, "must be a list of"),
 ])
-def test_bad_partitions_raise(clusters):
-    with pytest.raises(ValueError):
+def test_bad_partitions_raise(clusters, says):
+    with pytest.raises(ValueError, match=says):
         check_clusters(clusters, 1000)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=says):
         Curriculum(1000, clusters=clusters)
 
 
@@ -3829,7 +3830,8 @@ def test_bad_partitions_raise(clusters):
     dict(smoothing=1.0), dict(rel_tol=-1e-3), dict(num_clusters=1001), dict(num_clusters=0),
 ])
 def test_bad_arguments_raise(kwargs):
-    with pytest.raises(ValueError):
+    (name, value), = kwargs.items()
+    with pytest.raises(ValueError, match=rf"^{name} .*got {value!r}$"):  # names the argument and its value
         Curriculum(**kwargs)
 
 
@@ -5342,8 +5344,11 @@ def test_curriculum_stages_follow_the_fixed_schedule_in_training(tmp_path):
                     "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "2", "--curriculum-clusters", "4")
     events = [r for r in metrics(out) if r.get("event") == "curriculum_stage"]
     assert [(e["step"], e["stage"], e["t_min"]) for e in events] == [(0, 1, 750), (2, 2, 500), (4, 3, 250), (6, 4, 0)]
-    logged = [r for r in metrics(out) if "loss_t0" in r]  # loss per timestep bucket: only active buckets appear
-    assert all(r["curriculum/t_min"] <= 250 for r in logged)
+    logged = [r for r in metrics(out) if "curriculum/t_min" in r]  # a record per step (--log-every 1)
+    assert [r["curriculum/t_min"] for r in logged] == [750, 750, 500, 500, 250, 250]
+    for r in logged:  # loss per timestep bucket [100 b, 100 b + 100): only buckets that meet the stage's range appear
+        buckets = [int(k[len("loss_t"):]) for k in r if k.startswith("loss_t")]
+        assert buckets and min(buckets) >= r["curriculum/t_min"] // 100, r
 
 
 def test_a_resumed_curriculum_run_records_each_stage_once(tmp_path):
