@@ -814,17 +814,20 @@ def read_statistics(path):
     return stats
 
 
-def lock_folder(folder, name):
+def lock_folder(folder, name, log):
     """Lock the file `name` in `folder` for this process, so that a second process that would write into the same
     folder (a job submitted twice, a requeue while the first still runs) can be refused: returns the open lock file,
     which the caller keeps open while it writes. A POSIX record lock (fcntl.lockf, which NFS supports): the OS drops
     it when the process ends, however it ends, and a second lock from the same process (a notebook, the tests)
-    succeeds. ValueError if another process holds it; OSError where the file system has no locks."""
+    succeeds. ValueError if another process holds it; where the file system (or the OS) has no locks, a warning
+    through log(message) and None."""
+    path = os.path.join(folder, name)
     try:
         import fcntl  # here: not on Windows, where fid.py works without it
     except ImportError:
-        raise OSError("this OS has no fcntl file locks") from None
-    path = os.path.join(folder, name)
+        log(f"warning: cannot lock {path} (this OS has no fcntl locks); nothing stops a second process from writing "
+            f"into {folder} while this one does")
+        return None
     f = open(path, "a")
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -832,9 +835,11 @@ def lock_folder(folder, name):
         f.close()
         raise ValueError(f"another process is writing into {folder} (it holds {path}); wait for it to end, or pass "
                          f"another --out. The lock goes with its process: a killed one leaves none") from None
-    except OSError:
+    except OSError as e:  # e.g. ENOLCK: a file system without locks
         f.close()
-        raise
+        log(f"warning: cannot lock {path} ({e}); nothing stops a second process from writing into {folder} while "
+            f"this one does")
+        return None
     return f
 
 

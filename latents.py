@@ -365,12 +365,9 @@ def encode(args):
         refuse_other_files(args.out)
         os.makedirs(args.out, exist_ok=True)
         try:
-            return lock_folder(args.out, ".encode.lock")  # hidden: not one of the "other files" a rerun refuses
+            return lock_folder(args.out, ".encode.lock", log)  # hidden: not one of the "other files" a rerun refuses
         except ValueError as e:  # two encodes into one folder would write the same rows and progress logs
             raise LatentError(f"a latents.py encode is going on: {e}") from None
-        except OSError as e:  # e.g. ENOLCK: a file system without locks
-            log(f"warning: cannot lock {args.out} ({e}); nothing stops a second encode into it while this one runs")
-            return None
 
     folder_lock = on_rank0(lock)
     manifest = on_rank0(lambda: prepare_folder(args, dataset, vae, args.out, log))

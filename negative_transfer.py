@@ -111,9 +111,9 @@ def interval_clustering(cost, num_clusters):
     of their costs. cost[l, r] is the cost of the inclusive interval [l, r] (l <= r); entries
     below the diagonal are never read. Runs in O(K T^2) time and O(T^2) memory.
 
-    Ties: costs within 1e-12 of the minimum, relative to the magnitude of the costs summed, count as equal. Among them the DP keeps the
-    most even partition (least sum of squared lengths), then the one whose last interval starts
-    earliest, which makes the choice deterministic.
+    Ties: costs within 1e-12 of the minimum, relative to the magnitude of the costs summed, count as
+    equal. Among them the DP keeps the most even partition (least sum of squared lengths), then the
+    one whose last interval starts earliest, which makes the choice deterministic.
 
     Returns (intervals, total_cost): intervals is a list of half-open (start, stop) pairs that
     cover [0, T) in order; total_cost is the DP optimum as a float.

@@ -7328,6 +7328,19 @@ def locked_by_another_process(path):
         holder.wait()
 
 
+def test_lock_folder_warns_and_goes_on_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(f, how):
+        raise OSError(37, "No locks available")  # ENOLCK, as on an NFS mount without lockd
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    logged = []
+    assert fid.lock_folder(str(tmp_path), "x.lock", logged.append) is None
+    assert logged == [f"warning: cannot lock {tmp_path / 'x.lock'} ([Errno 37] No locks available); nothing stops a "
+                      f"second process from writing into {tmp_path} while this one does"]
+
+
 def test_a_second_train_py_into_a_running_runs_out_is_refused_and_changes_nothing(tmp_path, capsys):
     # there was no lock: before the first checkpoint two runs trained into one --out, overwriting each other's
     # checkpoints and doubling metrics.jsonl; and a second start, refused later, first removed the running run's

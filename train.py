@@ -379,21 +379,6 @@ def atomic_save(obj, path):
     latents.atomic_write(path, write)
 
 
-def lock_run_folder(run_dir, log):
-    """fid.lock_folder of run_dir/train.lock, or ConfigError if another process holds it: two runs into one --out
-    would overwrite each other's checkpoints (the checkpoint check below sees only those already written) and mix
-    their metrics, and a second start would remove the first's checkpoint being written as a stale one. Returns the
-    open lock file, which the caller keeps open; where the file system has no locks, a warning and None."""
-    try:
-        return fid.lock_folder(run_dir, "train.lock")
-    except ValueError as e:
-        raise ConfigError(f"a train.py run is going on: {e}") from None
-    except OSError as e:  # e.g. ENOLCK: a file system without locks
-        log(f"warning: cannot lock {os.path.join(run_dir, 'train.lock')} ({e}); nothing stops a second run into "
-            f"--out {run_dir} while this one runs")
-        return None
-
-
 def checkpoint_step(path):
     """The step of a checkpoint train() wrote (checkpoints/<step>.pt), or None for any other file."""
     name = os.path.basename(path)[:-len(".pt")]
@@ -866,7 +851,13 @@ def train(args):
             os.remove(probe)
         except OSError as e:
             raise ConfigError(f"cannot write to the results folder {args.out}: {e}") from None
-        run_lock = lock_run_folder(args.out, log)  # held until the run ends: taken before anything here is changed
+        # Held until the run ends, taken before anything here is changed: two runs into one --out would overwrite each
+        # other's checkpoints (claim_checkpoint_folder sees only those already written) and mix their metrics, and a
+        # second start would remove the first's checkpoint being written as a stale one
+        try:
+            run_lock = fid.lock_folder(args.out, "train.lock", log)
+        except ValueError as e:
+            raise ConfigError(f"a train.py run is going on: {e}") from None
         for stale in glob.glob(os.path.join(ckpt_dir, "*.pt.tmp*")):  # a write cut short by SIGKILL (atomic_save)
             try:
                 os.remove(stale)
