@@ -1907,6 +1907,24 @@ def test_fid_flags_without_fid_every_are_refused(tmp_path, capsys):
         assert err.startswith(f"error: {flags[0]} has no effect without --fid-every; add --fid-every N"), err
 
 
+def test_flags_the_run_does_not_read_are_warned_about(tmp_path):
+    # --method dtr --uw-lr 0.1 (a mistyped --method ant-uw, say) trained DTR without a word about the flag
+    def unread(*argv):
+        return train.unread_flags(train.parse_args(list(argv)))
+
+    assert unread() == [] and unread("--method", "dtr+ant-uw", "--uw-lr", "0.1", "--dtr-beta", "0.5") == []
+    assert unread("--method", "rtr", "--dtr-alpha", "2", "--dtr-beta", "0.5", "--nash-every", "10") == [
+        ("--dtr-alpha 2.0", "dtr"), ("--nash-every 10", "ant-nash")]
+    assert unread("--method", "curriculum", "--curriculum-stage-steps", "60", "--curriculum-patience", "100") == [
+        ("--curriculum-stage-steps 60", "a curriculum with fixed pacing")]
+    assert unread("--weighting", "min-snr", "--p2-k", "2", "--fid-cfg", "1.5") == [
+        ("--p2-k 2.0", "--weighting p2"), ("--fid-cfg 1.5", "FID (--fid-every N)")]
+    assert unread("--fid-every", "5", "--fid-cfg", "1.5", "--ant-clusters", "5") == []  # set to its default: not flagged
+    out = run_train(tmp_path, "--method", "dtr", "--uw-lr", "0.1", "--max-steps", "1")
+    said = [line for line in (out / "log.txt").read_text().splitlines() if "no effect" in line]
+    assert said == ["warning: --uw-lr 0.1 has no effect on this run (--method dtr): only ant-uw reads it"], said
+
+
 def test_infinite_uw_lr_and_loss_weighting_parameters_are_refused(tmp_path, capsys):
     # each trained on: --uw-lr inf (--lr inf was refused) turns the log variances NaN after one step, --p2-gamma inf
     # weights every MSE term 0, --min-snr-gamma inf is the constant weighting
@@ -3909,13 +3927,14 @@ def test_plot_labels_tell_close_loss_ticks_apart_and_write_thousands_as_k(tmp_pa
     assert {"1k", "1.5k", "2k"} <= {s for _, s in drawn} and not any("e+" in s for _, s in drawn)
 
 
-def test_plot_cli_skips_the_nan_loss_of_a_log_window_of_skipped_steps(tmp_path, monkeypatch):
-    # train.py logs "loss": NaN for a window whose steps were all skipped as non-finite (--skip-nonfinite); the plot
-    # stopped with "cannot convert float NaN to integer"
+def test_plot_cli_skips_the_null_loss_of_a_log_window_of_skipped_steps(tmp_path, monkeypatch):
+    # train.py logs "loss": null for a window whose steps were all skipped as non-finite (--skip-nonfinite); it
+    # logged NaN, which strict JSON readers (jq) refuse, and the plot stopped with "cannot convert float NaN to integer"
     poison_losses(monkeypatch, {1})
     out = run_train(tmp_path, "--global-batch-size", "4", "--max-steps", "3", "--skip-nonfinite", "1", "--method",
                     "curriculum", "--curriculum-clusters", "2", "--curriculum-pacing", "fixed", "--curriculum-stage-steps", "1")
-    assert math.isnan([r["loss"] for r in metrics(out) if "loss" in r][0])  # step 1's record
+    assert [r["loss"] for r in metrics(out) if "loss" in r][0] is None  # step 1's record
+    assert "NaN" not in (out / "metrics.jsonl").read_text()
     curriculum_main(["--plot", str(out / "metrics.jsonl"), "--out", str(tmp_path / "stages.png")])
     assert (tmp_path / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

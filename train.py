@@ -610,6 +610,31 @@ def check_flags(args, world=1):
                           f"use --global-batch-size {args.ant_clusters * world} or more, or lower --ant-clusters")
 
 
+def unread_flags(args):
+    """The flags set to other than their default that this run never reads, each with what would read it:
+    [("--uw-lr 0.1", "ant-uw"), ...]. train() warns about them: a flag meant for another method (or for FID
+    without --fid-every) most often means a mistyped --method. The path flags that nothing would read (--fid-ref,
+    --ant-tas, ...) are refused by check_flags instead."""
+    parts = set(method_parts(args.method))
+    ant, curriculum = bool(parts & set(ANT_PARTS)), "curriculum" in parts
+    readers = {  # flag: (read by this run, what reads it)
+        "dtr_alpha": ("dtr" in parts, "dtr"), "dtr_beta": (bool(parts & {"dtr", "rtr"}), "dtr or rtr"),
+        "rtr_seed": ("rtr" in parts, "rtr"), "ant_clusters": (ant, "an ANT method"), "ant_objective": (ant, "an ANT method"),
+        "uw_lr": ("ant-uw" in parts, "ant-uw"), "uw_weight_decay": ("ant-uw" in parts, "ant-uw"),
+        "nash_every": ("ant-nash" in parts, "ant-nash"), "nash_max_norm": ("ant-nash" in parts, "ant-nash"),
+        **{key: (curriculum, "a curriculum method") for key in ("curriculum_clusters", "curriculum_pacing", "curriculum_order")},
+        **{key: (curriculum and args.curriculum_pacing == "adaptive", "a curriculum with adaptive pacing")
+           for key in ("curriculum_patience", "curriculum_smoothing")},
+        "curriculum_stage_steps": (curriculum and args.curriculum_pacing == "fixed", "a curriculum with fixed pacing"),
+        "min_snr_gamma": (args.weighting == "min-snr", "--weighting min-snr"),
+        **{key: (args.weighting == "p2", "--weighting p2") for key in ("p2_gamma", "p2_k")},
+        **{key: (args.fid_every > 0, "FID (--fid-every N)") for key in ("fid_samples", "fid_steps", "fid_cfg", "fid_batch_size")},
+    }
+    defaults = vars(parse_args([]))
+    return [(f"--{key.replace('_', '-')} {getattr(args, key)}", reader) for key, (read, reader) in readers.items()
+            if not read and getattr(args, key) != defaults[key]]
+
+
 def build_run(args, device, distributed, log=print):
     """Model, EMA, diffusion, method and optimiser for `args` (already through check_flags): what train() and
     bench.py step."""
@@ -994,6 +1019,8 @@ def train(args):
     warning = bf16_warning(device, args.precision)
     if warning:
         log(warning)
+    for flag, reader in unread_flags(args):
+        log(f"warning: {flag} has no effect on this run (--method {args.method}): only {reader} reads it")
     log(f"model: {args.model}, {sum(p.numel() for p in run.params):,} parameters; method: {args.method}; "
         f"{world} process(es) on {device.type}, batch {batch} per process")
     if cur is not None:
@@ -1284,7 +1311,8 @@ def train(args):
             elapsed = time.time() - t0
             n_finite = sum(stats[nb: 2 * nb])  # finite per-sample losses of the kept steps, all ranks
             n_kept = stats[2 * nb]  # kept (step, rank) pairs
-            record = {"step": step, "loss": sum(stats[:nb]) / n_finite if n_finite else float("nan"),
+            loss = sum(stats[:nb]) / n_finite if n_finite else None  # None (JSON null): every step skipped as non-finite
+            record = {"step": step, "loss": loss,
                       "steps_per_s": n_logged / elapsed, "images_per_s": n_logged * args.global_batch_size / elapsed}
             for i in range(nb):
                 if stats[nb + i] > 0:
@@ -1300,9 +1328,10 @@ def train(args):
                         record[f"ant/{k}{i}"] = val / n
             record.update(trained_in)
             write_metrics(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            shown = "n/a" if loss is None else f"{loss:.4f}"
+            bar.set_postfix(loss=shown, img_s=f"{record['images_per_s']:.0f}")
             if master:
-                tqdm.write(f"step {step:7d}  loss {record['loss']:.4f}  {record['steps_per_s']:.2f} steps/s  "
+                tqdm.write(f"step {step:7d}  loss {shown}  {record['steps_per_s']:.2f} steps/s  "
                            f"{record['images_per_s']:.1f} img/s")
             bucket_sum.zero_(), bucket_cnt.zero_(), kept_steps.zero_()
             extra_sum, n_logged, t0 = {}, 0, time.time()
