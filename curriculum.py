@@ -363,7 +363,7 @@ def read_curriculum_records(metrics_path):
                 if "curriculum/t_min" in rec:
                     logged.append((step, int(rec["curriculum/stage"]), int(rec["curriculum/t_min"]),
                                    int(rec["curriculum/t_max"])))
-                if rec.get("loss") is not None and math.isfinite(float(rec["loss"])):  # null (NaN before): a window of skipped steps
+                if rec.get("loss") is not None and math.isfinite(float(rec["loss"])):  # null (NaN before): all skipped
                     losses.append((step, float(rec["loss"])))
     if not events and not logged:
         raise ValueError(f"{metrics_path} has no curriculum records (neither 'curriculum_stage' "

@@ -1922,7 +1922,7 @@ def test_flags_the_run_does_not_read_are_warned_about(tmp_path):
     assert unread("--fid-every", "5", "--fid-cfg", "1.5", "--ant-clusters", "5") == []  # set to its default: not flagged
     out = run_train(tmp_path, "--method", "dtr", "--uw-lr", "0.1", "--max-steps", "1")
     said = [line for line in (out / "log.txt").read_text().splitlines() if "no effect" in line]
-    assert said == ["warning: --uw-lr 0.1 has no effect on this run (--method dtr): only ant-uw reads it"], said
+    assert said == ["warning: --uw-lr 0.1 has no effect on this run: only ant-uw reads it"], said
 
 
 def test_infinite_uw_lr_and_loss_weighting_parameters_are_refused(tmp_path, capsys):

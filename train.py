@@ -1020,7 +1020,7 @@ def train(args):
     if warning:
         log(warning)
     for flag, reader in unread_flags(args):
-        log(f"warning: {flag} has no effect on this run (--method {args.method}): only {reader} reads it")
+        log(f"warning: {flag} has no effect on this run: only {reader} reads it")  # the next line names the method
     log(f"model: {args.model}, {sum(p.numel() for p in run.params):,} parameters; method: {args.method}; "
         f"{world} process(es) on {device.type}, batch {batch} per process")
     if cur is not None:
