@@ -616,20 +616,18 @@ def unread_flags(args):
     without --fid-every) most often means a mistyped --method. The path flags that nothing would read (--fid-ref,
     --ant-tas, ...) are refused by check_flags instead."""
     parts = set(method_parts(args.method))
-    ant, curriculum = bool(parts & set(ANT_PARTS)), "curriculum" in parts
-    readers = {  # flag: (read by this run, what reads it)
-        "dtr_alpha": ("dtr" in parts, "dtr"), "dtr_beta": (bool(parts & {"dtr", "rtr"}), "dtr or rtr"),
-        "rtr_seed": ("rtr" in parts, "rtr"), "ant_clusters": (ant, "an ANT method"), "ant_objective": (ant, "an ANT method"),
-        "uw_lr": ("ant-uw" in parts, "ant-uw"), "uw_weight_decay": ("ant-uw" in parts, "ant-uw"),
-        "nash_every": ("ant-nash" in parts, "ant-nash"), "nash_max_norm": ("ant-nash" in parts, "ant-nash"),
-        **{key: (curriculum, "a curriculum method") for key in ("curriculum_clusters", "curriculum_pacing", "curriculum_order")},
+    curriculum = "curriculum" in parts
+    owners = {**METHOD_SETTINGS, "uw_lr": ("ant-uw",), "uw_weight_decay": ("ant-uw",), "nash_every": ("ant-nash",),
+              "nash_max_norm": ("ant-nash",), "curriculum_patience": ("curriculum",), "curriculum_stage_steps": ("curriculum",)}
+    readers = {key: (bool(parts & set(names)), " or ".join(names)) for key, names in owners.items()}  # flag: (read, by what)
+    readers.update({
         **{key: (curriculum and args.curriculum_pacing == "adaptive", "a curriculum with adaptive pacing")
            for key in ("curriculum_patience", "curriculum_smoothing")},
         "curriculum_stage_steps": (curriculum and args.curriculum_pacing == "fixed", "a curriculum with fixed pacing"),
         "min_snr_gamma": (args.weighting == "min-snr", "--weighting min-snr"),
         **{key: (args.weighting == "p2", "--weighting p2") for key in ("p2_gamma", "p2_k")},
         **{key: (args.fid_every > 0, "FID (--fid-every N)") for key in ("fid_samples", "fid_steps", "fid_cfg", "fid_batch_size")},
-    }
+    })
     defaults = vars(parse_args([]))
     return [(f"--{key.replace('_', '-')} {getattr(args, key)}", reader) for key, (read, reader) in readers.items()
             if not read and getattr(args, key) != defaults[key]]
