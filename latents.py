@@ -218,8 +218,9 @@ def refuse_other_files(out):
 
 
 def prepare_folder(args, dataset, vae, out, log):
-    """Rank 0: the manifest of this encode, creating the preallocated arrays on first run and
-    checking that a rerun has the same settings. Returns the manifest."""
+    """Rank 0, in a folder that encode() has locked and checked (refuse_other_files): the manifest of this encode,
+    creating the preallocated arrays on first run and checking that a rerun has the same settings. Returns the
+    manifest."""
     f = vae_factor(vae)
     scale, shift = vae_scale_shift(vae)
     F = 2 if args.flip == "both" else 1
@@ -243,7 +244,6 @@ def prepare_folder(args, dataset, vae, out, log):
             raise LatentError(f"{out} holds an encode with other settings ({', '.join(f'{k}={old.get(k)!r}, now {manifest[k]!r}' for k in differ)}); "
                               f"rerun with the same flags to resume it, or pick another --out")
         return old
-    refuse_other_files(out)
     os.makedirs(os.path.join(out, "progress"), exist_ok=True)
     shape = (manifest["count"], manifest["channels"], manifest["latent_size"], manifest["latent_size"])
     for name, dtype, shp in (("latents.npy", np.float16, shape), ("labels.npy", np.int64, shape[:1])):
